@@ -1,0 +1,135 @@
+"""Configs are plain dataclasses. The CLI maps flags onto them and every run saves them as JSON.
+
+The size registry follows the paper (ebt-method.md section 6): FFN hidden width = D, about 7 L D^2
+non-embedding parameters, and a per-size default learning rate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ebt.errors import ConfigError
+
+# name: (layers, width D, heads, learning rate)
+SIZES: dict[str, tuple[int, int, int, float]] = {
+    "4xs": (2, 128, 2, 0.0024),
+    "3xs": (4, 256, 4, 0.0018),
+    "xxs": (6, 384, 6, 0.0012),
+    "xs": (12, 384, 6, 0.0009),
+    "small": (12, 768, 12, 0.0006),
+    "medium": (24, 1024, 16, 0.0003),
+    "large": (24, 1536, 16, 0.00025),
+    "xl": (24, 2048, 32, 0.0002),
+}
+
+MODEL_TYPES = ("transformer",)
+
+
+@dataclass
+class ModelConfig:
+    model: str = "transformer"  # which family (models/__init__.py maps it to a class)
+    size: str = "xxs"  # a name from SIZES; n_layer/d_model/n_head below override it
+    n_layer: int | None = None
+    d_model: int | None = None
+    n_head: int | None = None
+    vocab_size: int = 50277  # GPT-NeoX-20B, as in the paper
+    context_length: int = 256  # S: the model reads S tokens and predicts S targets
+    pad_token_id: int | None = 0  # targets equal to this id are ignored by the loss (None: none)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.size not in SIZES:
+            raise ConfigError(f"unknown size {self.size!r}; choose one of: {', '.join(SIZES)}")
+        if self.model not in MODEL_TYPES:
+            raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(MODEL_TYPES)}")
+        layers, width, heads, _ = SIZES[self.size]
+        self.n_layer = layers if self.n_layer is None else self.n_layer
+        self.d_model = width if self.d_model is None else self.d_model
+        self.n_head = heads if self.n_head is None else self.n_head
+        if min(self.n_layer, self.d_model, self.n_head, self.vocab_size, self.context_length) < 1:
+            raise ConfigError(f"model sizes must be positive: {self}")
+        if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
+            raise ConfigError(
+                f"d_model={self.d_model} must split into n_head={self.n_head} heads of even width (RoPE rotates pairs)"
+            )
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ConfigError(f"pad_token_id={self.pad_token_id} is outside the vocabulary (size {self.vocab_size})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def default_lr(self) -> float:
+        return SIZES[self.size][3]
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = "data/default"  # made by `ebt data prepare`
+    train_split: str = "train"
+    val_split: str = "val"
+    ood_splits: list[str] = field(default_factory=lambda: ["ood"])
+    verify: bool = False  # check every shard's sha256 at start (slow on big data)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 32  # global batch in sequences per optimizer step (all ranks, all micro-steps)
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float | None = None  # None: the size's learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0  # global grad-norm clip; 0 disables
+    seed: int = 0
+    eval_every: int = 100
+    eval_windows: int | None = 256  # validation windows per evaluation (None: the whole split)
+    eval_batch_size: int = 32
+    log_every: int = 10
+    save_every: int = 0  # 0: save at evaluations and at the end
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp64
+    compile: bool = False
+    tensorboard: bool = False
+    wandb: bool = False  # credentials come only from the environment (WANDB_API_KEY)
+    wandb_project: str = "ebt"
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, d: dict):
+    """Build a (nested) config dataclass from a dict, refusing keys it does not know."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(names)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for k, v in d.items():
+        sub = {"ModelConfig": ModelConfig, "DataConfig": DataConfig, "TrainConfig": TrainConfig}.get(
+            str(names[k].type).strip("'\"")
+        )
+        kwargs[k] = from_dict(sub, v) if sub is not None and isinstance(v, dict) else v
+    return cls(**kwargs)
+
+
+def save_json(obj: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

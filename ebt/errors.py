@@ -1,0 +1,17 @@
+"""Errors a user can act on. The CLI prints their message and exits with status 2 (no traceback)."""
+
+
+class EBTError(Exception):
+    """Base class: the message says what went wrong and what to do."""
+
+
+class ConfigError(EBTError):
+    """A configuration that cannot work (unknown size, mismatched vocabulary, context too long...)."""
+
+
+class DataError(EBTError):
+    """Missing, corrupt or inconsistent data (shards, manifests, source packages)."""
+
+
+class CheckpointError(EBTError):
+    """A checkpoint that is missing, corrupt, from another model, or could not be written."""

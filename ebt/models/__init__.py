@@ -1,0 +1,24 @@
+"""Model families and loading by name: `build_model(cfg)`, `from_pretrained(path)`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ebt.config import ModelConfig
+from ebt.models.transformer import Transformer
+
+MODELS: dict[str, type[nn.Module]] = {"transformer": Transformer}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    return MODELS[cfg.model](cfg)
+
+
+def from_pretrained(path, device="cpu") -> nn.Module:
+    """Load a model saved by `ebt train` (a directory with config.json + model.safetensors)."""
+    from ebt.checkpoint import load_model
+
+    return load_model(path, device=device)
+
+
+__all__ = ["MODELS", "Transformer", "build_model", "from_pretrained"]
