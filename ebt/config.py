@@ -96,6 +96,7 @@ class TrainConfig:
     eval_batch_size: int = 32
     log_every: int = 10
     save_every: int = 0  # 0: save at evaluations and at the end
+    stop_at: int = 0  # >0: stop (and save) at this step although the schedule spans `steps`; --resume continues
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp64
     compile: bool = False

@@ -41,13 +41,14 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.backbone = Backbone(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.fused_attention = True  # SDPA kernels; False writes the score matrix (double-backward capable)
         init_weights(self)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, S) -> next-token logits (B, S, V)."""
         check_window(tokens, self.cfg)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        return self.head(self.backbone(self.tok_emb(tokens), positions, causal=True))
+        return self.head(self.backbone(self.tok_emb(tokens), positions, causal=True, fused=self.fused_attention))
 
     def forward(self, window: torch.Tensor) -> dict:
         """window (B, S+1): reads window[:, :-1], predicts window[:, 1:]. Returns loss and counts."""

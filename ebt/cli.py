@@ -1,0 +1,238 @@
+"""`ebt` command line: thin parsing and printing over the library (ebt.train, ebt.evaluate, ebt.data)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ebt.config import SIZES, DataConfig, ModelConfig, RunConfig, TrainConfig, from_dict, to_dict
+from ebt.errors import EBTError
+
+FMT = argparse.RawDescriptionHelpFormatter
+
+TRAIN_EXAMPLES = """examples:
+  ebt data prepare                                   # build data/default (once)
+  ebt train --size 4xs --context-length 128 --steps 300 --batch-size 32 --out runs/tpp
+  ebt train --out runs/tpp --steps 600 --resume      # continue (the schedule now spans 600 steps)
+  torchrun --nproc-per-node 4 -m ebt.cli train --size small --batch-size 256 --out runs/small
+  torchrun --nnodes 2 --node-rank $RANK --master-addr $HOST --nproc-per-node 8 -m ebt.cli train ...
+"""
+
+EVAL_EXAMPLES = """examples:
+  ebt eval runs/tpp                                  # val and ood perplexity of runs/tpp/checkpoint
+  ebt eval runs/tpp/checkpoint --splits val ood --windows 0 --json runs/tpp/eval.json
+"""
+
+
+def _model_args(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="transformer", choices=["transformer"], help="model family")
+    g.add_argument("--size", default="xxs", choices=list(SIZES), help="named size (layers, width, heads, lr)")
+    g.add_argument("--n-layer", type=int, help="override the size's number of layers")
+    g.add_argument("--d-model", type=int, help="override the size's width")
+    g.add_argument("--n-head", type=int, help="override the size's number of heads")
+    g.add_argument("--context-length", type=int, default=256, help="tokens the model reads (S)")
+    g.add_argument("--vocab-size", type=int, help="default: the vocabulary of the data's tokenizer")
+
+
+def _train_args(p):
+    d = TrainConfig()
+    g = p.add_argument_group("training")
+    g.add_argument("--data", default=DataConfig().data_dir, help="directory made by `ebt data prepare`")
+    g.add_argument("--verify-data", action="store_true", help="check every shard's sha256 before training")
+    g.add_argument("--out", default=d.out_dir, help="run directory (config, metrics, checkpoint)")
+    g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (the schedule's length)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch in sequences per step")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-steps per optimizer step")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: the size's)")
+    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine floor as a fraction of lr")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global grad-norm clip (0: off)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="validate (and save) every N steps")
+    g.add_argument("--eval-windows", type=int, default=d.eval_windows, help="validation windows (0: all)")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    g.add_argument("--log-every", type=int, default=d.log_every)
+    g.add_argument("--save-every", type=int, default=d.save_every, help="0: save at each validation")
+    g.add_argument("--stop-at", type=int, default=d.stop_at, help="stop and save at this step (resume later)")
+    g.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp64"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--tensorboard", action="store_true", help="also log to out/tensorboard")
+    g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (key from WANDB_API_KEY)")
+    g.add_argument("--wandb-project", default=d.wandb_project)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--resume", action="store_true", help="continue from out/checkpoint")
+    g.add_argument("--config", help="a run config JSON (as saved in out/config.json); flags given override it")
+
+
+def _explicit(args, parser) -> set[str]:
+    """Names of the flags the user actually typed (so --config values are only overridden by those)."""
+    defaults = {a.dest: a.default for a in parser._actions}
+    return {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+
+
+def run_config_from_args(args, parser=None) -> RunConfig:
+    """Map `ebt train` flags onto the config dataclasses (the data decides vocabulary and pad id)."""
+    from ebt.data.loader import TokenData
+
+    base = RunConfig()
+    if args.config:
+        try:
+            base = from_dict(RunConfig, json.loads(Path(args.config).read_text()))
+        except OSError as e:
+            raise EBTError(f"cannot read --config {args.config}: {e.strerror}") from e
+    given = _explicit(args, parser) if (parser and args.config) else None
+
+    def pick(name, current):
+        value = getattr(args, name)
+        return value if (given is None or name in given) else current
+
+    m, t = base.model, base.train
+    data_dir = pick("data", base.data.data_dir)
+    probe = TokenData(data_dir, "train", 1)  # reads the manifest: vocabulary and pad id of the tokenizer
+    model = ModelConfig(
+        model=pick("model", m.model), size=pick("size", m.size), n_layer=pick("n_layer", m.n_layer),
+        d_model=pick("d_model", m.d_model), n_head=pick("n_head", m.n_head),
+        context_length=pick("context_length", m.context_length),
+        vocab_size=args.vocab_size if args.vocab_size is not None else probe.vocab_size,
+        pad_token_id=probe.pad_id,
+    )
+    train = TrainConfig(
+        out_dir=pick("out", t.out_dir), steps=pick("steps", t.steps), batch_size=pick("batch_size", t.batch_size),
+        grad_accum=pick("grad_accum", t.grad_accum), lr=pick("lr", t.lr), min_lr_ratio=pick("min_lr_ratio", t.min_lr_ratio),
+        warmup_steps=pick("warmup_steps", t.warmup_steps), weight_decay=pick("weight_decay", t.weight_decay),
+        grad_clip=pick("grad_clip", t.grad_clip), seed=pick("seed", t.seed), eval_every=pick("eval_every", t.eval_every),
+        eval_windows=(pick("eval_windows", t.eval_windows) or None), eval_batch_size=pick("eval_batch_size", t.eval_batch_size),
+        log_every=pick("log_every", t.log_every), save_every=pick("save_every", t.save_every),
+        stop_at=pick("stop_at", t.stop_at), device=pick("device", t.device), precision=pick("precision", t.precision),
+        compile=pick("compile", t.compile), tensorboard=pick("tensorboard", t.tensorboard), wandb=pick("wandb", t.wandb),
+        wandb_project=pick("wandb_project", t.wandb_project), progress=not args.no_progress,
+    )
+    return RunConfig(model=model, data=DataConfig(data_dir=data_dir, verify=args.verify_data), train=train)
+
+
+def cmd_train(args, parser=None):
+    from ebt.train import train
+
+    run = run_config_from_args(args, parser)
+    final = train(run, resume=args.resume)
+    if "val" in final:
+        print(json.dumps({k: v for k, v in final.items() if k != "history"}, indent=2))
+
+
+def cmd_eval(args):
+    from ebt.checkpoint import load_model, read_config, resolve
+    from ebt.data.loader import TokenData
+    from ebt.evaluate import evaluate_lm
+    from ebt.train import setup_distributed
+
+    path = resolve(args.checkpoint)
+    cfg = read_config(path)
+    data_dir = args.data or cfg.get("data", {}).get("data_dir", DataConfig().data_dir)
+    _, _, device = setup_distributed(args.device)
+    model = load_model(path, device=device)
+    rows = {}
+    for split in args.splits:
+        data = TokenData(data_dir, split, model.cfg.context_length)
+        if data.vocab_size != model.cfg.vocab_size:
+            raise EBTError(f"tokenizer/vocabulary mismatch: {data_dir} has vocabulary {data.vocab_size}, the model "
+                           f"{model.cfg.vocab_size}; evaluate on data prepared with the model's tokenizer")
+        rows[split] = evaluate_lm(model, data, args.batch_size, args.windows or None, device, args.precision)
+    print(f"{'split':<10} {'tokens':>10} {'loss':>8} {'ppl':>10}")
+    for split, r in rows.items():
+        print(f"{split:<10} {r['tokens']:>10,} {r['loss']:>8.4f} {r['ppl']:>10.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"checkpoint": str(path), "data": data_dir, "results": rows}, indent=2))
+
+
+def cmd_check_reference(args):
+    from ebt.compat.official import check_reference
+
+    worst_all = 0.0
+    for f in args.files:
+        rows = check_reference(f)
+        worst = max(e for _, e in rows)
+        worst_all = max(worst_all, worst)
+        print(f"{f}: {len(rows)} tensors, worst relative error {worst:.2e}")
+        for name, err in rows:
+            print(f"  {name:<60} {err:.2e}{'  FAIL' if not err <= args.tol else ''}")
+    if not worst_all <= args.tol:
+        print(f"FAILED: relative error {worst_all:.2e} exceeds {args.tol:.0e}")
+        sys.exit(1)
+    print(f"all tensors within {args.tol:.0e}")
+
+
+def cmd_demo(args):
+    from ebt.demo import demo
+
+    demo(out=args.out, data_dir=args.data, steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ebt", description="Energy-Based Transformers: data, training, evaluation.",
+                                formatter_class=FMT, epilog="run `ebt COMMAND --help` for each command's options")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    tp = sub.add_parser("train", help="train a model", formatter_class=FMT, epilog=TRAIN_EXAMPLES,
+                        description="Train a model on token shards made by `ebt data prepare`.")
+    _model_args(tp)
+    _train_args(tp)
+    tp.set_defaults(func=lambda a: cmd_train(a, tp))
+
+    ep = sub.add_parser("eval", help="token-weighted perplexity of a checkpoint", formatter_class=FMT,
+                        epilog=EVAL_EXAMPLES, description="Evaluate a checkpoint on data splits.")
+    ep.add_argument("checkpoint", help="checkpoint directory (or a run directory)")
+    ep.add_argument("--data", help="data directory (default: the one the model was trained on)")
+    ep.add_argument("--splits", nargs="+", default=["val", "ood"])
+    ep.add_argument("--windows", type=int, default=0, help="windows per split (0: all)")
+    ep.add_argument("--batch-size", type=int, default=32)
+    ep.add_argument("--device", default="auto")
+    ep.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ep.add_argument("--json", help="also write the results to this JSON file")
+    ep.set_defaults(func=cmd_eval)
+
+    dp = sub.add_parser("data", help="build and inspect token data", formatter_class=FMT,
+                        description="Build the embedded English corpus or your own data into token shards.",
+                        epilog="examples:\n  ebt data prepare\n  ebt data info data/default\n")
+    from ebt.data.cli import add_data_commands
+
+    add_data_commands(dp.add_subparsers(dest="data_cmd", required=True))
+
+    rp = sub.add_parser("check-reference", help="compare with the official implementation's tensors",
+                        formatter_class=FMT, description="Rebuild reference cases in float64 and print the "
+                        "relative error of every tensor; exits 1 if any exceeds --tol.",
+                        epilog="example:\n  ebt check-reference ../shared/reference/official_transformer_small.safetensors\n")
+    rp.add_argument("files", nargs="+")
+    rp.add_argument("--tol", type=float, default=1e-5)
+    rp.set_defaults(func=cmd_check_reference)
+
+    mp = sub.add_parser("demo", help="prepare data, train, evaluate: the README's main job", formatter_class=FMT,
+                        description="The main job on the embedded corpus, sized for a laptop (about 10 minutes).",
+                        epilog="example:\n  ebt demo --steps 300\n")
+    mp.add_argument("--out", default="runs/demo")
+    mp.add_argument("--data", default="data/default")
+    mp.add_argument("--steps", type=int, default=600, help="training steps for the model")
+    mp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except EBTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

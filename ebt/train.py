@@ -1,0 +1,293 @@
+"""The training loop, in plain PyTorch.
+
+AdamW with parameter groups, linear warm-up then cosine to lr * min_lr_ratio, global grad-norm
+clipping, gradient accumulation, bf16 autocast on CUDA, token-weighted validation, JSON-lines metrics
+(+ optional TensorBoard / Weights & Biases), atomic checkpoints that resume bit for bit on CPU, and
+DistributedDataParallel under `torchrun`. The loop does not know which model it trains: a model maps
+a (B, S+1) window to a dict with "loss" (and "nll_sum"/"n_tokens" for token-weighted averages).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ebt.checkpoint import (load_training_state, load_weights, load_state, read_config, save_checkpoint,
+                            set_rng_state, unwrap)
+from ebt.config import RunConfig, to_dict
+from ebt.errors import CheckpointError, ConfigError, EBTError
+from ebt.evaluate import autocast, evaluate_lm
+from ebt.models import build_model
+
+
+class TrainingError(EBTError):
+    """Training cannot go on (for example the loss became NaN)."""
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
+    NCCL on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_pref == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_pref)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but this torch build sees no GPU; use --device cpu")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1 over `warmup` steps, then cosine from 1 down to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linear and embedding weights), none on norms and scalars.
+
+    A model can add its own groups (say, a learnable step size with a learning-rate multiplier) by
+    defining `extra_param_groups()` returning dicts with "params" and optionally "lr_mult" and
+    "weight_decay"; those parameters are left out of the default groups.
+    """
+    extra = list(getattr(model, "extra_param_groups", lambda: [])())
+    taken = {id(p) for g in extra for p in g["params"]}
+    rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in taken]
+    groups = [
+        {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": weight_decay, "name": "decay"},
+        {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    return [g for g in groups + extra if g["params"]]
+
+
+def make_optimizer(model, cfg, lr: float, device: torch.device):
+    groups = param_groups(model, cfg.weight_decay)
+    for g in groups:
+        g["lr"] = lr * g.pop("lr_mult", 1.0)
+    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": False}  # foreach=False: same math, fewer copies on CPU
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), **kwargs)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+    return opt, sched
+
+
+class MetricsLog:
+    """JSON lines in out_dir/metrics.jsonl, mirrored to TensorBoard / W&B when enabled (rank 0 only)."""
+
+    def __init__(self, out_dir: Path, cfg, run_config: dict, enabled: bool):
+        self.enabled, self.tb, self.wandb = enabled, None, None
+        if not enabled:
+            return
+        self.file = open(out_dir / "metrics.jsonl", "a")
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ConfigError("--tensorboard needs the tensorboard package: pip install 'ebt[tensorboard]'") from e
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ConfigError("--wandb needs the wandb package: pip install 'ebt[wandb]' "
+                                  "(credentials are read from WANDB_API_KEY)") from e
+            self.wandb = wandb.init(project=cfg.wandb_project, config=run_config, dir=str(out_dir))
+
+    def log(self, split: str, step: int, **values):
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"split": split, "step": step, **values}) + "\n")
+        self.file.flush()
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                if self.tb is not None:
+                    self.tb.add_scalar(f"{split}/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{split}/{k}": v for k, v in values.items()}, step=step)
+
+    def close(self):
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return torch.float64 if precision == "fp64" else torch.float32
+
+
+def _available_splits(data_dir: str) -> set[str]:
+    try:
+        return set(json.loads((Path(data_dir) / "manifest.json").read_text())["splits"])
+    except (OSError, ValueError, KeyError):
+        return set()
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+def train(run: RunConfig, resume: bool = False, log=print) -> dict:
+    """Train `run.model` on `run.data` as `run.train` says. Returns the final evaluation."""
+    from ebt.data.loader import TokenData  # data layer imported lazily: the models need none of it
+
+    cfg, mcfg = run.train, run.model
+    rank, world, device = setup_distributed(cfg.device)
+    is_main = rank == 0
+    micro = cfg.batch_size // (world * cfg.grad_accum) if cfg.batch_size % (world * cfg.grad_accum) == 0 else 0
+    if micro == 0:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a positive multiple of world size ({world}) "
+                          f"x grad_accum ({cfg.grad_accum})")
+    data = TokenData(run.data.data_dir, run.data.train_split, mcfg.context_length, verify=run.data.verify)
+    val = TokenData(run.data.data_dir, run.data.val_split, mcfg.context_length)
+    if data.vocab_size != mcfg.vocab_size:
+        raise ConfigError(
+            f"tokenizer/vocabulary mismatch: {run.data.data_dir} was tokenized with {data.tokenizer_name!r} "
+            f"(vocabulary {data.vocab_size}) but the model has vocab_size {mcfg.vocab_size}; "
+            f"use vocab_size={data.vocab_size} (the CLI does this unless --vocab-size is given)")
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir = out_dir / "checkpoint"
+    run_dict = to_dict(run)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(mcfg).to(device=device, dtype=_dtype(cfg.precision))
+    lr = cfg.lr if cfg.lr is not None else mcfg.default_lr
+    optimizer, scheduler = make_optimizer(model, cfg, lr, device)
+    start_step, tokens_seen = 0, 0
+    if resume:
+        saved = read_config(ckpt_dir)
+        if saved["model"] != to_dict(mcfg):
+            raise CheckpointError(f"{ckpt_dir} was trained with model config {saved['model']}, not {to_dict(mcfg)}: "
+                                  f"resume with the same model flags or use a new --out directory")
+        load_weights(model, {k: v.to(device) for k, v in load_state(ckpt_dir).items()}, str(ckpt_dir))
+        state = load_training_state(ckpt_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_step, tokens_seen = state["trainer"]["step"], state["trainer"]["tokens_seen"]
+        if is_main:
+            log(f"resumed from {ckpt_dir} at step {start_step}")
+    elif is_main and (ckpt_dir / "config.json").exists():
+        raise CheckpointError(f"{ckpt_dir} already holds a checkpoint: pass --resume to continue it, "
+                              f"or choose another --out directory (nothing was overwritten)")
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(run_dict, indent=2, sort_keys=True) + "\n")
+    n_params = sum(p.numel() for p in model.parameters())
+    fwd = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        fwd = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+
+    metrics = MetricsLog(out_dir, cfg, run_dict, enabled=is_main)
+    tok_dir = Path(run.data.data_dir) / "tokenizer"
+
+    def checkpoint(step):
+        if is_main:
+            save_checkpoint(ckpt_dir, model, run_dict, optimizer, scheduler,
+                            {"step": step, "tokens_seen": tokens_seen, "data_position": {"step": step, "seed": cfg.seed}},
+                            extra_dirs={"tokenizer": tok_dir} if tok_dir.is_dir() else None)
+        if world > 1:
+            dist.barrier()
+
+    def validate(step):
+        res = evaluate_lm(model, val, cfg.eval_batch_size, cfg.eval_windows, device, cfg.precision)
+        metrics.log("val", step, loss=res["loss"], ppl=res["ppl"], tokens=res["tokens"])
+        if is_main:
+            log(f"step {step:6d} | val loss {res['loss']:.4f} | val ppl {res['ppl']:.2f}")
+        return res
+
+    if is_main:
+        log(f"model {mcfg.model} {mcfg.size} ({mcfg.n_layer} layers, d {mcfg.d_model}): {n_params / 1e6:.2f}M params | "
+            f"{data.num_tokens:,} train tokens | {world} process(es) on {device} | global batch {cfg.batch_size} "
+            f"x {mcfg.context_length} tokens, {cfg.grad_accum} micro-step(s)")
+    history = []
+    if start_step == 0:
+        history.append({"step": 0, **validate(0)})
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and is_main), desc="train",
+               dynamic_ncols=True)
+    model.train()
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, checked lazily
+    t0, tokens_at_t0, loss_sum = time.perf_counter(), tokens_seen, torch.zeros((), device=device)
+    last = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
+    for step in range(start_step, last):
+        rows = data.train_batch(step, cfg.batch_size, cfg.seed, rank, world)
+        step_loss = torch.zeros((), device=device)
+        for m in range(cfg.grad_accum):
+            batch = rows[m * micro:(m + 1) * micro].to(device, non_blocking=True)
+            sync = contextlib.nullcontext() if world == 1 or m == cfg.grad_accum - 1 else fwd.no_sync()
+            with sync, autocast(device, cfg.precision):
+                loss = fwd(batch)["loss"]
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.detach().float() / cfg.grad_accum
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        finite = torch.isfinite(step_loss) & torch.isfinite(gnorm)
+        bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step), bad_step)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += cfg.batch_size * mcfg.context_length
+        loss_sum += step_loss
+        bar.update(1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            if int(bad_step) >= 0:  # one host sync per log interval, not per step
+                raise TrainingError(
+                    f"loss or gradient became non-finite at step {int(bad_step)}: lower the learning rate "
+                    f"(--lr), check the data, or raise --warmup-steps; the last good checkpoint is in {ckpt_dir}")
+            n = done % cfg.log_every or cfg.log_every
+            dt = time.perf_counter() - t0
+            train_loss = float(loss_sum) / n
+            rec = {"loss": train_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(gnorm),
+                   "tokens_per_s": (tokens_seen - tokens_at_t0) / dt, "tokens_seen": tokens_seen}
+            metrics.log("train", done, **rec)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            t0, tokens_at_t0, loss_sum = time.perf_counter(), tokens_seen, torch.zeros((), device=device)
+        evaluated = False
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+            history.append({"step": done, **validate(done)})
+            evaluated = True
+        if (cfg.save_every and done % cfg.save_every == 0) or (evaluated and not cfg.save_every):
+            checkpoint(done)
+    bar.close()
+    if last < cfg.steps:  # a time-boxed piece of a longer run: save and leave the rest to --resume
+        checkpoint(last)
+        metrics.close()
+        return {"step": last, "tokens_seen": tokens_seen, "stopped_early": True, "history": history}
+    final = {"step": cfg.steps, "tokens_seen": tokens_seen, "params": n_params}
+    if start_step < cfg.steps or not history:
+        final["val"] = validate(cfg.steps)
+        history.append({"step": cfg.steps, **final["val"]})
+    checkpoint(cfg.steps)
+    for split in run.data.ood_splits:
+        if split in _available_splits(run.data.data_dir):
+            ood = TokenData(run.data.data_dir, split, mcfg.context_length)
+            res = evaluate_lm(model, ood, cfg.eval_batch_size, cfg.eval_windows, device, cfg.precision)
+            metrics.log(split, cfg.steps, loss=res["loss"], ppl=res["ppl"], tokens=res["tokens"])
+            final[split] = res
+    final["history"] = history
+    if is_main:
+        (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+    metrics.close()
+    return final

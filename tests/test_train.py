@@ -1,0 +1,238 @@
+"""Training loop: schedule, groups, resume bit for bit, DDP and accumulation equivalence, checkpoints, bad input."""
+
+import errno
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ebt.checkpoint import load_model, save_checkpoint
+from ebt.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from ebt.errors import CheckpointError, ConfigError
+from ebt.evaluate import evaluate_lm
+from ebt.models import build_model, from_pretrained
+from ebt.train import TrainingError, lr_factor, param_groups, train
+
+TEXT = [
+    "The quick brown fox jumps over the lazy dog. " * 3 + f"Document number {i} speaks of {w} and more {w}."
+    for i, w in enumerate(["kings", "queens", "rivers", "mountains", "ships", "stars", "bread", "wine"] * 6)
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from ebt.data.shards import write_shards
+    from ebt.data.tokenizers import get_tokenizer
+
+    root = tmp_path_factory.mktemp("data")
+    tok = get_tokenizer("bpe", root / "cache", texts=TEXT[:40], vocab_size=300)
+    write_shards(TEXT[:40], tok, root, "train")
+    write_shards(TEXT[40:44], tok, root, "val")
+    write_shards(TEXT[44:], tok, root, "ood")
+    return root, tok
+
+
+def run_config(data_dir, out, **train_kw):
+    from ebt.data.loader import TokenData
+
+    probe = TokenData(data_dir, "train", 1)
+    kw = dict(out_dir=str(out), steps=6, batch_size=4, warmup_steps=2, eval_every=3, eval_windows=None,
+              eval_batch_size=3, log_every=2, device="cpu", precision="fp32", progress=False, seed=1)
+    kw.update(train_kw)
+    return RunConfig(
+        model=ModelConfig(size="4xs", n_layer=1, d_model=32, n_head=2, vocab_size=probe.vocab_size,
+                          context_length=16, pad_token_id=probe.pad_id),
+        data=DataConfig(data_dir=str(data_dir)),
+        train=TrainConfig(**kw),
+    )
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "checkpoint" / "model.safetensors"))
+
+
+def test_lr_schedule_warmup_then_cosine_to_tenth():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+def test_param_groups_decay_only_matrices():
+    model = build_model(ModelConfig(size="4xs", vocab_size=64, context_length=8))
+    groups = {g["name"]: g for g in param_groups(model, 0.01)}
+    assert groups["decay"]["weight_decay"] == 0.01 and groups["no_decay"]["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in groups["decay"]["params"])
+    assert all(p.dim() == 1 for p in groups["no_decay"]["params"])  # the RMSNorm scales
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+
+
+def test_training_lowers_loss_and_writes_run(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    final = train(run_config(data_dir, tmp_path / "run", steps=30, eval_every=10, lr=3e-3), log=lambda *a: None)
+    hist = final["history"]
+    assert hist[0]["step"] == 0 and hist[-1]["step"] == 30
+    assert hist[-1]["loss"] < hist[0]["loss"] - 1.0
+    assert "ood" in final and final["ood"]["tokens"] > 0
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {x["split"] for x in lines} == {"train", "val", "ood"}
+    assert all(k in lines[1] for k in ("loss", "lr", "grad_norm", "tokens_per_s"))
+    saved = json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())
+    assert saved["model"]["d_model"] == 32 and saved["train"]["steps"] == 30
+    assert (tmp_path / "run" / "checkpoint" / "tokenizer" / "tokenizer.json").is_file()
+    model = from_pretrained(tmp_path / "run")  # a run directory resolves to its checkpoint
+    again = evaluate_lm(model, __import__("ebt.data.loader", fromlist=["x"]).TokenData(data_dir, "val", 16), 3)
+    assert again["loss"] == pytest.approx(final["val"]["loss"], rel=1e-6)
+
+
+def test_resume_is_bit_for_bit(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    train(run_config(data_dir, tmp_path / "a"), log=lambda *a: None)
+    train(run_config(data_dir, tmp_path / "b", stop_at=3), log=lambda *a: None)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    train(run_config(data_dir, tmp_path / "b"), resume=True, log=lambda *a: None)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    oa = torch.load(tmp_path / "a" / "checkpoint" / "optimizer.pt", weights_only=False)["optimizer"]["state"]
+    ob = torch.load(tmp_path / "b" / "checkpoint" / "optimizer.pt", weights_only=False)["optimizer"]["state"]
+    assert all(torch.equal(oa[i]["exp_avg_sq"], ob[i]["exp_avg_sq"]) for i in oa)
+
+
+def test_grad_accumulation_matches_full_batch(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    train(run_config(data_dir, tmp_path / "a", precision="fp64"), log=lambda *a: None)
+    train(run_config(data_dir, tmp_path / "b", precision="fp64", grad_accum=2), log=lambda *a: None)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-10) for k in a)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_single_process(tiny_data, tmp_path):
+    """torchrun with 2 gloo processes and the same global batch gives the single-process weights."""
+    data_dir, _ = tiny_data
+    common = ["--data", str(data_dir), "--size", "4xs", "--n-layer", "1", "--d-model", "32", "--n-head", "2",
+              "--context-length", "16", "--steps", "4", "--batch-size", "4", "--warmup-steps", "2",
+              "--eval-every", "2", "--eval-windows", "0", "--eval-batch-size", "3", "--device", "cpu",
+              "--precision", "fp64", "--no-progress", "--seed", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "ebt.cli", "train", *common, "--out", str(tmp_path / "single")],
+                   check=True, env=env, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                        "-m", "ebt.cli", "train", *common, "--out", str(tmp_path / "ddp")],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-10) for k in a)
+    fa = json.loads((tmp_path / "single" / "final_metrics.json").read_text())
+    fb = json.loads((tmp_path / "ddp" / "final_metrics.json").read_text())
+    assert fb["val"]["tokens"] == fa["val"]["tokens"]  # both ranks' windows counted once
+    assert fb["val"]["loss"] == pytest.approx(fa["val"]["loss"], rel=1e-9)
+
+
+def test_validation_is_token_weighted(tiny_data):
+    from ebt.data.loader import TokenData
+
+    data_dir, _ = tiny_data
+    torch.manual_seed(0)
+    val = TokenData(data_dir, "val", 16)
+    model = build_model(ModelConfig(size="4xs", n_layer=1, d_model=32, n_head=2, vocab_size=val.vocab_size,
+                                    context_length=16, pad_token_id=val.pad_id))
+    res = evaluate_lm(model, val, batch_size=4)  # the last batch is partial when windows % 4 != 0
+    nll, n = 0.0, 0
+    for i in range(val.num_windows):
+        w = torch.as_tensor(val.window(i).astype("int64"))[None]
+        out = model(w)
+        nll, n = nll + float(out["nll_sum"]), n + int(out["n_tokens"])
+    assert res["tokens"] == n and res["loss"] == pytest.approx(nll / n, rel=1e-6)
+    assert res["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-6)
+
+
+def test_nonfinite_loss_stops_with_step(tiny_data, tmp_path, monkeypatch):
+    import ebt.train as tr
+
+    real = tr.build_model
+
+    def poisoned(cfg):
+        model = real(cfg)
+        with torch.no_grad():
+            model.head.weight[0, 0] = float("nan")
+        return model
+
+    monkeypatch.setattr(tr, "build_model", poisoned)
+    with pytest.raises(TrainingError, match="non-finite at step 0.*learning rate"):
+        train(run_config(data_dir := tiny_data[0], tmp_path / "nan"), log=lambda *a: None)
+    assert data_dir
+
+
+def test_bad_input_vocab_mismatch_and_existing_checkpoint(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    run = run_config(data_dir, tmp_path / "r", steps=2, eval_every=0)
+    run.model.vocab_size += 1
+    with pytest.raises(ConfigError, match="vocabulary mismatch"):
+        train(run, log=lambda *a: None)
+    train(run_config(data_dir, tmp_path / "r", steps=2, eval_every=0), log=lambda *a: None)
+    before = weights(tmp_path / "r")
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(run_config(data_dir, tmp_path / "r", steps=2, eval_every=0), log=lambda *a: None)
+    other = run_config(data_dir, tmp_path / "r", steps=4, eval_every=0)
+    other.model.d_model = 64
+    with pytest.raises(CheckpointError, match="model config"):
+        train(other, resume=True, log=lambda *a: None)
+    after = weights(tmp_path / "r")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ConfigError, match="multiple of world size"):
+        train(run_config(data_dir, tmp_path / "q", batch_size=3, grad_accum=2), log=lambda *a: None)
+
+
+def test_checkpoint_errors_and_atomic_save(tmp_path, monkeypatch):
+    import ebt.checkpoint as ck
+
+    cfg = ModelConfig(size="4xs", n_layer=1, d_model=32, n_head=2, vocab_size=40, context_length=8)
+    model = build_model(cfg)
+    config = {"model": __import__("dataclasses").asdict(cfg)}
+    path = save_checkpoint(tmp_path / "ckpt", model, config)
+    loaded = load_model(path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+    # a full disk while saving: clear error, the previous checkpoint untouched, no temp dir left
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", full)
+    with pytest.raises(CheckpointError, match="No space left.*previous checkpoint there, if any, is untouched"):
+        save_checkpoint(tmp_path / "ckpt", build_model(cfg), config)
+    monkeypatch.undo()
+    assert not (tmp_path / "ckpt.tmp").exists()
+    again = load_model(tmp_path / "ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+    # weights of another model
+    other = dict(config)
+    other["model"] = {**config["model"], "d_model": 64}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(other))
+    with pytest.raises(CheckpointError, match="different model"):
+        load_model(tmp_path / "ckpt")
+    # corrupt weights and missing paths
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "ckpt" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(tmp_path / "ckpt")
