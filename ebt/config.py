@@ -25,7 +25,64 @@ SIZES: dict[str, tuple[int, int, int, float]] = {
     "xl": (24, 2048, 32, 0.0002),
 }
 
-MODEL_TYPES = ("transformer",)
+MODEL_TYPES = ("transformer", "ebt")
+
+
+@dataclass
+class EBTConfig:
+    """How an EBT optimises its candidate, in training and by default at inference (ebt-method.md 2.4-2.5).
+
+    Official hyperparameter names in brackets. `RECIPES` below holds the paper's presets; every field
+    can be overridden on top of a preset.
+    """
+
+    variant: str = "time_embed"  # [ebt_type] "time_embed": a learned step token per landscape; "default": none
+    landscapes: int = 2  # [mcmc_num_steps] learned landscapes; steps beyond them reuse the last one
+    alpha: float = 500.0  # [mcmc_step_size] step size of z_next = p - alpha * dE/dp
+    alpha_learnable: bool = True  # [mcmc_step_size_learnable]; clamped at >= alpha_min in use
+    alpha_min: float = 1e-4
+    alpha_lr_mult: float = 1500.0  # [mcmc_step_size_lr_multiplier] alpha's own optimizer group, no decay
+    rand_steps: int = 0  # [randomize_mcmc_num_steps] R: training draws randint(rand_steps_min, landscapes+R+1) steps
+    rand_steps_min: int = 0  # [randomize_mcmc_num_steps_min]; evaluation runs landscapes + R steps
+    detach: bool = True  # [not no_mcmc_detach] each step starts from the previous candidate, detached
+    truncate: bool = False  # [truncate_mcmc] only the last step builds the second-order graph
+    loss_last_only: bool = False  # loss on the last step only (S2) instead of the mean over steps (S1)
+    alpha_rand_scale: float = 1.0  # [randomize_mcmc_step_size_scale] training alpha ~ U[alpha/s, alpha*s] per (row, pos)
+    langevin: float = 0.0  # [langevin_dynamics_noise] std of noise added to the logits before each softmax (training)
+    init_scale: float = 1.0  # [gaussian_random_noise_scaling] initial candidate z ~ N(0, init_scale^2)
+    replay_buffer: int = 0  # [mcmc_replay_buffer] sequences kept (FIFO) to restart from their final logits
+    replay_fraction: float = 0.5  # replayed rows appended per batch, as a fraction of the batch
+
+    def __post_init__(self):
+        if self.variant not in ("time_embed", "default"):
+            raise ConfigError(f"unknown EBT variant {self.variant!r}: use 'time_embed' or 'default'")
+        if self.landscapes < 1 or self.rand_steps < 0 or self.replay_buffer < 0:
+            raise ConfigError(f"landscapes must be >= 1 and rand_steps, replay_buffer >= 0: {self}")
+        if not self.alpha > 0 or not self.alpha_rand_scale >= 1:
+            raise ConfigError(f"alpha must be > 0 and alpha_rand_scale >= 1 (got {self.alpha}, {self.alpha_rand_scale})")
+        if self.rand_steps and not 1 <= self.rand_steps_min <= self.landscapes + self.rand_steps:
+            raise ConfigError(f"rand_steps_min={self.rand_steps_min} must lie in 1..landscapes+rand_steps")
+
+    @property
+    def eval_steps(self) -> int:
+        return self.landscapes + self.rand_steps
+
+
+# The paper's recipes (ebt-method.md 2.4 and 2.5), for text.
+RECIPES: dict[str, dict] = {
+    "s1": dict(variant="time_embed", landscapes=2, alpha=500.0, alpha_learnable=True, alpha_lr_mult=1500.0,
+               rand_steps=0, rand_steps_min=0, detach=True, truncate=False, loss_last_only=False,
+               alpha_rand_scale=1.0, langevin=0.0, replay_buffer=0),
+    "s2": dict(variant="time_embed", landscapes=1, alpha=5.0, alpha_learnable=False, rand_steps=2,
+               rand_steps_min=2, detach=False, truncate=True, loss_last_only=True, alpha_rand_scale=2.0,
+               langevin=3.0, replay_buffer=192, replay_fraction=0.5),
+}
+
+
+def recipe(name: str, **overrides) -> EBTConfig:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+    return EBTConfig(**{**RECIPES[name], **overrides})
 
 
 @dataclass
@@ -40,12 +97,17 @@ class ModelConfig:
     pad_token_id: int | None = 0  # targets equal to this id are ignored by the loss (None: none)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    ebt: EBTConfig | None = None  # model="ebt" only; None there means recipe("s1")
 
     def __post_init__(self):
         if self.size not in SIZES:
             raise ConfigError(f"unknown size {self.size!r}; choose one of: {', '.join(SIZES)}")
         if self.model not in MODEL_TYPES:
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(MODEL_TYPES)}")
+        if self.model == "ebt" and self.ebt is None:
+            self.ebt = recipe("s1")
+        if isinstance(self.ebt, dict):
+            self.ebt = EBTConfig(**self.ebt)
         layers, width, heads, _ = SIZES[self.size]
         self.n_layer = layers if self.n_layer is None else self.n_layer
         self.d_model = width if self.d_model is None else self.d_model
@@ -125,9 +187,8 @@ def from_dict(cls, d: dict):
         raise ConfigError(f"unknown {cls.__name__} keys {sorted(unknown)}; known: {sorted(names)}")
     kwargs = {}
     for k, v in d.items():
-        sub = {"ModelConfig": ModelConfig, "DataConfig": DataConfig, "TrainConfig": TrainConfig}.get(
-            str(names[k].type).strip("'\"")
-        )
+        sub = {"ModelConfig": ModelConfig, "DataConfig": DataConfig, "TrainConfig": TrainConfig,
+               "EBTConfig": EBTConfig}.get(str(names[k].type).strip("'\"").replace(" | None", ""))
         kwargs[k] = from_dict(sub, v) if sub is not None and isinstance(v, dict) else v
     return cls(**kwargs)
 

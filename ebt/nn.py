@@ -83,6 +83,28 @@ def attend(q, k, v, mask: torch.Tensor | None = None, causal: bool = False, fuse
     return torch.softmax(scores.to(compute_dtype(scores.dtype)), dim=-1).type_as(q) @ v
 
 
+def two_stream_attend(q, k, v, n_ctx: int, prefix: int, fused: bool = False) -> torch.Tensor:
+    """The EBT's two-stream attention (ebt-method.md 2.2) without the official (C+S)^2 score matrix.
+
+    q, k, v: (B, H, C + S, hd), the context stream first (C = prefix + S tokens: `prefix` step tokens
+    then x_0..x_{S-1}) and the S candidates after it. Context tokens attend causally among themselves
+    and never to a candidate; candidate i attends to context tokens 0..prefix+i and to itself only
+    (never to x_{i+1}, its target, nor to another candidate). The candidate softmax runs over the
+    allowed context scores plus the one self score.
+    """
+    qc, kc, vc = q[:, :, :n_ctx], k[:, :, :n_ctx], v[:, :, :n_ctx]
+    qy, ky, vy = q[:, :, n_ctx:], k[:, :, n_ctx:], v[:, :, n_ctx:]
+    yc = attend(qc, kc, vc, causal=True, fused=fused)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    s_ctx = (qy @ kc.transpose(-2, -1)) * scale  # (B, H, S, C)
+    allowed = torch.ones(qy.shape[-2], n_ctx, dtype=torch.bool, device=q.device).tril(prefix)
+    s_ctx = s_ctx.masked_fill(~allowed, float("-inf"))
+    s_self = (qy * ky).sum(-1, keepdim=True) * scale  # (B, H, S, 1)
+    probs = torch.softmax(torch.cat([s_ctx, s_self], -1).to(compute_dtype(q.dtype)), dim=-1).type_as(q)
+    yy = probs[..., :n_ctx] @ vc + probs[..., n_ctx:] * vy
+    return torch.cat([yc, yy], dim=2)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -93,11 +115,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d, d, bias=False)
         self.wo = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, causal=True, fused=True):
+    def forward(self, x, cos, sin, mask=None, causal=True, fused=True, two_stream=None):
+        """two_stream=(n_ctx, prefix) switches to the EBT's context + candidate attention."""
         heads = lambda t: t.unflatten(-1, (self.n_head, self.head_dim)).transpose(1, 2)  # noqa: E731
         q = apply_rope(heads(self.wq(x)), cos, sin)
         k = apply_rope(heads(self.wk(x)), cos, sin)
-        y = attend(q, k, heads(self.wv(x)), mask=mask, causal=causal, fused=fused)
+        v = heads(self.wv(x))
+        if two_stream is not None:
+            y = two_stream_attend(q, k, v, *two_stream, fused=fused)
+        else:
+            y = attend(q, k, v, mask=mask, causal=causal, fused=fused)
         return self.wo(y.transpose(1, 2).flatten(-2))
 
 
@@ -120,8 +147,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.d_model)  # hidden = D: the official models use no 8/3 factor
 
-    def forward(self, x, cos, sin, mask=None, causal=True, fused=True):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, causal, fused)
+    def forward(self, x, cos, sin, **attn_kw):
+        x = x + self.attn(self.attn_norm(x), cos, sin, **attn_kw)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -135,10 +162,11 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
-    def forward(self, h, positions, mask=None, causal=True, fused=True):
+    def forward(self, h, positions, **attn_kw):
+        """attn_kw: mask / causal / fused / two_stream, as Attention.forward takes them."""
         cos, sin = self.rope.tables(positions, compute_dtype(h.dtype))
         for block in self.blocks:
-            h = block(h, cos, sin, mask, causal, fused)
+            h = block(h, cos, sin, **attn_kw)
         return self.norm(h)
 
 

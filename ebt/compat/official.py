@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ebt.config import ModelConfig
+from ebt.config import EBTConfig, ModelConfig
 from ebt.errors import CheckpointError
 
 # official name pattern -> our name (shared by the Transformer++ and the EBT backbone)
@@ -25,7 +25,23 @@ _RULES = [
     (r"^transformer\.layers\.(\d+)\.attention_norm\.weight$", r"backbone.blocks.\1.attn_norm.weight"),
     (r"^transformer\.layers\.(\d+)\.feed_forward\.(w[123])\.weight$", r"backbone.blocks.\1.ffn.\2.weight"),
     (r"^transformer\.layers\.(\d+)\.ffn_norm\.weight$", r"backbone.blocks.\1.ffn_norm.weight"),
+    (r"^vocab_to_embed\.weight$", "vocab_to_embed.weight"),
+    (r"^transformer\.final_layer\.weight$", "energy_head.weight"),
+    (r"^transformer\.time_embeddings\.weight$", "step_emb.weight"),
+    (r"^alpha$", "alpha"),
 ]
+# official tensors that are settings here, not weights (the noise std is EBTConfig.langevin)
+_SETTINGS = {"langevin_dynamics_noise_std"}
+
+# official hyperparameters whose other values change the model in ways this library does not implement
+_SUPPORTED = {
+    "absolute_clamp": 0.0, "clamp_futures_grad": False, "clamp_max_after_warm_up": 0.0, "contrastive_loss": False,
+    "ebt_act_func": "silu", "ebt_norm": "rms", "ffn_dim_multiplier": 1, "langevin_dynamics_noise_learnable": False,
+    "normalize_initial_condition": True, "normalize_initial_condition_only_first_step": False,
+    "num_modality_processing_mlp_layers": 1, "randomize_mcmc_num_steps_final_landscape": False,
+    "sharpen_predicted_distribution": 0.0, "soften_target_prob_dist": 0.0, "vocab_to_embed_uses_prob_dist": False,
+    "weight_initialization_method": "xavier", "denoising_initial_condition": "random_noise",
+}
 
 
 def official_to_ours(name: str) -> str:
@@ -36,24 +52,44 @@ def official_to_ours(name: str) -> str:
 
 
 def convert_state_dict(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {official_to_ours(k): v for k, v in official.items()}
+    return {official_to_ours(k): v for k, v in official.items() if k not in _SETTINGS}
 
 
-def config_from_meta(meta: dict) -> ModelConfig:
-    """Our ModelConfig for the model described by a reference file's metadata (official hparams)."""
-    hp = meta["hparams"]
-    if meta["model"] != "transformer":
-        raise CheckpointError(f"reference model {meta['model']!r} is not supported yet (only 'transformer')")
+def config_from_hparams(hp: dict, model: str, vocab_size: int, pad_token_id: int | None = 0) -> ModelConfig:
+    """Our ModelConfig for a model described by the official hyperparameters."""
+    unsupported = {k: hp[k] for k, v in _SUPPORTED.items() if k in hp and hp[k] != v}
+    if unsupported:
+        raise CheckpointError(f"official settings not implemented here: {unsupported} (supported: "
+                              f"{ {k: _SUPPORTED[k] for k in unsupported} })")
+    ebt = None
+    if model == "ebt":
+        ebt = EBTConfig(
+            variant=hp["ebt_type"], landscapes=hp["mcmc_num_steps"], alpha=hp["mcmc_step_size"],
+            alpha_learnable=hp["mcmc_step_size_learnable"], alpha_lr_mult=hp["mcmc_step_size_lr_multiplier"],
+            rand_steps=hp["randomize_mcmc_num_steps"], rand_steps_min=hp["randomize_mcmc_num_steps_min"],
+            detach=not hp["no_mcmc_detach"], truncate=hp["truncate_mcmc"], loss_last_only=hp["truncate_mcmc"],
+            alpha_rand_scale=hp["randomize_mcmc_step_size_scale"], langevin=hp["langevin_dynamics_noise"],
+            init_scale=hp["gaussian_random_noise_scaling"],
+            replay_buffer=192 if hp.get("mcmc_replay_buffer") else 0,
+        )
+    elif model != "transformer":
+        raise CheckpointError(f"official model type {model!r} is not supported (use 'ebt' or 'transformer')")
     return ModelConfig(
-        model="transformer",
+        model=model,
         size="4xs",  # placeholder name: the explicit sizes below define the model
         n_layer=hp["num_transformer_blocks"],
         d_model=hp["embedding_dim"],
         n_head=hp["multiheaded_attention_heads"],
-        vocab_size=meta["vocab_size"],
-        context_length=meta["context_length"],
-        pad_token_id=meta["pad_token_id"],
+        vocab_size=vocab_size,
+        context_length=hp["context_length"],
+        pad_token_id=pad_token_id,
+        ebt=ebt,
     )
+
+
+def config_from_meta(meta: dict) -> ModelConfig:
+    """Our ModelConfig for the model of a reference file (its metadata holds the official hparams)."""
+    return config_from_hparams(meta["hparams"], meta["model"], meta["vocab_size"], meta["pad_token_id"])
 
 
 def load_reference(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -76,7 +112,9 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check_reference(path: str | Path) -> list[tuple[str, float]]:
-    """Rebuild the reference case with our code in float64; return (tensor name, relative error) rows."""
+    """Rebuild a reference case with our code in float64: same weights, same window, same starting
+    candidate, the official validation settings with the training graph. Returns (tensor, relative
+    error) rows for the logits (per step for an EBT), energies, losses and every parameter gradient."""
     from ebt.models import build_model
 
     meta, t = load_reference(path)
@@ -84,11 +122,25 @@ def check_reference(path: str | Path) -> list[tuple[str, float]]:
     model = build_model(cfg).double()
     official = {k[len("param."):]: v for k, v in t.items() if k.startswith("param.")}
     model.load_state_dict(convert_state_dict(official), strict=True)
+    model.eval()  # the official validation phase: no random steps/alpha, no noise, no replay
     window = t["input.tokens"]
     rows = []
-    logits = model.logits(window[:, :-1])
-    rows.append(("logits", rel_err(logits, t["logits"])))
-    loss = model(window)["loss"]
+    if cfg.model == "transformer":
+        rows.append(("logits", rel_err(model.logits(window[:, :-1]), t["logits"])))
+        out = model(window)
+    else:
+        init = t["input.init_logits"]
+        logits, energies = model.unroll(window[:, :-1], init, cfg.ebt.eval_steps, stochastic=False, build_graph=False)
+        n_ref = sum(1 for k in t if k.endswith(".logits") and k.startswith("step"))
+        if n_ref != len(logits):
+            raise CheckpointError(f"reference has {n_ref} steps, our model ran {len(logits)}")
+        for k, (z, e) in enumerate(zip(logits, energies)):
+            rows.append((f"step{k}.logits", rel_err(z, t[f"step{k}.logits"])))
+            rows.append((f"step{k}.energy", rel_err(e, t[f"step{k}.energy"])))
+        out = model(window, init=init)
+        rows.append(("initial_loss", rel_err(out["ce_first"], t["initial_loss"])))
+        rows.append(("final_step_loss", rel_err(out["ce_last"], t["final_step_loss"])))
+    loss = out["loss"]
     rows.append(("loss", rel_err(loss, t["loss"])))
     loss.backward()
     params = dict(model.named_parameters())
@@ -96,4 +148,8 @@ def check_reference(path: str | Path) -> list[tuple[str, float]]:
         if k.startswith("grad."):
             ours = params[official_to_ours(k[len("grad."):])].grad
             rows.append((k, rel_err(ours, t[k]) if ours is not None else float("inf")))
+    missing = [n for n, p in params.items() if p.requires_grad and f"grad.{n}" not in
+               {f"grad.{official_to_ours(k[5:])}" for k in t if k.startswith("grad.")}]
+    if missing:
+        raise CheckpointError(f"reference lacks gradients for our parameters {missing}")
     return rows

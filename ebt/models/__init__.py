@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from ebt.config import ModelConfig
+from ebt.models.ebt import EBT
 from ebt.models.transformer import Transformer
 
-MODELS: dict[str, type[nn.Module]] = {"transformer": Transformer}
+MODELS: dict[str, type[nn.Module]] = {"transformer": Transformer, "ebt": EBT}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -21,4 +22,4 @@ def from_pretrained(path, device="cpu") -> nn.Module:
     return load_model(path, device=device)
 
 
-__all__ = ["MODELS", "Transformer", "build_model", "from_pretrained"]
+__all__ = ["EBT", "MODELS", "Transformer", "build_model", "from_pretrained"]

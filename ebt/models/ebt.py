@@ -1,0 +1,200 @@
+"""Autoregressive Energy-Based Transformer for tokens (ebt-method.md section 2).
+
+The model scores (context, candidate) pairs: the candidate for position i is a row of logits z_i over
+the vocabulary, turned into probabilities p_i = softmax(z_i), embedded by a bias-free V -> D map, and
+read by the same Llama backbone as the Transformer++ with two-stream attention (context causal;
+candidate i sees x_0..x_i and itself). The energy head gives one scalar E_i per candidate.
+Predicting is optimisation: z_next = p - alpha * dE/dp (the official update, taken with respect to
+the probabilities), repeated for a few steps; training puts cross-entropy on the optimised logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ebt.config import EBTConfig, ModelConfig
+from ebt.errors import ConfigError
+from ebt.models.transformer import check_window, token_loss
+from ebt.nn import Backbone, init_weights
+
+
+class ReplayBuffer:
+    """FIFO of past training rows (window, final logits) for System 2 training (ebt-method.md 2.5).
+
+    Preallocated on first use, so its memory is fixed: capacity x ((S+1) int64 + S x V logits).
+    Kept per process (each DDP rank keeps its own) and saved with checkpoints.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity, self.size, self.next = capacity, 0, 0
+        self.windows: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+
+    def __len__(self):
+        return self.size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.windows, self.logits) if t is not None)
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randperm(self.size, device=self.windows.device)[:n]
+        return self.windows[idx], self.logits[idx]
+
+    def push(self, windows: torch.Tensor, logits: torch.Tensor) -> None:
+        if self.windows is None:
+            self.windows = windows.new_zeros((self.capacity, *windows.shape[1:]))
+            self.logits = logits.new_zeros((self.capacity, *logits.shape[1:]), dtype=logits.dtype)
+        n = min(windows.shape[0], self.capacity)
+        idx = (self.next + torch.arange(n, device=windows.device)) % self.capacity
+        self.windows[idx] = windows[-n:]
+        self.logits[idx] = logits[-n:].detach().to(self.logits.dtype)
+        self.next = (self.next + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def state_dict(self) -> dict:
+        return {"capacity": self.capacity, "size": self.size, "next": self.next,
+                "windows": self.windows, "logits": self.logits}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["capacity"] != self.capacity:
+            raise ConfigError(f"replay buffer in the checkpoint holds {state['capacity']} rows, the model "
+                              f"{self.capacity}: resume with the same --replay-buffer")
+        self.size, self.next, self.windows, self.logits = state["size"], state["next"], state["windows"], state["logits"]
+
+
+class EBT(nn.Module):
+    nonfinite_hint = ("an EBT usually diverges because alpha is too large (candidate logits explode) or "
+                      "too small (energy gradients must grow huge to move the candidate): change --alpha or "
+                      "--alpha-lr-mult, or lower --lr")
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg, e = cfg, cfg.ebt
+        d = cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.vocab_to_embed = nn.Linear(cfg.vocab_size, d, bias=False)  # its own weights, not tok_emb
+        self.step_emb = nn.Embedding(e.landscapes, d) if e.variant == "time_embed" else None
+        self.backbone = Backbone(cfg)
+        self.energy_head = nn.Linear(d, 1, bias=False)
+        init_weights(self)
+        self.alpha = nn.Parameter(torch.tensor(float(e.alpha)), requires_grad=e.alpha_learnable)
+        self.replay = ReplayBuffer(e.replay_buffer) if e.replay_buffer else None
+        self.fused_attention = False  # the second-order graph needs attention with double backward
+        self.measure_final_energy = True  # training logs E(initial) - E(final): one extra no-grad forward
+
+    def extra_param_groups(self) -> list[dict]:
+        e = self.cfg.ebt
+        if not e.alpha_learnable:
+            return []
+        return [{"params": [self.alpha], "lr_mult": e.alpha_lr_mult, "weight_decay": 0.0, "name": "alpha"}]
+
+    # ------------------------------------------------------------------------------------- the energy
+
+    def energy(self, tokens: torch.Tensor, p: torch.Tensor, landscape: int) -> torch.Tensor:
+        """E (B, S) of candidate distributions p (B, S, V) given context tokens (B, S) on a landscape."""
+        ctx = self.tok_emb(tokens)
+        prefix = 0
+        if self.step_emb is not None:  # the landscape's step token goes first, at position 0
+            k = min(landscape, self.step_emb.num_embeddings - 1)
+            ctx = torch.cat([self.step_emb.weight[k].expand(ctx.shape[0], 1, -1), ctx], dim=1)
+            prefix = 1
+        n_ctx, S = ctx.shape[1], p.shape[1]
+        h = torch.cat([ctx, self.vocab_to_embed(p)], dim=1)
+        # context token j at position j; candidate i at the position of the token it predicts
+        positions = torch.cat([torch.arange(n_ctx, device=h.device), torch.arange(S, device=h.device) + prefix + 1])
+        h = self.backbone(h, positions, two_stream=(n_ctx, prefix), fused=self.fused_attention)
+        return self.energy_head(h[:, n_ctx:]).squeeze(-1)
+
+    # ------------------------------------------------------------------------------ the optimisation
+
+    def step_alpha(self, shape, stochastic: bool) -> torch.Tensor:
+        e = self.cfg.ebt
+        alpha = self.alpha.clamp(min=e.alpha_min)
+        if stochastic and e.alpha_rand_scale > 1:  # per (row, position): U[alpha / s, alpha * s]
+            s = e.alpha_rand_scale
+            u = torch.rand(*shape[:2], 1, device=alpha.device, dtype=alpha.dtype)
+            alpha = alpha * (1 / s + u * (s - 1 / s))
+        return alpha
+
+    def unroll(self, tokens, z, n_steps: int, stochastic: bool, build_graph: bool):
+        """Optimise candidate logits z for n_steps. Returns per-step logits after each step and the
+        energy of the candidate fed into each step. build_graph: keep what training needs (the
+        second-order graph at every step, or at the last one only when truncating)."""
+        e = self.cfg.ebt
+        logits, energies = [], []
+        alpha = self.step_alpha(z.shape, stochastic)
+        for k in range(n_steps):
+            if e.detach or not build_graph:
+                z = z.detach()
+            graph = build_graph and (not e.truncate or k == n_steps - 1)
+            if stochastic and e.langevin > 0:
+                z = z + e.langevin * torch.randn_like(z)
+            with torch.enable_grad():
+                p = torch.softmax(z, dim=-1)
+                if not p.requires_grad:
+                    p.requires_grad_()
+                E = self.energy(tokens, p, k)
+                (g,) = torch.autograd.grad(E.sum(), p, create_graph=graph)
+            z = p - alpha * g
+            if not build_graph:
+                z = z.detach()
+            logits.append(z)
+            energies.append(E.detach())
+        return logits, energies
+
+    def train_steps(self) -> int:
+        e = self.cfg.ebt
+        if self.training and e.rand_steps:
+            return int(torch.randint(e.rand_steps_min, e.landscapes + e.rand_steps + 1, ()))
+        return e.eval_steps
+
+    def forward(self, window: torch.Tensor, init: torch.Tensor | None = None) -> dict:
+        """window (B, S+1) -> loss (S1: mean CE over steps; S2: last step's) and training metrics.
+
+        In training mode (model.train()) the recipe's randomness applies (step count, alpha, Langevin
+        noise, replay); in eval mode none does, as in the official validation phase."""
+        check_window(window, self.cfg, extra=1)
+        e, stochastic = self.cfg.ebt, self.training
+        tokens, targets = window[:, :-1], window[:, 1:]
+        B, S = tokens.shape
+        z = init if init is not None else e.init_scale * torch.randn(
+            B, S, self.cfg.vocab_size, device=window.device, dtype=self.tok_emb.weight.dtype)
+        fresh = B
+        if stochastic and self.replay is not None and len(self.replay) > 0:
+            n = min(len(self.replay), int(B * e.replay_fraction))
+            if n > 0:
+                w_old, z_old = self.replay.sample(n)
+                tokens = torch.cat([tokens, w_old[:, :-1]])
+                targets = torch.cat([targets, w_old[:, 1:]])
+                window = torch.cat([window, w_old])
+                z = torch.cat([z, z_old.to(z.dtype)])
+        n_steps = self.train_steps()
+        logits, energies = self.unroll(tokens, z, n_steps, stochastic, build_graph=torch.is_grad_enabled())
+        pad = self.cfg.pad_token_id
+        last = token_loss(logits[-1], targets, pad)
+        first = token_loss(logits[0], targets, pad) if n_steps > 1 else last
+        if e.loss_last_only:
+            loss = last["loss"]
+        else:  # S1: the mean over steps of each step's cross-entropy
+            middle = [token_loss(z_k, targets, pad) for z_k in logits[1:-1]]
+            loss = torch.stack([c["loss"] for c in [first, *middle, last][: n_steps]]).mean()
+        out = {"loss": loss, "nll_sum": last["nll_sum"], "n_tokens": last["n_tokens"],
+               "ce_first": first["loss"].detach(), "ce_last": last["loss"].detach(),
+               "alpha": self.alpha.detach().clamp(min=e.alpha_min), "steps": torch.tensor(float(n_steps))}
+        if self.training and self.measure_final_energy:
+            with torch.no_grad():
+                e_final = self.energy(tokens, torch.softmax(logits[-1].detach(), -1), n_steps - 1)
+            out["energy_gap"] = (energies[0] - e_final).mean()
+        if stochastic and self.replay is not None:
+            self.replay.push(window[:fresh], logits[-1][:fresh])
+            out["replay_rows"] = torch.tensor(float(window.shape[0] - fresh))
+        return out
+
+    def predict(self, tokens: torch.Tensor, n_steps: int | None = None) -> torch.Tensor:
+        """Final candidate logits (B, S, V) for context tokens (B, S), without any training randomness."""
+        check_window(tokens, self.cfg)
+        z = self.cfg.ebt.init_scale * torch.randn(*tokens.shape, self.cfg.vocab_size, device=tokens.device,
+                                                  dtype=self.tok_emb.weight.dtype)
+        return self.unroll(tokens, z, n_steps or self.cfg.ebt.eval_steps, False, False)[0][-1]
