@@ -1,5 +1,6 @@
-"""Training throughput of the Transformer++ baseline: tokens/s and peak memory of full optimizer steps
-(forward, backward, clipping, AdamW) on random tokens.
+"""Training throughput of the Transformer++ baseline and the EBT (S1, S2 recipes) of the same size:
+tokens/s and peak memory of full optimizer steps (forward, backward, clipping, AdamW) on random tokens.
+For S2, tokens/s counts fresh tokens (replayed rows are extra work on top).
 
 Each configuration runs in its own process so peak memory (CPU: peak RSS growth over the process
 after import; CUDA: torch.cuda.max_memory_allocated) belongs to that configuration alone. Variants in
@@ -20,10 +21,10 @@ import sys
 import time
 
 
-def measure(size, vocab, context, batch, device, attention, steps, warmup, precision, compile_):
+def measure(model_name, size, vocab, context, batch, device, attention, steps, warmup, precision, compile_):
     import torch
 
-    from ebt.config import ModelConfig, TrainConfig
+    from ebt.config import ModelConfig, TrainConfig, recipe
     from ebt.evaluate import autocast
     from ebt.models import build_model
     from ebt.train import make_optimizer
@@ -31,8 +32,12 @@ def measure(size, vocab, context, batch, device, attention, steps, warmup, preci
     dev = torch.device(device)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.manual_seed(0)
-    model = build_model(ModelConfig(size=size, vocab_size=vocab, context_length=context)).to(dev)
+    kind, _, rec = model_name.partition("-")
+    model = build_model(ModelConfig(model=kind, size=size, vocab_size=vocab, context_length=context,
+                                    ebt=recipe(rec) if kind == "ebt" else None)).to(dev)
     model.fused_attention = attention == "fused"
+    if kind == "ebt":
+        model.measure_final_energy = False  # a logging extra, not part of the training step
     opt, _ = make_optimizer(model, TrainConfig(), 1e-4, dev)
     fwd = torch.compile(model) if compile_ else model
     x = torch.randint(0, vocab, (batch, context + 1), device=dev)
@@ -59,15 +64,18 @@ def measure(size, vocab, context, batch, device, attention, steps, warmup, preci
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024  # KiB -> MiB on Linux
-    return {"size": size, "attention": attention, "tokens_per_s": batch * context / median,
+    return {"model": model_name, "size": size, "attention": attention, "tokens_per_s": batch * context / median,
             "ms_per_step": median * 1e3, "peak_mib": peak,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", nargs="+", default=["4xs", "3xs"])
-    p.add_argument("--attention", nargs="+", default=["fused", "explicit"], choices=["fused", "explicit"])
+    p.add_argument("--models", nargs="+", default=["transformer", "ebt-s1", "ebt-s2"],
+                   choices=["transformer", "ebt-s1", "ebt-s2"])
+    p.add_argument("--sizes", nargs="+", default=["4xs"])
+    p.add_argument("--attention", nargs="+", default=["fused", "explicit"], choices=["fused", "explicit"],
+                   help="the EBT always builds a second-order graph, so it only runs 'explicit'")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
@@ -79,25 +87,25 @@ def main():
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
     a = p.parse_args()
     if a.one:
-        size, attention = a.one.split(",")
-        print(json.dumps(measure(size, a.vocab, a.context, a.batch, a.device, attention, a.steps, a.warmup,
+        model_name, size, attention = a.one.split(",")
+        print(json.dumps(measure(model_name, size, a.vocab, a.context, a.batch, a.device, attention, a.steps, a.warmup,
                                  a.precision, a.compile)))
         return
     import torch
 
     print(f"# {time.strftime('%Y-%m-%d')} | {platform.processor() or platform.machine()} | torch {torch.__version__} | "
           f"threads {torch.get_num_threads()} | device {a.device} | V {a.vocab} S {a.context} B {a.batch}")
-    print(f"| size | attention | params (M) | ms/step | tokens/s | peak MiB | vs fused |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | size | attention | params (M) | ms/step | tokens/s | peak MiB | tokens/s vs first row of size |")
+    print("|---|---|---|---|---|---|---|---|")
     for size in a.sizes:
         base = None
-        for att in a.attention:
-            cmd = [sys.executable, __file__, "--one", f"{size},{att}", "--vocab", str(a.vocab), "--context",
+        for model_name, att in [(m, t) for m in a.models for t in a.attention if m == "transformer" or t == "explicit"]:
+            cmd = [sys.executable, __file__, "--one", f"{model_name},{size},{att}", "--vocab", str(a.vocab), "--context",
                    str(a.context), "--batch", str(a.batch), "--steps", str(a.steps), "--warmup", str(a.warmup),
                    "--device", a.device, "--precision", a.precision] + (["--compile"] if a.compile else [])
             r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
             base = base or r["tokens_per_s"]
-            print(f"| {size} | {att} | {r['params_m']:.2f} | {r['ms_per_step']:.0f} | {r['tokens_per_s']:.0f} | "
+            print(f"| {model_name} | {size} | {att} | {r['params_m']:.2f} | {r['ms_per_step']:.0f} | {r['tokens_per_s']:.0f} | "
                   f"{r['peak_mib']:.0f} | {r['tokens_per_s'] / base:.2f}x |", flush=True)
 
 

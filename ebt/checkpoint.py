@@ -64,11 +64,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, model, config: dict, optimizer=None, scheduler=None, trainer_state=None,
-                    extra_dirs: dict[str, Path] | None = None) -> Path:
-    """Write a checkpoint directory atomically. `config` is the run config dict (with a "model" key)."""
+def staging_dir(path) -> Path:
+    """Where a checkpoint is written before `publish_checkpoint` swaps it in."""
     path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    return path.with_name(path.name + ".tmp")
+
+
+def save_checkpoint(path, model, config: dict, optimizer=None, scheduler=None, trainer_state=None,
+                    extra_dirs: dict[str, Path] | None = None, publish: bool = True) -> Path:
+    """Write a checkpoint directory atomically. `config` is the run config dict (with a "model" key).
+
+    publish=False leaves it staged (other processes may add files, say their replay buffers) until
+    `publish_checkpoint(path)`."""
+    path = Path(path)
+    tmp = staging_dir(path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
@@ -94,6 +103,13 @@ def save_checkpoint(path, model, config: dict, optimizer=None, scheduler=None, t
             f"could not write checkpoint {path} ({e.strerror or e}); the previous checkpoint there, if any, is "
             f"untouched. Free disk space or choose another --out directory, then resume."
         ) from e
+    return publish_checkpoint(path) if publish else tmp
+
+
+def publish_checkpoint(path) -> Path:
+    """Swap a staged checkpoint into place by renames; the old one survives until the new one is in."""
+    path = Path(path)
+    tmp, old = staging_dir(path), path.with_name(path.name + ".old")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)

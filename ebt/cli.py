@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ebt.config import SIZES, DataConfig, ModelConfig, RunConfig, TrainConfig, from_dict, to_dict
+from ebt.config import SIZES, DataConfig, EBTConfig, ModelConfig, RunConfig, TrainConfig, from_dict, to_dict
 from ebt.errors import EBTError
 
 FMT = argparse.RawDescriptionHelpFormatter
@@ -15,6 +15,8 @@ FMT = argparse.RawDescriptionHelpFormatter
 TRAIN_EXAMPLES = """examples:
   ebt data prepare                                   # build data/default (once)
   ebt train --size 4xs --context-length 128 --steps 300 --batch-size 32 --out runs/tpp
+  ebt train --model ebt --recipe s1 --size 4xs --context-length 128 --steps 300 --out runs/ebt_s1
+  ebt train --model ebt --recipe s2 --replay-buffer 64 --langevin 1.0 --out runs/ebt_s2   # knobs over a recipe
   ebt train --out runs/tpp --steps 600 --resume      # continue (the schedule now spans 600 steps)
   torchrun --nproc-per-node 4 -m ebt.cli train --size small --batch-size 256 --out runs/small
   torchrun --nnodes 2 --node-rank $RANK --master-addr $HOST --nproc-per-node 8 -m ebt.cli train ...
@@ -28,13 +30,59 @@ EVAL_EXAMPLES = """examples:
 
 def _model_args(p):
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="transformer", choices=["transformer"], help="model family")
+    g.add_argument("--model", default="transformer", choices=["transformer", "ebt"], help="model family")
     g.add_argument("--size", default="xxs", choices=list(SIZES), help="named size (layers, width, heads, lr)")
     g.add_argument("--n-layer", type=int, help="override the size's number of layers")
     g.add_argument("--d-model", type=int, help="override the size's width")
     g.add_argument("--n-head", type=int, help="override the size's number of heads")
     g.add_argument("--context-length", type=int, default=256, help="tokens the model reads (S)")
     g.add_argument("--vocab-size", type=int, help="default: the vocabulary of the data's tokenizer")
+
+
+# EBT knobs: flag -> (EBTConfig field, type, help). Unset flags keep the recipe's value.
+EBT_KNOBS = {
+    "--variant": ("variant", str, "time_embed (a learned step token per landscape) or default (none)"),
+    "--landscapes": ("landscapes", int, "learned landscapes (official mcmc_num_steps)"),
+    "--alpha": ("alpha", float, "step size of z_next = p - alpha dE/dp"),
+    "--alpha-learnable": ("alpha_learnable", "bool", "learn alpha (its own optimizer group, no decay)"),
+    "--alpha-lr-mult": ("alpha_lr_mult", float, "alpha's learning-rate multiplier"),
+    "--rand-steps": ("rand_steps", int, "R: training draws randint(min, landscapes+R+1) steps; eval runs landscapes+R"),
+    "--rand-steps-min": ("rand_steps_min", int, "lower end of the random step count"),
+    "--detach": ("detach", "bool", "detach the candidate between steps (S1)"),
+    "--truncate": ("truncate", "bool", "second-order graph at the last step only (S2)"),
+    "--loss-last-only": ("loss_last_only", "bool", "loss on the last step only (S2) instead of the mean (S1)"),
+    "--alpha-rand-scale": ("alpha_rand_scale", float, "training alpha ~ U[alpha/s, alpha*s] per row and position"),
+    "--langevin": ("langevin", float, "std of training noise on the logits before each softmax"),
+    "--replay-buffer": ("replay_buffer", int, "rows in the replay buffer (0: off)"),
+    "--replay-fraction": ("replay_fraction", float, "replayed rows per batch, as a fraction of the batch"),
+}
+
+
+def _bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def _ebt_args(p):
+    from ebt.config import RECIPES
+
+    g = p.add_argument_group("EBT (with --model ebt): a recipe, then any knob overridden")
+    g.add_argument("--recipe", default="s1", choices=list(RECIPES), help="s1: stable pretraining; s2: thinking")
+    for flag, (_, typ, help_) in EBT_KNOBS.items():
+        g.add_argument(flag, type=_bool if typ == "bool" else typ, help=help_ + (" (true/false)" if typ == "bool" else ""))
+
+
+def _ebt_config(args, base):
+    from ebt.config import recipe
+
+    overrides = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in EBT_KNOBS.items()
+                 if getattr(args, flag[2:].replace("-", "_")) is not None}
+    if base is not None and not args.recipe_given:
+        return EBTConfig(**{**to_dict(base), **overrides})
+    return recipe(args.recipe, **overrides)
 
 
 def _train_args(p):
@@ -102,6 +150,9 @@ def run_config_from_args(args, parser=None) -> RunConfig:
         vocab_size=args.vocab_size if args.vocab_size is not None else probe.vocab_size,
         pad_token_id=probe.pad_id,
     )
+    if model.model == "ebt":
+        args.recipe_given = given is None or "recipe" in given
+        model.ebt = _ebt_config(args, m.ebt if args.config else None)
     train = TrainConfig(
         out_dir=pick("out", t.out_dir), steps=pick("steps", t.steps), batch_size=pick("batch_size", t.batch_size),
         grad_accum=pick("grad_accum", t.grad_accum), lr=pick("lr", t.lr), min_lr_ratio=pick("min_lr_ratio", t.min_lr_ratio),
@@ -128,7 +179,7 @@ def cmd_train(args, parser=None):
 def cmd_eval(args):
     from ebt.checkpoint import load_model, read_config, resolve
     from ebt.data.loader import TokenData
-    from ebt.evaluate import evaluate_lm
+    from ebt.evaluate import evaluate_lm, fmt_ppl
     from ebt.train import setup_distributed
 
     path = resolve(args.checkpoint)
@@ -145,7 +196,7 @@ def cmd_eval(args):
         rows[split] = evaluate_lm(model, data, args.batch_size, args.windows or None, device, args.precision)
     print(f"{'split':<10} {'tokens':>10} {'loss':>8} {'ppl':>10}")
     for split, r in rows.items():
-        print(f"{split:<10} {r['tokens']:>10,} {r['loss']:>8.4f} {r['ppl']:>10.2f}")
+        print(f"{split:<10} {r['tokens']:>10,} {r['loss']:>8.4f} {fmt_ppl(r['ppl']):>10}")
     if args.json:
         Path(args.json).write_text(json.dumps({"checkpoint": str(path), "data": data_dir, "results": rows}, indent=2))
 
@@ -167,6 +218,13 @@ def cmd_check_reference(args):
     print(f"all tensors within {args.tol:.0e}")
 
 
+def cmd_convert_official(args):
+    from ebt.compat.official import convert_official
+
+    out = convert_official(args.ckpt, args.out_dir, pad_token_id=args.pad_token_id)
+    print(f"wrote {out} (load it with ebt.models.from_pretrained)")
+
+
 def cmd_demo(args):
     from ebt.demo import demo
 
@@ -181,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp = sub.add_parser("train", help="train a model", formatter_class=FMT, epilog=TRAIN_EXAMPLES,
                         description="Train a model on token shards made by `ebt data prepare`.")
     _model_args(tp)
+    _ebt_args(tp)
     _train_args(tp)
     tp.set_defaults(func=lambda a: cmd_train(a, tp))
 
@@ -211,12 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--tol", type=float, default=1e-5)
     rp.set_defaults(func=cmd_check_reference)
 
+    cp = sub.add_parser("convert-official", help="convert an official Lightning .ckpt to our format",
+                        formatter_class=FMT, description="Turn a checkpoint saved by the official EBT code (a "
+                        "PyTorch Lightning .ckpt with state_dict and hyper_parameters) into config.json + "
+                        "model.safetensors. The file is unpickled: convert only checkpoints you trust.",
+                        epilog="example:\n  ebt convert-official epoch=3-step=20000.ckpt runs/official_xxs\n")
+    cp.add_argument("ckpt")
+    cp.add_argument("out_dir")
+    cp.add_argument("--pad-token-id", type=int, default=0, help="target id the loss ignores (the official default 0)")
+    cp.set_defaults(func=cmd_convert_official)
+
     mp = sub.add_parser("demo", help="prepare data, train, evaluate: the README's main job", formatter_class=FMT,
                         description="The main job on the embedded corpus, sized for a laptop (about 10 minutes).",
                         epilog="example:\n  ebt demo --steps 300\n")
     mp.add_argument("--out", default="runs/demo")
     mp.add_argument("--data", default="data/default")
-    mp.add_argument("--steps", type=int, default=600, help="training steps for the model")
+    mp.add_argument("--steps", type=int, default=300, help="training steps for each model")
     mp.set_defaults(func=cmd_demo)
     return p
 

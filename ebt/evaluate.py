@@ -20,6 +20,11 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def fmt_ppl(ppl: float) -> str:
+    """Perplexities of untrained models are astronomically large: print those in scientific notation."""
+    return f"{ppl:.2f}" if ppl < 1e6 else f"{ppl:.2e}"
+
+
 @torch.no_grad()
 def evaluate_lm(model, data, batch_size: int = 32, max_windows: int | None = None, device="cpu",
                 precision: str = "auto") -> dict:

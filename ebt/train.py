@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ebt.checkpoint import (load_training_state, load_weights, load_state, read_config, save_checkpoint,
-                            set_rng_state, unwrap)
+from ebt.checkpoint import (load_state, load_training_state, load_weights, publish_checkpoint, read_config,
+                            save_checkpoint, set_rng_state, staging_dir, unwrap)
 from ebt.config import RunConfig, to_dict
 from ebt.errors import CheckpointError, ConfigError, EBTError
-from ebt.evaluate import autocast, evaluate_lm
+from ebt.evaluate import autocast, evaluate_lm, fmt_ppl
 from ebt.models import build_model
 
 
@@ -184,6 +184,13 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_step, tokens_seen = state["trainer"]["step"], state["trainer"]["tokens_seen"]
+        if getattr(model, "replay", None) is not None:
+            f = ckpt_dir / f"replay_rank{rank}.pt"
+            if f.is_file():
+                model.replay.load_state_dict(torch.load(f, map_location=device, weights_only=False))
+            else:
+                log(f"rank {rank}: no replay buffer in {ckpt_dir} (saved with {state['trainer'].get('world_size')} "
+                    f"processes); this rank starts with an empty one")
         if is_main:
             log(f"resumed from {ckpt_dir} at step {start_step}")
     elif is_main and (ckpt_dir / "config.json").exists():
@@ -200,11 +207,22 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     metrics = MetricsLog(out_dir, cfg, run_dict, enabled=is_main)
     tok_dir = Path(run.data.data_dir) / "tokenizer"
 
+    replay = getattr(model, "replay", None)
+
     def checkpoint(step):
         if is_main:
             save_checkpoint(ckpt_dir, model, run_dict, optimizer, scheduler,
-                            {"step": step, "tokens_seen": tokens_seen, "data_position": {"step": step, "seed": cfg.seed}},
-                            extra_dirs={"tokenizer": tok_dir} if tok_dir.is_dir() else None)
+                            {"step": step, "tokens_seen": tokens_seen, "world_size": world,
+                             "data_position": {"step": step, "seed": cfg.seed}},
+                            extra_dirs={"tokenizer": tok_dir} if tok_dir.is_dir() else None, publish=False)
+        if world > 1:
+            dist.barrier()
+        if replay is not None:  # every rank writes its own buffer into the staged checkpoint
+            torch.save(replay.state_dict(), staging_dir(ckpt_dir) / f"replay_rank{rank}.pt")
+        if world > 1:
+            dist.barrier()
+        if is_main:
+            publish_checkpoint(ckpt_dir)
         if world > 1:
             dist.barrier()
 
@@ -212,9 +230,14 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
         res = evaluate_lm(model, val, cfg.eval_batch_size, cfg.eval_windows, device, cfg.precision)
         metrics.log("val", step, loss=res["loss"], ppl=res["ppl"], tokens=res["tokens"])
         if is_main:
-            log(f"step {step:6d} | val loss {res['loss']:.4f} | val ppl {res['ppl']:.2f}")
+            log(f"step {step:6d} | val loss {res['loss']:.4f} | val ppl {fmt_ppl(res['ppl'])}")
         return res
 
+    if is_main and getattr(model, "replay", None) is not None:
+        e = mcfg.ebt
+        row = (mcfg.context_length + 1) * 8 + mcfg.context_length * mcfg.vocab_size * 4
+        log(f"replay buffer: {e.replay_buffer} rows x {row / 2**20:.1f} MiB = {e.replay_buffer * row / 2**20:.0f} MiB "
+            f"per process (bounded; set with --replay-buffer)")
     if is_main:
         log(f"model {mcfg.model} {mcfg.size} ({mcfg.n_layer} layers, d {mcfg.d_model}): {n_params / 1e6:.2f}M params | "
             f"{data.num_tokens:,} train tokens | {world} process(es) on {device} | global batch {cfg.batch_size} "
@@ -229,6 +252,7 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     model.train()
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, checked lazily
     t0, tokens_at_t0, loss_sum = time.perf_counter(), tokens_seen, torch.zeros((), device=device)
+    extras: dict[str, torch.Tensor] = {}  # summed over the log interval, like loss_sum
     last = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
     for step in range(start_step, last):
         rows = data.train_batch(step, cfg.batch_size, cfg.seed, rank, world)
@@ -237,12 +261,17 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
             batch = rows[m * micro:(m + 1) * micro].to(device, non_blocking=True)
             sync = contextlib.nullcontext() if world == 1 or m == cfg.grad_accum - 1 else fwd.no_sync()
             with sync, autocast(device, cfg.precision):
-                loss = fwd(batch)["loss"]
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.detach().float() / cfg.grad_accum
+                out = fwd(batch)
+            (out["loss"] / cfg.grad_accum).backward()
+            step_loss += out["loss"].detach().float() / cfg.grad_accum
+            for k, v in out.items():  # model metrics (an EBT's per-step CE, energy gap, alpha...)
+                if k not in ("loss", "nll_sum", "n_tokens"):
+                    extras[k] = extras.get(k, 0.0) + v.detach().float() / cfg.grad_accum
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         finite = torch.isfinite(step_loss) & torch.isfinite(gnorm)
+        for v in extras.values():
+            finite &= torch.isfinite(v).all()
         bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step), bad_step)
         optimizer.step()
         scheduler.step()
@@ -253,16 +282,21 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             if int(bad_step) >= 0:  # one host sync per log interval, not per step
+                hint = getattr(unwrap(model), "nonfinite_hint", "lower the learning rate (--lr), check the data, "
+                               "or raise --warmup-steps")
                 raise TrainingError(
-                    f"loss or gradient became non-finite at step {int(bad_step)}: lower the learning rate "
-                    f"(--lr), check the data, or raise --warmup-steps; the last good checkpoint is in {ckpt_dir}")
+                    f"loss, energy or gradient became non-finite at step {int(bad_step)}: {hint}; "
+                    f"the last good checkpoint is in {ckpt_dir}")
             n = done % cfg.log_every or cfg.log_every
             dt = time.perf_counter() - t0
             train_loss = float(loss_sum) / n
             rec = {"loss": train_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(gnorm),
-                   "tokens_per_s": (tokens_seen - tokens_at_t0) / dt, "tokens_seen": tokens_seen}
+                   "tokens_per_s": (tokens_seen - tokens_at_t0) / dt, "tokens_seen": tokens_seen,
+                   **{k: float(v) / n for k, v in extras.items()}}
+            extras = {}
             metrics.log("train", done, **rec)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                            **({"ce1": f"{rec['ce_first']:.2f}", "ceN": f"{rec['ce_last']:.2f}"} if "ce_last" in rec else {}))
             t0, tokens_at_t0, loss_sum = time.perf_counter(), tokens_seen, torch.zeros((), device=device)
         evaluated = False
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:

@@ -236,3 +236,48 @@ def test_checkpoint_errors_and_atomic_save(tmp_path, monkeypatch):
     (tmp_path / "ckpt" / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_model(tmp_path / "ckpt")
+
+
+def ebt_config(data_dir, out, rec="s1", **train_kw):
+    from ebt.config import recipe
+
+    run = run_config(data_dir, out, **train_kw)
+    over = {"replay_buffer": 6} if rec == "s2" else {}
+    run.model.model, run.model.ebt = "ebt", recipe(rec, **over)
+    return run
+
+
+def test_ebt_s1_trains_and_logs_thinking_metrics(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    final = train(ebt_config(data_dir, tmp_path / "s1", steps=8, lr=3e-3), log=lambda *a: None)
+    assert math.isfinite(final["val"]["loss"]) and final["history"][-1]["loss"] < final["history"][0]["loss"]
+    rec = [json.loads(x) for x in (tmp_path / "s1" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rec if r["split"] == "train"]
+    for key in ("ce_first", "ce_last", "energy_gap", "alpha", "grad_norm", "steps"):
+        assert all(math.isfinite(r[key]) for r in train_rows), key
+    assert train_rows[-1]["alpha"] != 500.0  # alpha is learned
+    model = from_pretrained(tmp_path / "s1")
+    assert model.cfg.ebt.landscapes == 2 and model.step_emb is not None
+
+
+def test_ebt_s2_resume_with_replay_buffer_is_bit_for_bit(tiny_data, tmp_path):
+    """S2 draws step counts, alphas, noise and replayed rows: resuming restores RNG and replay exactly."""
+    data_dir, _ = tiny_data
+    train(ebt_config(data_dir, tmp_path / "a", "s2"), log=lambda *a: None)
+    train(ebt_config(data_dir, tmp_path / "b", "s2", stop_at=3), log=lambda *a: None)
+    saved = torch.load(tmp_path / "b" / "checkpoint" / "replay_rank0.pt", weights_only=False)
+    assert saved["size"] == 6 and saved["logits"].shape[0] == 6  # bounded: 3 steps x 4 rows pushed, 6 kept
+    train(ebt_config(data_dir, tmp_path / "b", "s2"), resume=True, log=lambda *a: None)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra = torch.load(tmp_path / "a" / "checkpoint" / "replay_rank0.pt", weights_only=False)
+    rb = torch.load(tmp_path / "b" / "checkpoint" / "replay_rank0.pt", weights_only=False)
+    assert torch.equal(ra["logits"], rb["logits"]) and torch.equal(ra["windows"], rb["windows"])
+
+
+def test_ebt_nonfinite_names_step_and_alpha(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    run = ebt_config(data_dir, tmp_path / "nan")
+    run.model.ebt.alpha = 1e300  # candidate logits overflow
+    with pytest.raises(TrainingError, match="non-finite at step 0: .*alpha is too large"):
+        train(run, log=lambda *a: None)

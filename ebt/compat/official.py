@@ -153,3 +153,53 @@ def check_reference(path: str | Path) -> list[tuple[str, float]]:
     if missing:
         raise CheckpointError(f"reference lacks gradients for our parameters {missing}")
     return rows
+
+
+def convert_official(ckpt_path: str | Path, out_dir: str | Path, pad_token_id: int | None = 0) -> Path:
+    """Turn a checkpoint saved by the official code (a PyTorch Lightning .ckpt with `state_dict` and
+    `hyper_parameters`) into our checkpoint directory (config.json + model.safetensors).
+
+    The .ckpt is unpickled (Lightning stores hyperparameters as Python objects): convert only files
+    you trust."""
+    from ebt.checkpoint import save_checkpoint
+    from ebt.config import to_dict
+    from ebt.models import build_model
+
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise CheckpointError(f"{ckpt_path} does not exist")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{ckpt_path} is not a readable PyTorch checkpoint ({e})") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise CheckpointError(f"{ckpt_path} has no 'state_dict' and 'hyper_parameters': not a Lightning checkpoint "
+                              f"of the official code")
+    hp = ckpt["hyper_parameters"]
+    hp = dict(vars(hp) if not isinstance(hp, dict) else hp)
+    state = {}
+    for key, value in ckpt["state_dict"].items():
+        parts = key.split(".")
+        for cut in range(len(parts)):  # Lightning prefixes the module name ("model.")
+            name = ".".join(parts[cut:])
+            if name in _SETTINGS or any(re.match(p, name) for p, _ in _RULES):
+                state[name] = value
+                break
+    model_type = "ebt" if "vocab_to_embed.weight" in state else "transformer"
+    if "embeddings.weight" not in state:
+        raise CheckpointError(f"{ckpt_path} has no embeddings.weight: not an official EBT/Transformer++ text model")
+    needed = ["num_transformer_blocks", "embedding_dim", "multiheaded_attention_heads", "context_length"]
+    if model_type == "ebt":
+        needed += ["ebt_type", "mcmc_num_steps", "mcmc_step_size", "mcmc_step_size_learnable",
+                   "mcmc_step_size_lr_multiplier", "randomize_mcmc_num_steps", "randomize_mcmc_num_steps_min",
+                   "no_mcmc_detach", "truncate_mcmc", "randomize_mcmc_step_size_scale", "langevin_dynamics_noise",
+                   "gaussian_random_noise_scaling"]
+    missing = [k for k in needed if k not in hp]
+    if missing:
+        raise CheckpointError(f"{ckpt_path} lacks the hyperparameters {missing}")
+    cfg = config_from_hparams(hp, model_type, state["embeddings.weight"].shape[0], pad_token_id)
+    model = build_model(cfg)
+    from ebt.checkpoint import load_weights
+
+    load_weights(model, {k: v.float() for k, v in convert_state_dict(state).items()}, source=str(ckpt_path))
+    return save_checkpoint(out_dir, model, {"model": to_dict(cfg), "converted_from": str(ckpt_path)})

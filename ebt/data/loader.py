@@ -1,0 +1,151 @@
+"""Deterministic batches from memory-mapped token shards.
+
+A split is cut into non-overlapping windows of context_length+1 tokens (inputs and their shifted
+targets). Which windows form the batch at a given step is a pure function of (seed, step), so a run
+resumed from a checkpoint sees exactly the batches it would have seen, with no loader state to save.
+"""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ebt.data.shards import FORMAT, read_manifest
+from ebt.data.tokenizers import Tokenizer
+from ebt.errors import ConfigError, DataError
+
+
+def _fix(data_dir):
+    return f"re-run `ebt data prepare --force --out {data_dir}`"
+
+
+def _sha256(path, chunk=1 << 24):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_manifest(data_dir):
+    manifest = read_manifest(data_dir)
+    if manifest is None:
+        raise DataError(f"{Path(data_dir) / 'manifest.json'} not found: {data_dir} is not a prepared "
+                        f"dataset; {_fix(data_dir)}")
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{data_dir}/manifest.json has format {manifest.get('format')!r}, expected "
+                        f"{FORMAT!r}; {_fix(data_dir)}")
+    return manifest
+
+
+def check_shard(data_dir, shard, dtype, verify=False):
+    """Return a problem description for one shard, or None if it is sound."""
+    path = Path(data_dir) / shard["file"]
+    if not path.is_file():
+        return f"shard {path} is missing; {_fix(data_dir)}"
+    want = shard["tokens"] * np.dtype(dtype).itemsize
+    if path.stat().st_size != want:
+        return (f"shard {path} has {path.stat().st_size} bytes, expected {want} "
+                f"({shard['tokens']} tokens); the file is truncated or corrupt; {_fix(data_dir)}")
+    if verify and _sha256(path) != shard["sha256"]:
+        return f"shard {path} fails its sha256 check (corrupt); {_fix(data_dir)}"
+    return None
+
+
+def verify_dataset(data_dir):
+    """Check every shard's size and sha256. Returns a list of problems (empty when all is well)."""
+    manifest = load_manifest(data_dir)
+    problems = []
+    for entry in manifest["splits"].values():
+        for shard in entry["shards"]:
+            p = check_shard(data_dir, shard, manifest["dtype"], verify=True)
+            if p:
+                problems.append(p)
+    return problems
+
+
+class TokenData:
+    def __init__(self, data_dir, split, context_length, verify=False):
+        self.data_dir, self.split, self.S = Path(data_dir), split, int(context_length)
+        m = load_manifest(data_dir)
+        if split not in m["splits"]:
+            raise DataError(f"{data_dir} has no {split!r} split (it has {sorted(m['splits'])}); "
+                            f"{_fix(data_dir)}")
+        tok = m["tokenizer"]
+        self.vocab_size, self.eos_id, self.pad_id = tok["vocab_size"], tok["eos_id"], tok["pad_id"]
+        self.tokenizer_name = tok["name"]
+        dtype = np.dtype(m["dtype"]).newbyteorder("<")
+        self.shards, counts = [], []
+        for shard in m["splits"][split]["shards"]:
+            problem = check_shard(data_dir, shard, dtype, verify)
+            if problem:
+                raise DataError(problem)
+            if shard["tokens"] == 0:
+                continue
+            self.shards.append(np.memmap(self.data_dir / shard["file"], dtype=dtype, mode="r"))
+            # window k covers tokens [k*S, k*S+S] of its shard, so needs k*S+S <= tokens-1
+            counts.append(max(0, (shard["tokens"] - 1) // self.S))
+        self.num_tokens = int(sum(len(s) for s in self.shards))
+        self._ends = np.cumsum(counts, dtype=np.int64)  # window index where each shard ends
+        self.num_windows = int(self._ends[-1]) if len(counts) else 0
+        if self.num_windows == 0:
+            raise DataError(f"the {split!r} split of {data_dir} has {self.num_tokens} tokens, fewer than "
+                            f"context_length+1 = {self.S + 1} in any shard; use a shorter context "
+                            f"length or prepare more text")
+        self._perm_key, self._perm = None, None
+
+    def window(self, i):
+        if not 0 <= i < self.num_windows:
+            raise IndexError(f"window {i} out of range (0..{self.num_windows - 1})")
+        k = int(np.searchsorted(self._ends, i, side="right"))
+        local = i - (int(self._ends[k - 1]) if k else 0)
+        return np.asarray(self.shards[k][local * self.S: local * self.S + self.S + 1])
+
+    def _stack(self, ids):
+        rows = np.stack([self.window(int(i)) for i in ids]).astype(np.int64)
+        return torch.from_numpy(rows)
+
+    def _permutation(self, seed, epoch):
+        # one epoch's order, cached: consecutive steps reuse it instead of reshuffling
+        if self._perm_key != (seed, epoch):
+            self._perm = np.random.default_rng([seed, epoch]).permutation(self.num_windows)
+            self._perm_key = (seed, epoch)
+        return self._perm
+
+    def train_batch(self, step, global_batch, seed, rank=0, world_size=1):
+        """Rows of the global batch for `step` that belong to `rank`: (global_batch//world_size, S+1)."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in 0..world_size-1 (got rank={rank}, world_size={world_size})")
+        if global_batch < 1 or global_batch % world_size:
+            raise ConfigError(f"global batch {global_batch} is not divisible by world size {world_size}; "
+                              f"pick a batch size that is a multiple of the number of processes")
+        if global_batch > self.num_windows:
+            raise DataError(f"the {self.split!r} split has only {self.num_windows} windows of "
+                            f"{self.S + 1} tokens, fewer than the batch size {global_batch}; use a "
+                            f"smaller batch or context length, or prepare more text")
+        per_epoch = self.num_windows // global_batch  # the epoch's remainder is dropped
+        epoch, j = divmod(int(step), per_epoch)
+        per_rank = global_batch // world_size
+        start = j * global_batch + rank * per_rank
+        return self._stack(self._permutation(seed, epoch)[start: start + per_rank])
+
+    def eval_batches(self, batch_size, rank=0, world_size=1, max_windows=None):
+        """Every window once, in order (the first max_windows if given); rank r takes r, r+W, ..."""
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
+        n = self.num_windows if max_windows is None else min(int(max_windows), self.num_windows)
+        ids = np.arange(rank, n, world_size)
+        for b in range(0, len(ids), batch_size):
+            yield self._stack(ids[b: b + batch_size])
+
+    def __len__(self):
+        return self.num_windows
+
+
+def tokenizer_for(data_dir):
+    """The tokenizer saved beside the shards by `ebt data prepare`."""
+    path = Path(data_dir) / "tokenizer"
+    if not path.is_dir():
+        raise DataError(f"{path} not found: {data_dir} has no saved tokenizer; {_fix(data_dir)}")
+    return Tokenizer.load(path)

