@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -247,8 +248,9 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
         history.append({"step": 0, **validate(0)})
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (cfg.progress and is_main), desc="train",
-               dynamic_ncols=True)
+    # a live bar on a terminal; in logs (CI, cluster jobs) one plain line per log interval instead
+    use_bar = cfg.progress and is_main and sys.stderr.isatty()
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not use_bar, desc="train", dynamic_ncols=True)
     model.train()
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, checked lazily
     t0, tokens_at_t0, loss_sum = time.perf_counter(), tokens_seen, torch.zeros((), device=device)
@@ -295,8 +297,11 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
                    **{k: float(v) / n for k, v in extras.items()}}
             extras = {}
             metrics.log("train", done, **rec)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                            **({"ce1": f"{rec['ce_first']:.2f}", "ceN": f"{rec['ce_last']:.2f}"} if "ce_last" in rec else {}))
+            think = {"ce1": f"{rec['ce_first']:.2f}", "ceN": f"{rec['ce_last']:.2f}"} if "ce_last" in rec else {}
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", **think)
+            if is_main and cfg.progress and not use_bar:
+                log(f"step {done:6d} | loss {train_loss:.4f} | " + "".join(f"{k} {v} | " for k, v in think.items())
+                    + f"{rec['tokens_per_s']:.0f} tok/s")
             t0, tokens_at_t0, loss_sum = time.perf_counter(), tokens_seen, torch.zeros((), device=device)
         evaluated = False
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:

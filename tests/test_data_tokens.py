@@ -210,6 +210,9 @@ def test_eval_batches(data):
     assert sorted(map(tuple, torch.cat(parts).tolist())) == sorted(map(tuple, allw.tolist()))
     assert parts[1][0].tolist() == td.window(1).tolist()  # rank r starts at window r
     assert sum(len(b) for b in td.eval_batches(4, max_windows=6)) == 6
+    sub = torch.cat(list(td.eval_batches(4, max_windows=3))).tolist()  # spread over the split, not a prefix
+    n = td.num_windows
+    assert sub == [td.window(i).tolist() for i in (0, n // 3, 2 * n // 3)]
 
 
 def test_loader_errors(data, tmp_path_factory):

@@ -131,11 +131,15 @@ class TokenData:
         return self._stack(self._permutation(seed, epoch)[start: start + per_rank])
 
     def eval_batches(self, batch_size, rank=0, world_size=1, max_windows=None):
-        """Every window once, in order (the first max_windows if given); rank r takes r, r+W, ..."""
+        """Every window once, in order; with max_windows, that many windows evenly spread over the split
+        (a prefix would score only the first documents, often a single source). Rank r takes r, r+W, ..."""
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
-        n = self.num_windows if max_windows is None else min(int(max_windows), self.num_windows)
-        ids = np.arange(rank, n, world_size)
+        if max_windows is None or max_windows >= self.num_windows:
+            chosen = np.arange(self.num_windows)
+        else:
+            chosen = (np.arange(int(max_windows)) * self.num_windows) // int(max_windows)
+        ids = chosen[rank::world_size]
         for b in range(0, len(ids), batch_size):
             yield self._stack(ids[b: b + batch_size])
 
