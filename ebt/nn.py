@@ -65,44 +65,87 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+def causal_mask(tq: int, tk: int, device) -> torch.Tensor:
+    """Bottom-right aligned: query i (the i-th of the last tq positions) sees keys 0..tk-tq+i."""
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(tk - tq)
+
+
 def attend(q, k, v, mask: torch.Tensor | None = None, causal: bool = False, fused: bool = True) -> torch.Tensor:
     """Scaled dot-product attention over (B, H, T, hd) tensors.
 
-    fused=True uses PyTorch's SDPA kernels (fast, first-order gradients only on GPU);
+    fused=True uses PyTorch's SDPA kernels (fast; no double backward on GPU);
     fused=False writes the scores out (softmax in float32), which supports double backward.
     mask: boolean, True where attention is allowed, broadcastable to (B, H, Tq, Tk).
+    causal with fewer queries than keys (decoding against a cache) aligns the mask bottom-right.
     """
+    tq, tk = q.shape[-2], k.shape[-2]
+    if causal and mask is None and tq != tk:
+        mask = None if tq == 1 else causal_mask(tq, tk, q.device)
+        causal = False
     if fused:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     if causal and mask is None:
-        tq, tk = q.shape[-2], k.shape[-2]
-        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        mask = causal_mask(tq, tk, q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores.to(compute_dtype(scores.dtype)), dim=-1).type_as(q) @ v
 
 
-def two_stream_attend(q, k, v, n_ctx: int, prefix: int, fused: bool = False) -> torch.Tensor:
-    """The EBT's two-stream attention (ebt-method.md 2.2) without the official (C+S)^2 score matrix.
+def candidate_attend(qy, ky, vy, kc, vc, prefix: int, offset: int = 0) -> torch.Tensor:
+    """The EBT's candidate stream (ebt-method.md 2.2), against the context stream's keys and values.
 
-    q, k, v: (B, H, C + S, hd), the context stream first (C = prefix + S tokens: `prefix` step tokens
-    then x_0..x_{S-1}) and the S candidates after it. Context tokens attend causally among themselves
-    and never to a candidate; candidate i attends to context tokens 0..prefix+i and to itself only
-    (never to x_{i+1}, its target, nor to another candidate). The candidate softmax runs over the
-    allowed context scores plus the one self score.
+    qy, ky, vy: (B, H, S, hd) for candidates offset..offset+S-1; kc, vc: (B, H, C, hd) for the context
+    (`prefix` step tokens, then x_0, x_1, ...). Candidate i attends to context tokens 0..prefix+i and to
+    itself only: never to x_{i+1} (its target) nor to another candidate. One softmax runs over the
+    allowed context scores plus the self score. Explicit scores, so double backward works; no
+    (C+S)^2 matrix as in the official code.
     """
-    qc, kc, vc = q[:, :, :n_ctx], k[:, :, :n_ctx], v[:, :, :n_ctx]
-    qy, ky, vy = q[:, :, n_ctx:], k[:, :, n_ctx:], v[:, :, n_ctx:]
-    yc = attend(qc, kc, vc, causal=True, fused=fused)
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(qy.shape[-1])
     s_ctx = (qy @ kc.transpose(-2, -1)) * scale  # (B, H, S, C)
-    allowed = torch.ones(qy.shape[-2], n_ctx, dtype=torch.bool, device=q.device).tril(prefix)
+    allowed = torch.ones(qy.shape[-2], kc.shape[-2], dtype=torch.bool, device=qy.device).tril(prefix + offset)
     s_ctx = s_ctx.masked_fill(~allowed, float("-inf"))
     s_self = (qy * ky).sum(-1, keepdim=True) * scale  # (B, H, S, 1)
-    probs = torch.softmax(torch.cat([s_ctx, s_self], -1).to(compute_dtype(q.dtype)), dim=-1).type_as(q)
-    yy = probs[..., :n_ctx] @ vc + probs[..., n_ctx:] * vy
-    return torch.cat([yc, yy], dim=2)
+    probs = torch.softmax(torch.cat([s_ctx, s_self], -1).to(compute_dtype(qy.dtype)), dim=-1).type_as(qy)
+    return probs[..., :-1] @ vc + probs[..., -1:] * vy
+
+
+class KVCache:
+    """Keys and values of a causal stream, per layer.
+
+    static (max_len given): preallocated (B, H, max_len, hd) buffers filled in place, left to right,
+    as in gpt-fast (generation). Otherwise each layer's tensors are kept as computed, inside the
+    autograd graph (an EBT's context stream during training)."""
+
+    def __init__(self, n_layer: int, max_len: int | None = None, batch: int = 0, n_head: int = 0,
+                 head_dim: int = 0, device=None, dtype=None):
+        self.static = max_len is not None
+        if self.static:
+            shape = (batch, n_head, max_len, head_dim)
+            self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+            self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        else:
+            self.k, self.v = [None] * n_layer, [None] * n_layer
+
+    def write(self, layer: int, k, v, pos: int):
+        """Store k, v for positions pos..pos+T-1; return all keys and values up to pos+T."""
+        if not self.static:
+            if pos:
+                k, v = torch.cat([self.k[layer][:, :, :pos], k], 2), torch.cat([self.v[layer][:, :, :pos], v], 2)
+            self.k[layer], self.v[layer] = k, v
+            return k, v
+        end = pos + k.shape[2]
+        self.k[layer][:, :, pos:end] = k
+        self.v[layer][:, :, pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def select_rows(self, index: torch.Tensor) -> "KVCache":
+        """A cache for a subset/reordering of the batch rows (e.g. candidates sharing one prefix)."""
+        out = KVCache(len(self.k))
+        out.static = False
+        out.k = [t.index_select(0, index) if t is not None else None for t in self.k]
+        out.v = [t.index_select(0, index) if t is not None else None for t in self.v]
+        return out
 
 
 class Attention(nn.Module):
@@ -115,17 +158,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d, d, bias=False)
         self.wo = nn.Linear(d, d, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, causal=True, fused=True, two_stream=None):
-        """two_stream=(n_ctx, prefix) switches to the EBT's context + candidate attention."""
+    def qkv(self, x, cos, sin):
         heads = lambda t: t.unflatten(-1, (self.n_head, self.head_dim)).transpose(1, 2)  # noqa: E731
-        q = apply_rope(heads(self.wq(x)), cos, sin)
-        k = apply_rope(heads(self.wk(x)), cos, sin)
-        v = heads(self.wv(x))
-        if two_stream is not None:
-            y = two_stream_attend(q, k, v, *two_stream, fused=fused)
-        else:
-            y = attend(q, k, v, mask=mask, causal=causal, fused=fused)
+        return apply_rope(heads(self.wq(x)), cos, sin), apply_rope(heads(self.wk(x)), cos, sin), heads(self.wv(x))
+
+    def out(self, y):
         return self.wo(y.transpose(1, 2).flatten(-2))
+
+    def forward(self, x, cos, sin, mask=None, causal=True, fused=True, cache=None, layer=0, pos=0):
+        """cache: a KVCache to write this call's keys/values into at `pos` and attend over."""
+        q, k, v = self.qkv(x, cos, sin)
+        if cache is not None:
+            k, v = cache.write(layer, k, v, pos)
+        return self.out(attend(q, k, v, mask=mask, causal=causal, fused=fused))
 
 
 class SwiGLU(nn.Module):
@@ -151,6 +196,12 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin, **attn_kw)
         return x + self.ffn(self.ffn_norm(x))
 
+    def forward_candidates(self, y, cos, sin, kc, vc, prefix: int, offset: int = 0):
+        """The same block on the EBT's candidate stream, attending to cached context keys/values."""
+        qy, ky, vy = self.attn.qkv(self.attn_norm(y), cos, sin)
+        y = y + self.attn.out(candidate_attend(qy, ky, vy, kc, vc, prefix, offset))
+        return y + self.ffn(self.ffn_norm(y))
+
 
 class Backbone(nn.Module):
     """Blocks + final norm over a sequence of embeddings at given RoPE positions."""
@@ -162,12 +213,20 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
-    def forward(self, h, positions, **attn_kw):
-        """attn_kw: mask / causal / fused / two_stream, as Attention.forward takes them."""
+    def forward(self, h, positions, cache: KVCache | None = None, pos: int = 0, **attn_kw):
+        """A causal stream (attn_kw: mask / causal / fused). With a cache, each layer's keys and values
+        are written at `pos` and attended over (prefill when pos = 0, decoding after)."""
         cos, sin = self.rope.tables(positions, compute_dtype(h.dtype))
-        for block in self.blocks:
-            h = block(h, cos, sin, **attn_kw)
+        for i, block in enumerate(self.blocks):
+            h = block(h, cos, sin, cache=cache, layer=i, pos=pos, **attn_kw)
         return self.norm(h)
+
+    def candidates(self, y, positions, cache: KVCache, prefix: int, offset: int = 0):
+        """The EBT's candidate stream given the context stream's per-layer keys/values in `cache`."""
+        cos, sin = self.rope.tables(positions, compute_dtype(y.dtype))
+        for i, block in enumerate(self.blocks):
+            y = block.forward_candidates(y, cos, sin, cache.k[i], cache.v[i], prefix, offset)
+        return self.norm(y)
 
 
 def init_weights(module: nn.Module) -> None:

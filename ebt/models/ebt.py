@@ -16,7 +16,8 @@ from torch import nn
 from ebt.config import EBTConfig, ModelConfig
 from ebt.errors import ConfigError
 from ebt.models.transformer import check_window, token_loss
-from ebt.nn import Backbone, init_weights
+from ebt.nn import Backbone, KVCache, init_weights
+from ebt.think import unroll
 
 
 class ReplayBuffer:
@@ -91,23 +92,41 @@ class EBT(nn.Module):
         return [{"params": [self.alpha], "lr_mult": e.alpha_lr_mult, "weight_decay": 0.0, "name": "alpha"}]
 
     # ------------------------------------------------------------------------------------- the energy
+    # The hooks ebt.think uses: context / landscape_key / candidate_input / energy_from / step_alpha.
 
-    def energy(self, tokens: torch.Tensor, p: torch.Tensor, landscape: int) -> torch.Tensor:
-        """E (B, S) of candidate distributions p (B, S, V) given context tokens (B, S) on a landscape."""
+    def context(self, tokens: torch.Tensor, landscape: int) -> tuple[KVCache, int]:
+        """The context stream for a landscape: each layer's keys and values of [step_k, x_0..x_{S-1}].
+        It never depends on a candidate, so one context serves every step on its landscape."""
         ctx = self.tok_emb(tokens)
         prefix = 0
         if self.step_emb is not None:  # the landscape's step token goes first, at position 0
-            k = min(landscape, self.step_emb.num_embeddings - 1)
+            k = self.landscape_key(landscape)
             ctx = torch.cat([self.step_emb.weight[k].expand(ctx.shape[0], 1, -1), ctx], dim=1)
             prefix = 1
-        n_ctx, S = ctx.shape[1], p.shape[1]
-        h = torch.cat([ctx, self.vocab_to_embed(p)], dim=1)
-        # context token j at position j; candidate i at the position of the token it predicts
-        positions = torch.cat([torch.arange(n_ctx, device=h.device), torch.arange(S, device=h.device) + prefix + 1])
-        h = self.backbone(h, positions, two_stream=(n_ctx, prefix), fused=self.fused_attention)
-        return self.energy_head(h[:, n_ctx:]).squeeze(-1)
+        cache = KVCache(self.cfg.n_layer)
+        self.backbone(ctx, torch.arange(ctx.shape[1], device=ctx.device), cache=cache, causal=True,
+                      fused=self.fused_attention)
+        return cache, prefix
 
-    # ------------------------------------------------------------------------------ the optimisation
+    def landscape_key(self, k: int) -> int:
+        # steps beyond the trained landscapes reuse the last; without step tokens all steps share one
+        return min(k, self.step_emb.num_embeddings - 1) if self.step_emb is not None else 0
+
+    def candidate_input(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(z, dim=-1)
+
+    def energy_from(self, ctx: tuple[KVCache, int], p: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """E (B, S) of candidate distributions p (B, S, V) for positions offset..offset+S-1."""
+        cache, prefix = ctx
+        S = p.shape[1]
+        # candidate i sits at the position of the token it predicts, after the step token
+        positions = torch.arange(S, device=p.device) + prefix + 1 + offset
+        h = self.backbone.candidates(self.vocab_to_embed(p), positions, cache, prefix, offset)
+        return self.energy_head(h).squeeze(-1)
+
+    def energy(self, tokens: torch.Tensor, p: torch.Tensor, landscape: int) -> torch.Tensor:
+        """E (B, S) of candidate distributions p (B, S, V) given context tokens (B, S) on a landscape."""
+        return self.energy_from(self.context(tokens, landscape), p)
 
     def step_alpha(self, shape, stochastic: bool) -> torch.Tensor:
         e = self.cfg.ebt
@@ -118,31 +137,20 @@ class EBT(nn.Module):
             alpha = alpha * (1 / s + u * (s - 1 / s))
         return alpha
 
+    def init_candidate(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A random starting candidate: logits ~ N(0, init_scale^2), (B, S, V)."""
+        return self.cfg.ebt.init_scale * torch.randn(*tokens.shape, self.cfg.vocab_size, device=tokens.device,
+                                                     dtype=self.tok_emb.weight.dtype)
+
+    def default_think_steps(self) -> int:
+        return self.cfg.ebt.eval_steps
+
+    def default_think_noise(self) -> float:
+        return self.cfg.ebt.langevin
+
     def unroll(self, tokens, z, n_steps: int, stochastic: bool, build_graph: bool):
-        """Optimise candidate logits z for n_steps. Returns per-step logits after each step and the
-        energy of the candidate fed into each step. build_graph: keep what training needs (the
-        second-order graph at every step, or at the last one only when truncating)."""
-        e = self.cfg.ebt
-        logits, energies = [], []
-        alpha = self.step_alpha(z.shape, stochastic)
-        for k in range(n_steps):
-            if e.detach or not build_graph:
-                z = z.detach()
-            graph = build_graph and (not e.truncate or k == n_steps - 1)
-            if stochastic and e.langevin > 0:
-                z = z + e.langevin * torch.randn_like(z)
-            with torch.enable_grad():
-                p = torch.softmax(z, dim=-1)
-                if not p.requires_grad:
-                    p.requires_grad_()
-                E = self.energy(tokens, p, k)
-                (g,) = torch.autograd.grad(E.sum(), p, create_graph=graph)
-            z = p - alpha * g
-            if not build_graph:
-                z = z.detach()
-            logits.append(z)
-            energies.append(E.detach())
-        return logits, energies
+        """Per-step candidates and energies of the training unroll (see ebt.think.unroll)."""
+        return unroll(self, tokens, z, n_steps, stochastic, build_graph, self.cfg.ebt)
 
     def train_steps(self) -> int:
         e = self.cfg.ebt
@@ -159,8 +167,7 @@ class EBT(nn.Module):
         e, stochastic = self.cfg.ebt, self.training
         tokens, targets = window[:, :-1], window[:, 1:]
         B, S = tokens.shape
-        z = init if init is not None else e.init_scale * torch.randn(
-            B, S, self.cfg.vocab_size, device=window.device, dtype=self.tok_emb.weight.dtype)
+        z = init if init is not None else self.init_candidate(tokens)
         fresh = B
         if stochastic and self.replay is not None and len(self.replay) > 0:
             n = min(len(self.replay), int(B * e.replay_fraction))
@@ -195,6 +202,4 @@ class EBT(nn.Module):
     def predict(self, tokens: torch.Tensor, n_steps: int | None = None) -> torch.Tensor:
         """Final candidate logits (B, S, V) for context tokens (B, S), without any training randomness."""
         check_window(tokens, self.cfg)
-        z = self.cfg.ebt.init_scale * torch.randn(*tokens.shape, self.cfg.vocab_size, device=tokens.device,
-                                                  dtype=self.tok_emb.weight.dtype)
-        return self.unroll(tokens, z, n_steps or self.cfg.ebt.eval_steps, False, False)[0][-1]
+        return self.unroll(tokens, self.init_candidate(tokens), n_steps or self.cfg.ebt.eval_steps, False, False)[0][-1]

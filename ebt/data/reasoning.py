@@ -1,0 +1,318 @@
+"""Generated reasoning sets for out-of-distribution evaluation.
+
+The EBT paper scores perplexity on BigBench dyck_languages and on math QA (GSM8K, BigBench
+elementary math). Those need downloads, so we generate look-alikes instead:
+
+    dyck        "Input: [ { ( ) < > }\\nOutput: ] \\n": close the open brackets of a prefix
+    arithmetic  "Question: ...\\nAnswer: 12 - 5 = 7. ... The answer is 19.\\n": short word problems
+
+A set is a pure function of (name, n, seed), written to DATA_DIR/reasoning/{name}.jsonl with its
+metadata, then tokenized into the split ood_{name} of a prepared dataset so TokenData can score it.
+"""
+
+import hashlib
+import json
+import random
+import re
+from pathlib import Path
+
+from ebt import __version__
+from ebt.data.corpus import iter_jsonl_texts, write_json, write_jsonl
+from ebt.data.loader import check_shard, load_manifest, tokenizer_for
+from ebt.data.shards import write_shards
+from ebt.errors import ConfigError, DataError
+
+FORMAT = "ebt-reasoning-v1"  # bump when a generator changes, so old sets and splits are rebuilt
+
+# ----------------------------------------------------------------------------------------------- dyck
+
+PAIRS = {"(": ")", "[": "]", "{": "}", "<": ">"}
+CLOSERS = {c: o for o, c in PAIRS.items()}
+
+
+def solve_dyck(prefix: str) -> str:
+    """The closing brackets that complete a prefix of a balanced sequence, space separated."""
+    stack = []
+    for i, ch in enumerate(prefix.replace(" ", "")):
+        if ch in PAIRS:
+            stack.append(ch)
+        elif ch in CLOSERS and stack and stack[-1] == CLOSERS[ch]:
+            stack.pop()
+        else:
+            raise DataError(f"{prefix!r} is not a prefix of a balanced bracket sequence (symbol {i}: {ch!r}); "
+                            f"use only {' '.join(PAIRS)} {' '.join(CLOSERS)}, closing the newest open bracket")
+    return " ".join(PAIRS[o] for o in reversed(stack))
+
+
+def generate_dyck(n: int, seed: int) -> list[str]:
+    """BigBench dyck_languages style: complete the open brackets of a prefix (4 pair types, 4-30 symbols, depth <= 6)."""
+    _check_n(n)
+    rng = random.Random(f"dyck:{seed}")  # str seeds hash the same way in every process
+    docs = []
+    for _ in range(n):
+        # per-document length, depth cap and opening rate, so the set mixes shallow and deep nests
+        length, max_depth, p_open = rng.randint(4, 30), rng.randint(2, 6), rng.uniform(0.45, 0.7)
+        stack, symbols = [], []
+        for i in range(length):
+            if not stack or (i == length - 1 and len(stack) == 1):
+                opening = True  # can't close nothing; and the last symbol must leave something to close
+            elif len(stack) >= max_depth:
+                opening = False
+            else:
+                opening = rng.random() < p_open
+            if opening:
+                stack.append(rng.choice(list(PAIRS)))
+                symbols.append(stack[-1])
+            else:
+                symbols.append(PAIRS[stack.pop()])
+        prefix = " ".join(symbols)
+        docs.append(f"Input: {prefix}\nOutput: {solve_dyck(prefix)}\n")
+    return docs
+
+
+# ----------------------------------------------------------------------------------------- arithmetic
+
+NAMES = (("Mia", "she"), ("Noah", "he"), ("Ava", "she"), ("Liam", "he"), ("Zoe", "she"), ("Omar", "he"),
+         ("Emma", "she"), ("Lucas", "he"), ("Sofia", "she"), ("Ben", "he"), ("Lily", "she"), ("Max", "he"),
+         ("Nora", "she"), ("Ravi", "he"), ("Chloe", "she"), ("Kenji", "he"))
+OBJECTS = ("apples", "marbles", "stickers", "pencils", "cookies", "shells", "cards", "stamps", "beads", "oranges")
+CONTAINERS = (("bag", "bags"), ("box", "boxes"), ("basket", "baskets"), ("jar", "jars"), ("pack", "packs"))
+ITEMS = (("pen", "pens"), ("notebook", "notebooks"), ("sandwich", "sandwiches"), ("ticket", "tickets"),
+         ("toy car", "toy cars"), ("kite", "kites"))
+PLANTS = ("tulips", "roses", "carrots", "sunflowers", "cabbages")
+VEHICLES = ("train", "bus", "ship", "truck")
+PURCHASES = ("bike helmet", "board game", "jacket", "pair of shoes", "basketball")
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "x": lambda a, b: a * b,
+       "/": lambda a, b: a // b if b and a % b == 0 else None}  # None: not an exact division
+
+
+def _step(steps, a, op, b):
+    c = OPS[op](a, b)
+    assert c is not None and c >= 0, (a, op, b)  # the templates only ask for whole, non-negative results
+    steps.append((a, op, b, c))
+    return c
+
+
+def _people(r, k):
+    """k distinct (name, he/she, his/her, him/her), capitalised forms on demand with .capitalize()."""
+    return [(name, p, "his" if p == "he" else "her", "him" if p == "he" else "her") for name, p in r.sample(NAMES, k)]
+
+
+# Each template draws its numbers so every step is exact and non-negative, and returns (question, steps).
+# Every operand is written in the question or is an earlier result, which check_arithmetic relies on.
+
+def _give_and_buy(r, s):
+    (a_, he, _, _), (b_, *_) = _people(r, 2)
+    obj, (_, boxes) = r.choice(OBJECTS), r.choice(CONTAINERS)
+    a, c, d = r.randint(8, 40), r.randint(2, 5), r.randint(2, 6)
+    b = r.randint(1, a - 1)
+    _step(s, _step(s, a, "-", b), "+", _step(s, c, "x", d))
+    return (f"{a_} has {a} {obj}. {he.capitalize()} gives {b} to {b_} and then buys {c} {boxes} with {d} {obj} "
+            f"each. How many {obj} does {a_} have now?")
+
+
+def _share(r, s):
+    (a_, *_), = _people(r, 1)
+    obj, k, q = r.choice(OBJECTS), r.randint(2, 8), r.randint(2, 12)
+    _step(s, q * k, "/", k)
+    return f"{a_} has {q * k} {obj} and shares them equally among {k} friends. How many {obj} does each friend get?"
+
+
+def _times_as_many(r, s):
+    (a_, *_), (b_, *_) = _people(r, 2)
+    obj, a, k = r.choice(OBJECTS), r.randint(2, 15), r.randint(2, 5)
+    _step(s, a, "+", _step(s, a, "x", k))
+    return (f"{a_} has {a} {obj}. {b_} has {k} times as many {obj} as {a_}. "
+            f"How many {obj} do they have together?")
+
+
+def _change(r, s):
+    (a_, he, _, _), = _people(r, 1)
+    (item, items), p, q = r.choice(ITEMS), r.randint(2, 12), r.randint(2, 6)
+    bill = r.choice([b for b in (10, 20, 50, 100) if b >= p * q])
+    _step(s, bill, "-", _step(s, q, "x", p))
+    return (f"A {item} costs {p} dollars. {a_} buys {q} {items} and pays with a {bill} dollar bill. "
+            f"How many dollars of change does {he} get?")
+
+
+def _reading(r, s):
+    (a_, he, _, _), = _people(r, 1)
+    p, d = r.randint(5, 30), r.randint(2, 7)
+    total = p * d + r.randint(0, 80)
+    _step(s, total, "-", _step(s, p, "x", d))
+    return (f"A book has {total} pages. {a_} reads {p} pages every day for {d} days. "
+            f"How many pages does {he} still have to read?")
+
+
+def _garden(r, s):
+    (a_, *_), = _people(r, 1)
+    plant, rows, per, more = r.choice(PLANTS), r.randint(2, 9), r.randint(3, 12), r.randint(1, 20)
+    _step(s, _step(s, rows, "x", per), "+", more)
+    return (f"A garden has {rows} rows of {plant} with {per} {plant} in each row. {a_} plants {more} more "
+            f"{plant}. How many {plant} are in the garden now?")
+
+
+def _pool_and_pack(r, s):
+    (a_, *_), (b_, *_), (c_, *_) = _people(r, 3)
+    obj, (_, boxes), k, q = r.choice(OBJECTS), r.choice(CONTAINERS), r.randint(2, 6), r.randint(2, 9)
+    total = k * q
+    a = r.randint(1, total - 2)
+    b = r.randint(1, total - a - 1)
+    _step(s, _step(s, _step(s, a, "+", b), "+", total - a - b), "/", k)
+    return (f"{a_} collects {a} {obj}, {b_} collects {b} {obj} and {c_} collects {total - a - b} {obj}. "
+            f"They put all the {obj} together and pack them equally into {k} {boxes}. "
+            f"How many {obj} go in each of the {boxes}?")
+
+
+def _taken_out(r, s):
+    (a_, *_), (b_, *_) = _people(r, 2)
+    obj, (box, _) = r.choice(OBJECTS), r.choice(CONTAINERS)
+    a = r.randint(15, 60)
+    b = r.randint(1, a // 2)
+    c = r.randint(1, a - b)
+    _step(s, _step(s, a, "-", b), "-", c)
+    return (f"There are {a} {obj} in a {box}. {a_} takes out {b} and {b_} takes out {c}. "
+            f"How many {obj} are left in the {box}?")
+
+
+def _trip(r, s):
+    vehicle, v, h1, h2 = r.choice(VEHICLES), r.choice(range(30, 95, 5)), r.randint(1, 4), r.randint(1, 4)
+    _step(s, v, "x", _step(s, h1, "+", h2))
+    return (f"A {vehicle} travels {v} kilometers every hour. It travels for {h1} hours, stops for a break, and "
+            f"then travels for {h2} more hours. How many kilometers does the {vehicle} travel in total?")
+
+
+def _savings(r, s):
+    (a_, he, _, _), = _people(r, 1)
+    thing, w, k = r.choice(PURCHASES), r.randint(5, 30), r.randint(2, 8)
+    spend = r.randint(1, w * k)
+    _step(s, _step(s, w, "x", k), "-", spend)
+    return (f"{a_} earns {w} dollars each week. {he.capitalize()} saves all of it for {k} weeks and then spends "
+            f"{spend} dollars on a {thing}. How many dollars does {he} have left?")
+
+
+def _gift(r, s):
+    (a_, _, his, him), (b_, *_) = _people(r, 2)
+    obj, a, b = r.choice(OBJECTS), r.randint(3, 40), r.randint(2, 25)
+    _step(s, a, "+", b)
+    return f"{a_} had {a} {obj}. {his.capitalize()} friend {b_} gave {him} {b} more {obj}. How many {obj} does {a_} have now?"
+
+
+def _class_supplies(r, s):
+    (_, boxes), per, nboxes, k = r.choice(CONTAINERS), r.randint(3, 12), r.randint(2, 6), r.randint(2, 5)
+    total = nboxes * per
+    rest = k * r.randint(1, (total - 1) // k)  # at least one given out, the rest splits exactly
+    _step(s, _step(s, _step(s, nboxes, "x", per), "-", total - rest), "/", k)
+    return (f"A class has {nboxes} {boxes} of crayons with {per} crayons in each. The teacher gives out "
+            f"{total - rest} crayons and splits the rest equally among {k} tables. How many crayons does each "
+            f"table get?")
+
+
+TEMPLATES = (_give_and_buy, _share, _times_as_many, _change, _reading, _garden, _pool_and_pack, _taken_out,
+             _trip, _savings, _gift, _class_supplies)
+
+
+def _arithmetic_doc(question, steps):
+    work = " ".join(f"{a} {op} {b} = {c}." for a, op, b, c in steps)
+    return f"Question: {question}\nAnswer: {work} The answer is {steps[-1][3]}.\n"
+
+
+def generate_arithmetic(n: int, seed: int) -> list[str]:
+    """GSM8K-like short word problems: 12 templated stories, 1-3 exact integer steps, worked answer."""
+    _check_n(n)
+    rng = random.Random(f"arithmetic:{seed}")
+    docs = []
+    for _ in range(n):
+        steps = []
+        question = rng.choice(TEMPLATES)(rng, steps)
+        docs.append(_arithmetic_doc(question, steps))
+    return docs
+
+
+_ANSWER = re.compile(r"((?:\d+ [-+x/] \d+ = \d+\. )+)The answer is (\d+)\.")
+_STEP = re.compile(r"(\d+) ([-+x/]) (\d+) = (\d+)\. ")
+
+
+def check_arithmetic(doc: str) -> bool:
+    """True if every "a op b = c." step is right, uses only numbers from the question or earlier
+    steps, and "The answer is N." repeats the last result."""
+    m = re.fullmatch(r"Question: (.+)\nAnswer: (.+?)\n?", doc, re.S)
+    ans = m and _ANSWER.fullmatch(m.group(2).strip())
+    if not ans:
+        return False
+    known = {int(x) for x in re.findall(r"\d+", m.group(1))}
+    c = None
+    for a, op, b, c in ((int(a), op, int(b), int(c)) for a, op, b, c in _STEP.findall(ans.group(1))):
+        if a not in known or b not in known or OPS[op](a, b) != c:
+            return False
+        known.add(c)
+    return c == int(ans.group(2))
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+GENERATORS = {"dyck": generate_dyck, "arithmetic": generate_arithmetic}
+
+
+def _check_n(n):
+    if not isinstance(n, int) or n < 0:
+        raise ConfigError(f"the number of documents must be a whole number >= 0 (got {n!r})")
+
+
+def _check_name(name):
+    if name not in GENERATORS:
+        raise ConfigError(f"unknown reasoning set {name!r}; valid: {', '.join(GENERATORS)}")
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_reasoning_set(name: str, out_dir, n: int = 2000, seed: int = 1234) -> Path:
+    """Write out_dir/reasoning/{name}.jsonl and its metadata {name}.json. Returns the jsonl path;
+    does nothing if both are there from the same (n, seed) and generator version."""
+    _check_name(name)
+    _check_n(n)
+    if n == 0:
+        raise ConfigError("a reasoning set needs at least 1 document; pass n >= 1 (2000 is the default)")
+    d = Path(out_dir) / "reasoning"
+    path, meta_path = d / f"{name}.jsonl", d / f"{name}.json"
+    if meta_path.is_file() and path.is_file():
+        old = json.loads(meta_path.read_text())
+        # the sha256 catches a jsonl edited or cut short since the metadata was written
+        if (old.get("format"), old.get("n"), old.get("seed")) == (FORMAT, n, seed) and old.get("sha256") == _sha256(path):
+            return path
+    gen = GENERATORS[name]
+    write_jsonl(path, ({"text": t, "id": i} for i, t in enumerate(gen(n, seed))))
+    meta = {"name": name, "n": n, "seed": seed, "format": FORMAT, "generator": gen.__doc__.strip(),
+            "created_by": f"ebt {__version__}", "sha256": _sha256(path)}
+    write_json(meta_path, meta)  # written last: its presence means the jsonl is complete
+    return path
+
+
+def add_reasoning_splits(data_dir, names=("dyck", "arithmetic"), n: int = 2000, seed: int = 1234,
+                         log=print) -> list[str]:
+    """Generate each set into a prepared dataset and tokenize it as split ood_{name} with the
+    dataset's own tokenizer. Splits already built from the same (n, seed) are skipped."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    for name in names:  # check every name before any work
+        _check_name(name)
+    manifest = load_manifest(data_dir)
+    tok, splits = None, []
+    for name in names:
+        split, want = f"ood_{name}", {"name": name, "n": n, "seed": seed, "format": FORMAT}
+        splits.append(split)
+        entry = manifest["splits"].get(split)
+        # the split entry carries the recipe; shards are checked by size so a half-deleted split is redone
+        if entry and entry.get("reasoning") == want and not any(
+                check_shard(data_dir, s, manifest["dtype"]) for s in entry["shards"]):
+            log(f"[data] {split}: already built (n={n}, seed={seed}); skipping")
+            continue
+        path = write_reasoning_set(name, data_dir, n, seed)
+        tok = tok or tokenizer_for(data_dir)
+        entry = write_shards(iter_jsonl_texts(path), tok, data_dir, split)
+        manifest = load_manifest(data_dir)  # write_shards rewrote it; add the recipe to our entry
+        manifest["splits"][split]["reasoning"] = want
+        write_json(Path(data_dir) / "manifest.json", manifest)
+        log(f"[data] {split}: {entry['documents']:,} documents, {entry['tokens']:,} tokens")
+    return splits

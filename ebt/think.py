@@ -1,0 +1,171 @@
+"""The thinking loop: optimise a candidate prediction by gradient descent on the energy.
+
+One module for every EBT and every modality. A model provides five hooks and nothing here knows what
+a candidate is (vocabulary logits, a frame's features, an image):
+
+    model.context(inputs, landscape)  -> ctx     what does not depend on the candidate (cacheable)
+    model.landscape_key(k)            -> key     steps with the same key share one ctx
+    model.candidate_input(z)          -> p       e.g. softmax for text, identity for continuous data
+    model.energy_from(ctx, p)         -> E       one energy per predicted position, (B, S)
+    model.step_alpha(shape, random)   -> alpha   the step size (a scalar or per row and position)
+
+One step is   p = candidate_input(z + noise);  E = energy(p);  z_next = p - alpha * dE/dp.
+`unroll` is what training (and the official validation) runs; `think` is inference-time System 2
+thinking: more steps, several candidates with a selection rule, step acceptance and adaptive stopping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ebt.errors import ConfigError
+
+
+class ContextCache(dict):
+    """Contexts per landscape key, built on first use. `graph` ones keep the autograd graph to the
+    weights (a step that builds the second-order graph needs them); the others are constants."""
+
+    def __init__(self, model, inputs):
+        super().__init__()
+        self.model, self.inputs = model, inputs
+
+    def get_ctx(self, k: int, graph: bool):
+        key = (self.model.landscape_key(k), graph)
+        if key not in self:
+            with torch.set_grad_enabled(graph):
+                self[key] = self.model.context(self.inputs, k)
+        return self[key]
+
+
+def energy_and_grad(model, ctx, z, noise: float = 0.0, create_graph: bool = False):
+    """(p, E, dE/dp) at candidate z. Works under torch.no_grad() too (inference)."""
+    if noise > 0:
+        z = z + noise * torch.randn_like(z)
+    with torch.enable_grad():
+        p = model.candidate_input(z)
+        if not p.requires_grad:
+            p.requires_grad_()
+        E = model.energy_from(ctx, p)
+        (g,) = torch.autograd.grad(E.sum(), p, create_graph=create_graph)
+    return p, E, g
+
+
+def unroll(model, inputs, z, n_steps: int, stochastic: bool, build_graph: bool, cfg=None):
+    """The training unroll (ebt-method.md 2.4-2.5). Returns the candidate after each step and the
+    energy of the candidate fed into each step. build_graph: keep what training needs, i.e. the
+    second-order graph at every step, or at the last step only when truncating. `cfg` holds detach,
+    truncate and langevin (an EBTConfig)."""
+    contexts = ContextCache(model, inputs)
+    alpha = model.step_alpha(z.shape, stochastic)
+    noise = cfg.langevin if stochastic else 0.0
+    logits, energies = [], []
+    for k in range(n_steps):
+        if cfg.detach or not build_graph:
+            z = z.detach()
+        graph = build_graph and (not cfg.truncate or k == n_steps - 1)
+        p, E, g = energy_and_grad(model, contexts.get_ctx(k, graph), z, noise, create_graph=graph)
+        z = p - alpha * g
+        if not build_graph:
+            z = z.detach()
+        logits.append(z)
+        energies.append(E.detach())
+    return logits, energies
+
+
+# ------------------------------------------------------------------------------------------ inference
+
+SELECT = ("min", "max", "drop")
+
+
+@dataclass
+class ThinkConfig:
+    steps: int | None = None  # optimisation steps; None: what the model was trained with
+    candidates: int = 1  # independent random starts; one is kept per (row, position)
+    select: str = "min"  # min: lowest final energy; max: highest; drop: largest energy decrease
+    alpha: float | None = None  # absolute step size instead of the model's
+    alpha_factor: float = 1.0  # multiplies the step size (after `alpha`)
+    noise: float | None = None  # Langevin std on the logits before each step; None: the model's trained value
+    accept_lower: bool = False  # keep a step at a position only where it lowers that position's energy
+    tol: float | None = None  # adaptive: a position stops once |energy change| < tol (None: run all steps)
+    trace: bool = False  # keep the selected candidate's energy at every step (a (steps+1, B, S) tensor)
+
+    def __post_init__(self):
+        if self.candidates < 1:
+            raise ConfigError(f"candidates must be >= 1 (got {self.candidates})")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps must be >= 1 (got {self.steps})")
+        if self.select not in SELECT:
+            raise ConfigError(f"unknown selection rule {self.select!r}; choose one of {SELECT}")
+        if self.alpha is not None and not self.alpha > 0 or not self.alpha_factor > 0:
+            raise ConfigError("alpha and alpha_factor must be > 0")
+        if self.noise is not None and self.noise < 0 or self.tol is not None and self.tol < 0:
+            raise ConfigError("noise and tol must be >= 0")
+
+
+@dataclass
+class Thought:
+    z: torch.Tensor  # the selected candidate per (row, position) (for text: logits (B, S, V))
+    energy: torch.Tensor  # its final energy (B, S)
+    initial_energy: torch.Tensor  # its energy at the start (B, S)
+    steps_used: torch.Tensor  # optimisation steps actually taken per position (B, S), averaged over candidates
+    passes: int  # energy evaluations (forward + first-order backward) per position, all candidates
+    trace: torch.Tensor | None = None  # (steps+1, B, S) energy of the selected candidate after each step
+
+
+def _one_candidate(model, contexts, z, n_steps, alpha, noise, cfg: ThinkConfig, trace: bool):
+    """Run one start to the end. Memory is flat in n_steps: only the current candidate, its energy
+    and gradient are kept (and a (B, S) energy per step when tracing)."""
+    p, E, g = energy_and_grad(model, contexts.get_ctx(0, False), z, noise)
+    E0, steps_used, passes = E.detach(), torch.zeros_like(E), 1
+    active = torch.ones_like(E, dtype=torch.bool)
+    history = [E0] if trace else None
+    for k in range(n_steps):
+        z_new = (p - alpha * g).detach()
+        p_new, E_new, g_new = energy_and_grad(model, contexts.get_ctx(k + 1, False), z_new, noise)
+        passes += 1
+        take = active if not cfg.accept_lower else active & (E_new < E)
+        if cfg.tol is not None:
+            active = active & ((E_new - E).abs() >= cfg.tol)
+        steps_used += take
+        m = take.unsqueeze(-1)
+        z, p, g = torch.where(m, z_new, z), torch.where(m, p_new, p), torch.where(m, g_new, g)
+        E = torch.where(take, E_new, E).detach()
+        if trace:
+            history.append(E)
+        if cfg.tol is not None and not bool(active.any()):  # every position has converged
+            break
+    return z, E, E0, steps_used, passes, history
+
+
+@torch.no_grad()
+def think(model, inputs, cfg: ThinkConfig | None = None, init: torch.Tensor | None = None) -> Thought:
+    """System 2 thinking at inference. The energy of the step-k candidate is measured on landscape k
+    (steps beyond the trained landscapes reuse the last one), so `steps` steps cost steps+1 energy
+    evaluations per candidate: the last one scores the final candidate for selection."""
+    cfg = cfg or ThinkConfig()
+    n_steps = cfg.steps or model.default_think_steps()
+    noise = model.default_think_noise() if cfg.noise is None else cfg.noise
+    alpha = (cfg.alpha if cfg.alpha is not None else model.step_alpha((1,), False)) * cfg.alpha_factor
+    contexts = ContextCache(model, inputs)
+    best = None
+    steps_total, passes = None, 0
+    for c in range(cfg.candidates):
+        z0 = init if (init is not None and c == 0) else model.init_candidate(inputs)
+        z, E, E0, used, n, hist = _one_candidate(model, contexts, z0, n_steps, alpha, noise, cfg, cfg.trace)
+        passes += n
+        steps_total = used if steps_total is None else steps_total + used
+        if cfg.trace:  # pad an early stop to the full length so traces line up
+            hist = torch.stack(hist + [hist[-1]] * (n_steps + 1 - len(hist)))
+        score = {"min": -E, "max": E, "drop": E0 - E}[cfg.select]
+        if best is None:
+            best = [z, E, E0, score, hist]
+            continue
+        better = score > best[3]
+        m = better.unsqueeze(-1)
+        best = [torch.where(m, z, best[0]), torch.where(better, E, best[1]), torch.where(better, E0, best[2]),
+                torch.where(better, score, best[3]),
+                torch.where(better, hist, best[4]) if cfg.trace else None]
+    return Thought(z=best[0], energy=best[1], initial_energy=best[2], steps_used=steps_total / cfg.candidates,
+                   passes=passes, trace=best[4])
