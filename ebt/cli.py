@@ -24,6 +24,7 @@ TRAIN_EXAMPLES = """examples:
 
 EVAL_EXAMPLES = """examples:
   ebt eval runs/tpp                                  # val and ood perplexity of runs/tpp/checkpoint
+  ebt eval runs/ebt_s2 --think --reasoning --windows 64 --baseline runs/tpp --json grid.json --markdown grid.md
   ebt eval runs/tpp/checkpoint --splits val ood --windows 0 --json runs/tpp/eval.json
 """
 
@@ -179,7 +180,7 @@ def cmd_train(args, parser=None):
 def cmd_eval(args):
     from ebt.checkpoint import load_model, read_config, resolve
     from ebt.data.loader import TokenData
-    from ebt.evaluate import evaluate_lm, fmt_ppl
+    from ebt.evaluate import evaluate_lm, fmt_ppl, grid_markdown, thinking_grid
     from ebt.train import setup_distributed
 
     path = resolve(args.checkpoint)
@@ -187,18 +188,85 @@ def cmd_eval(args):
     data_dir = args.data or cfg.get("data", {}).get("data_dir", DataConfig().data_dir)
     _, _, device = setup_distributed(args.device)
     model = load_model(path, device=device)
-    rows = {}
-    for split in args.splits:
-        data = TokenData(data_dir, split, model.cfg.context_length)
-        if data.vocab_size != model.cfg.vocab_size:
-            raise EBTError(f"tokenizer/vocabulary mismatch: {data_dir} has vocabulary {data.vocab_size}, the model "
-                           f"{model.cfg.vocab_size}; evaluate on data prepared with the model's tokenizer")
-        rows[split] = evaluate_lm(model, data, args.batch_size, args.windows or None, device, args.precision)
-    print(f"{'split':<10} {'tokens':>10} {'loss':>8} {'ppl':>10}")
+    splits = list(args.splits)
+    if args.reasoning:
+        from ebt.data.reasoning import add_reasoning_splits
+
+        splits += [s for s in add_reasoning_splits(data_dir, n=args.reasoning_n, seed=args.reasoning_seed)
+                   if s not in splits]
+    data = {}
+    for split in splits:
+        data[split] = TokenData(data_dir, split, model.cfg.context_length)
+        if data[split].vocab_size != model.cfg.vocab_size:
+            raise EBTError(f"tokenizer/vocabulary mismatch: {data_dir} has vocabulary {data[split].vocab_size}, the "
+                           f"model {model.cfg.vocab_size}; evaluate on data prepared with the model's tokenizer")
+    windows = args.windows or None
+    if args.think:
+        if model.cfg.model != "ebt":
+            raise EBTError("--think needs an EBT checkpoint (a Transformer++ does not think); pass it as --baseline")
+        baseline = load_model(resolve(args.baseline), device=device) if args.baseline else None
+        steps = args.think_steps or sorted({model.cfg.ebt.eval_steps * m for m in (1, 2, 4)})
+        print(f"thinking grid: steps {steps}, candidates {args.candidates}, adaptive tol {args.tol}, "
+              f"splits {splits}, {windows or 'all'} windows each")
+        grid = thinking_grid(model, data, steps, args.candidates, args.tol or None, args.batch_size, windows, device,
+                             baseline)
+        table = grid_markdown(grid)
+        print(table)
+        grid.update({"checkpoint": str(path), "data": data_dir, "windows": windows})
+        if args.json:
+            Path(args.json).write_text(json.dumps(grid, indent=2))
+        if args.markdown:
+            Path(args.markdown).write_text(table)
+        return
+    rows = {split: evaluate_lm(model, d, args.batch_size, windows, device, args.precision) for split, d in data.items()}
+    print(f"{'split':<16} {'tokens':>10} {'loss':>8} {'ppl':>10}")
     for split, r in rows.items():
-        print(f"{split:<10} {r['tokens']:>10,} {r['loss']:>8.4f} {fmt_ppl(r['ppl']):>10}")
+        print(f"{split:<16} {r['tokens']:>10,} {r['loss']:>8.4f} {fmt_ppl(r['ppl']):>10}")
     if args.json:
         Path(args.json).write_text(json.dumps({"checkpoint": str(path), "data": data_dir, "results": rows}, indent=2))
+
+
+def _tokenizer_for_checkpoint(path, data_dir=None):
+    from ebt.data.loader import tokenizer_for
+    from ebt.data.tokenizers import Tokenizer
+
+    if (path / "tokenizer").is_dir():
+        return Tokenizer.load(path / "tokenizer")
+    if data_dir:
+        return tokenizer_for(data_dir)
+    raise EBTError(f"{path} holds no tokenizer: pass --data DIR (the data the model was trained on)")
+
+
+def cmd_generate(args):
+    from ebt.checkpoint import load_model, resolve
+    from ebt.generate import GenerateConfig, generate
+    from ebt.think import ThinkConfig
+    from ebt.train import setup_distributed
+
+    path = resolve(args.checkpoint)
+    _, _, device = setup_distributed(args.device)
+    model = load_model(path, device=device)
+    tok = _tokenizer_for_checkpoint(path, args.data)
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise EBTError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    ids = [tok.encode(p) for p in prompts]
+    think_cfg = ThinkConfig(steps=args.steps, candidates=args.candidates, noise=args.noise) \
+        if model.cfg.model == "ebt" else None
+    gcfg = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          seed=args.seed, eos_id=tok.eos_id, think=think_cfg)
+    for prompt, new in zip(prompts, generate(model, ids, gcfg)):
+        print(f"--- {prompt!r}\n{prompt}{tok.decode(new, skip_special=True)}")
+
+
+def cmd_inspect(args):
+    from ebt.inspect import inspect_energy
+
+    report = inspect_energy(args.checkpoint, args.text, args.out, steps=args.steps, data_dir=args.data,
+                            device=args.device, windows=args.windows)
+    print(json.dumps(report, indent=2))
 
 
 def cmd_check_reference(args):
@@ -253,7 +321,49 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--device", default="auto")
     ep.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ep.add_argument("--json", help="also write the results to this JSON file")
+    g = ep.add_argument_group("thinking (EBT): perplexity for a grid of inference budgets")
+    g.add_argument("--think", action="store_true", help="evaluate the grid of thinking budgets")
+    g.add_argument("--think-steps", type=int, nargs="+", help="step counts (default: trained x 1, 2, 4)")
+    g.add_argument("--candidates", type=int, nargs="+", default=[1, 2, 5, 10], help="self-verification candidates")
+    g.add_argument("--tol", type=float, default=1e-3, help="adaptive stopping tolerance for the extra rows (0: none)")
+    g.add_argument("--baseline", help="a Transformer++ checkpoint scored as a flat reference row")
+    g.add_argument("--reasoning", action="store_true", help="add generated Dyck and arithmetic OOD splits")
+    g.add_argument("--reasoning-n", type=int, default=2000, help="documents per generated reasoning set")
+    g.add_argument("--reasoning-seed", type=int, default=1234)
+    g.add_argument("--markdown", help="write the grid's Markdown table to this file")
     ep.set_defaults(func=cmd_eval)
+
+    gp = sub.add_parser("generate", help="continue prompts (Transformer++ or EBT, KV-cached)", formatter_class=FMT,
+                        description="Generate text with a static KV cache; an EBT thinks about each new token.",
+                        epilog="examples:\n  ebt generate runs/demo/ebt --prompt 'To be, or not' --max-new-tokens 40\n"
+                               "  ebt generate runs/tpp --prompts-file prompts.txt --temperature 0.8 --top-p 0.9\n")
+    gp.add_argument("checkpoint")
+    gp.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    gp.add_argument("--prompts-file", help="one prompt per line")
+    gp.add_argument("--max-new-tokens", type=int, default=48)
+    gp.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gp.add_argument("--top-p", type=float, default=1.0)
+    gp.add_argument("--seed", type=int, default=0)
+    gp.add_argument("--steps", type=int, help="EBT: thinking steps per token (default: trained)")
+    gp.add_argument("--candidates", type=int, default=1, help="EBT: candidates per token (min energy kept)")
+    gp.add_argument("--noise", type=float, default=0.0, help="EBT: Langevin noise std while thinking (0: none)")
+    gp.add_argument("--data", help="data directory, if the checkpoint holds no tokenizer")
+    gp.add_argument("--device", default="auto")
+    gp.set_defaults(func=cmd_generate)
+
+    ip = sub.add_parser("inspect", help="energy as uncertainty: per-token energy heatmap and statistics",
+                        formatter_class=FMT, description="Write a PNG heatmap of an EBT's per-token energy across "
+                        "thinking steps for a text (the paper's Figure 8), compare natural, shuffled and random "
+                        "text, and report the rank correlation of final energy with negative log-likelihood.",
+                        epilog="example:\n  ebt inspect runs/ebt_s2 --text 'The king is dead.' --out energy.png\n")
+    ip.add_argument("checkpoint")
+    ip.add_argument("--text", required=True, help="the text to show")
+    ip.add_argument("--out", default="energy.png")
+    ip.add_argument("--steps", type=int, help="thinking steps (default: trained)")
+    ip.add_argument("--data", help="data directory for the natural/shuffled/random statistics (default: trained on)")
+    ip.add_argument("--windows", type=int, default=64, help="validation windows for the statistics")
+    ip.add_argument("--device", default="auto")
+    ip.set_defaults(func=cmd_inspect)
 
     dp = sub.add_parser("data", help="build and inspect token data", formatter_class=FMT,
                         description="Build the embedded English corpus or your own data into token shards.",

@@ -139,6 +139,13 @@ class KVCache:
         self.v[layer][:, :, pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def view(self, length: int) -> "KVCache":
+        """The first `length` positions, as a non-static cache (for attending, not for writing)."""
+        out = KVCache(len(self.k))
+        out.k = [t[:, :, :length] for t in self.k]
+        out.v = [t[:, :, :length] for t in self.v]
+        return out
+
     def select_rows(self, index: torch.Tensor) -> "KVCache":
         """A cache for a subset/reordering of the batch rows (e.g. candidates sharing one prefix)."""
         out = KVCache(len(self.k))

@@ -86,7 +86,7 @@ class ThinkConfig:
     select: str = "min"  # min: lowest final energy; max: highest; drop: largest energy decrease
     alpha: float | None = None  # absolute step size instead of the model's
     alpha_factor: float = 1.0  # multiplies the step size (after `alpha`)
-    noise: float | None = None  # Langevin std on the logits before each step; None: the model's trained value
+    noise: float = 0.0  # Langevin std on the logits before each step (0: none, as the official validation)
     accept_lower: bool = False  # keep a step at a position only where it lowers that position's energy
     tol: float | None = None  # adaptive: a position stops once |energy change| < tol (None: run all steps)
     trace: bool = False  # keep the selected candidate's energy at every step (a (steps+1, B, S) tensor)
@@ -100,7 +100,7 @@ class ThinkConfig:
             raise ConfigError(f"unknown selection rule {self.select!r}; choose one of {SELECT}")
         if self.alpha is not None and not self.alpha > 0 or not self.alpha_factor > 0:
             raise ConfigError("alpha and alpha_factor must be > 0")
-        if self.noise is not None and self.noise < 0 or self.tol is not None and self.tol < 0:
+        if self.noise < 0 or self.tol is not None and self.tol < 0:
             raise ConfigError("noise and tol must be >= 0")
 
 
@@ -140,15 +140,19 @@ def _one_candidate(model, contexts, z, n_steps, alpha, noise, cfg: ThinkConfig, 
 
 
 @torch.no_grad()
-def think(model, inputs, cfg: ThinkConfig | None = None, init: torch.Tensor | None = None) -> Thought:
+def think(model, inputs, cfg: ThinkConfig | None = None, init: torch.Tensor | None = None,
+          contexts=None) -> Thought:
     """System 2 thinking at inference. The energy of the step-k candidate is measured on landscape k
     (steps beyond the trained landscapes reuse the last one), so `steps` steps cost steps+1 energy
-    evaluations per candidate: the last one scores the final candidate for selection."""
+    evaluations per candidate: the last one scores the final candidate for selection.
+
+    contexts: anything with get_ctx(landscape, graph) (default: built from `inputs` on demand); cached
+    generation passes its KV caches here and `inputs` then only shapes the candidates."""
     cfg = cfg or ThinkConfig()
     n_steps = cfg.steps or model.default_think_steps()
-    noise = model.default_think_noise() if cfg.noise is None else cfg.noise
+    noise = cfg.noise
     alpha = (cfg.alpha if cfg.alpha is not None else model.step_alpha((1,), False)) * cfg.alpha_factor
-    contexts = ContextCache(model, inputs)
+    contexts = contexts if contexts is not None else ContextCache(model, inputs)
     best = None
     steps_total, passes = None, 0
     for c in range(cfg.candidates):

@@ -115,9 +115,10 @@ class EBT(nn.Module):
     def candidate_input(self, z: torch.Tensor) -> torch.Tensor:
         return torch.softmax(z, dim=-1)
 
-    def energy_from(self, ctx: tuple[KVCache, int], p: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """E (B, S) of candidate distributions p (B, S, V) for positions offset..offset+S-1."""
-        cache, prefix = ctx
+    def energy_from(self, ctx: tuple, p: torch.Tensor) -> torch.Tensor:
+        """E (B, S) of candidate distributions p (B, S, V). ctx = (cache, prefix) from `context`, or
+        (cache, prefix, offset) when p holds the candidates of positions offset.. only (generation)."""
+        cache, prefix, offset = (*ctx, 0) if len(ctx) == 2 else ctx
         S = p.shape[1]
         # candidate i sits at the position of the token it predicts, after the step token
         positions = torch.arange(S, device=p.device) + prefix + 1 + offset
@@ -144,9 +145,6 @@ class EBT(nn.Module):
 
     def default_think_steps(self) -> int:
         return self.cfg.ebt.eval_steps
-
-    def default_think_noise(self) -> float:
-        return self.cfg.ebt.langevin
 
     def unroll(self, tokens, z, n_steps: int, stochastic: bool, build_graph: bool):
         """Per-step candidates and energies of the training unroll (see ebt.think.unroll)."""

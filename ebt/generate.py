@@ -1,0 +1,182 @@
+"""Text generation for the Transformer++ and the EBT, with a static KV cache (gpt-fast style).
+
+The prefix is processed once; each new token costs one position through the model. For an EBT the
+context stream never depends on candidates, so it is cached per landscape (one cache for "default",
+one per learned step token for "time_embed"), and each new token thinks only about the last position:
+its candidate attends to the cached context keys/values and to itself.
+
+Prompts of different lengths share positions: every row's tokens sit at 0, 1, 2, ... with no padding.
+The batch is prefilled up to the shortest prompt; after that, rows still inside their prompt are fed
+their own next prompt token ("forced") while the others take the model's choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ebt.errors import ConfigError
+from ebt.nn import KVCache
+from ebt.think import ThinkConfig, think
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    eos_id: int | None = None  # a row stops (its output is cut) at this token
+    think: ThinkConfig | None = None  # EBT thinking per token (None: the model's trained steps)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,): greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+class _Contexts:
+    """Per-landscape static context caches of an EBT, viewed up to the current length."""
+
+    def __init__(self, model, caches: dict, prefix: int):
+        self.model, self.caches, self.prefix, self.length = model, caches, prefix, 0
+
+    def get_ctx(self, k, graph):
+        cache = self.caches[self.model.landscape_key(k)]
+        return cache.view(self.prefix + self.length), self.prefix, self.length - 1
+
+
+class Decoder:
+    """One decoding state: feed tokens one position at a time, get next-token logits for the last one."""
+
+    def __init__(self, model, batch: int, max_len: int, think_cfg: ThinkConfig | None):
+        self.model, self.is_ebt = model, hasattr(model, "energy_from")
+        w = model.tok_emb.weight
+        cfg = model.cfg
+        self.think_cfg = think_cfg or ThinkConfig()
+        shape = dict(batch=batch, n_head=cfg.n_head, head_dim=cfg.head_dim, device=w.device, dtype=w.dtype)
+        if self.is_ebt:
+            self.prefix = 1 if model.step_emb is not None else 0
+            keys = sorted({model.landscape_key(k) for k in range(cfg.ebt.landscapes)})
+            caches = {k: KVCache(cfg.n_layer, max_len + self.prefix, **shape) for k in keys}
+            self.ctx = _Contexts(model, caches, self.prefix)
+            if self.prefix:  # the step token at position 0 of each landscape's context stream
+                for k, cache in caches.items():
+                    h = model.step_emb.weight[k].expand(batch, 1, -1)
+                    model.backbone(h, torch.zeros(1, dtype=torch.long, device=w.device), cache=cache, pos=0)
+        else:
+            self.cache = KVCache(cfg.n_layer, max_len, **shape)
+        self.length = 0
+
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append tokens (B, T) at positions length..length+T-1; return logits (B, V) for the last one."""
+        m, T = self.model, tokens.shape[1]
+        dev = tokens.device
+        if not self.is_ebt:
+            pos = torch.arange(self.length, self.length + T, device=dev)
+            h = m.backbone(m.tok_emb(tokens), pos, cache=self.cache, pos=self.length)
+            self.length += T
+            return m.head(h[:, -1])
+        pos = torch.arange(self.length, self.length + T, device=dev) + self.prefix
+        for cache in self.ctx.caches.values():  # each landscape's stream differs through its step token
+            m.backbone(m.tok_emb(tokens), pos, cache=cache, pos=self.length + self.prefix)
+        self.length += T
+        self.ctx.length = self.length
+        out = think(m, tokens[:, -1:], self.think_cfg, contexts=self.ctx)
+        return out.z[:, -1]
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], cfg: GenerateConfig | None = None,
+             return_logits: bool = False):
+    """Continue each prompt (a list of token ids) by up to cfg.max_new_tokens tokens.
+
+    Returns a list of new-token lists (and, with return_logits, the (B, steps, V) logits used)."""
+    cfg = cfg or GenerateConfig()
+    if not prompts:
+        raise ConfigError("no prompts given")
+    if any(len(p) == 0 for p in prompts):
+        raise ConfigError("an empty prompt: give every prompt at least one token (for example a newline)")
+    lens = [len(p) for p in prompts]
+    total = max(lens) + cfg.max_new_tokens
+    if total > model.cfg.context_length:
+        raise ConfigError(f"prompt ({max(lens)} tokens) + max_new_tokens ({cfg.max_new_tokens}) = {total} exceeds "
+                          f"the model's context_length {model.cfg.context_length}: shorten the prompt or "
+                          f"ask for fewer tokens")
+    dev = model.tok_emb.weight.device
+    B, L = len(prompts), min(lens)
+    seq = torch.zeros(B, total, dtype=torch.long, device=dev)
+    is_prompt = torch.zeros(B, total, dtype=torch.bool, device=dev)
+    for b, p in enumerate(prompts):
+        seq[b, :len(p)] = torch.tensor(p, device=dev)
+        is_prompt[b, :len(p)] = True
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # EBT starting candidates
+    was_training = model.training
+    model.eval()
+    dec = Decoder(model, B, total, cfg.think)
+    logits = dec.feed(seq[:, :L])
+    kept = []
+    for t in range(L, total):
+        choice = sample(logits, cfg.temperature, cfg.top_p, gen)
+        seq[:, t] = torch.where(is_prompt[:, t], seq[:, t], choice)
+        if return_logits:
+            kept.append(logits)
+        if t + 1 < total:
+            logits = dec.feed(seq[:, t:t + 1])
+    model.train(was_training)
+    out = []
+    for b, n in enumerate(lens):
+        new = seq[b, n:n + cfg.max_new_tokens].tolist()
+        if cfg.eos_id is not None and cfg.eos_id in new:
+            new = new[:new.index(cfg.eos_id) + 1]
+        out.append(new)
+    if return_logits:
+        return out, torch.stack(kept, 1)
+    return out
+
+
+@torch.no_grad()
+def generate_uncached(model, prompts: list[list[int]], cfg: GenerateConfig | None = None,
+                      return_logits: bool = False):
+    """The same decoding, re-running the whole prefix for every token (what the official code does).
+    For tests and benchmarks: it must choose the same greedy tokens as `generate`."""
+    cfg = cfg or GenerateConfig()
+    lens = [len(p) for p in prompts]
+    total = max(lens) + cfg.max_new_tokens
+    dev = model.tok_emb.weight.device
+    B, L = len(prompts), min(lens)
+    seq = torch.zeros(B, total, dtype=torch.long, device=dev)
+    is_prompt = torch.zeros(B, total, dtype=torch.bool, device=dev)
+    for b, p in enumerate(prompts):
+        seq[b, :len(p)] = torch.tensor(p, device=dev)
+        is_prompt[b, :len(p)] = True
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model.eval()
+    is_ebt = hasattr(model, "energy_from")
+    kept = []
+    for t in range(L, total):
+        ctx = seq[:, :t]
+        if is_ebt:
+            # the last position's start is drawn exactly as the cached decoder draws it; the other
+            # positions' candidates cannot influence it (no leakage), so any start does for them
+            z_last = model.init_candidate(ctx[:, -1:])
+            init = torch.cat([torch.zeros(B, t - 1, z_last.shape[-1], dtype=z_last.dtype, device=dev), z_last], 1)
+            logits = think(model, ctx, cfg.think or ThinkConfig(), init=init).z[:, -1]
+        else:
+            logits = model.logits(ctx)[:, -1]
+        choice = sample(logits, cfg.temperature, cfg.top_p, gen)
+        seq[:, t] = torch.where(is_prompt[:, t], seq[:, t], choice)
+        if return_logits:
+            kept.append(logits)
+    out = [seq[b, n:n + cfg.max_new_tokens].tolist() for b, n in enumerate(lens)]
+    return (out, torch.stack(kept, 1)) if return_logits else out
