@@ -1,6 +1,6 @@
 """The thinking loop: optimise a candidate prediction by gradient descent on the energy.
 
-One module for every EBT and every modality. A model provides five hooks and nothing here knows what
+One module for every EBT and every modality. A model provides these hooks and nothing here knows what
 a candidate is (vocabulary logits, a frame's features, an image):
 
     model.context(inputs, landscape)  -> ctx     what does not depend on the candidate (cacheable)
@@ -8,6 +8,8 @@ a candidate is (vocabulary logits, a frame's features, an image):
     model.candidate_input(z)          -> p       e.g. softmax for text, identity for continuous data
     model.energy_from(ctx, p)         -> E       one energy per predicted position, (B, S)
     model.step_alpha(shape, random)   -> alpha   the step size (a scalar or per row and position)
+    model.init_candidate(inputs)      -> z0      a random start
+    model.default_think_steps()       -> int     the trained number of steps
 
 One step is   p = candidate_input(z + noise);  E = energy(p);  z_next = p - alpha * dE/dp.
 `unroll` is what training (and the official validation) runs; `think` is inference-time System 2

@@ -33,6 +33,7 @@ def test_bad_input_gives_a_message_not_a_traceback(tmp_path):
     assert r.returncode == 2 and "invalid choice: 'huge'" in r.stderr
 
 
+@pytest.mark.slow
 def test_train_then_eval_from_the_command_line(tmp_path):
     from test_train import TEXT
 
@@ -62,3 +63,45 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     assert r.returncode == 0, r.stderr
     cfg2 = json.loads((tmp_path / "run2" / "config.json").read_text())
     assert cfg2["model"] == cfg["model"] and cfg2["train"]["steps"] == 2
+
+
+@pytest.mark.slow
+def test_thinking_eval_generate_and_inspect(tmp_path):
+    from test_train import TEXT
+
+    from ebt.data.shards import write_shards
+    from ebt.data.tokenizers import get_tokenizer
+
+    tok = get_tokenizer("bpe", tmp_path / "cache", texts=TEXT, vocab_size=280)
+    for split, docs in (("train", TEXT[:40]), ("val", TEXT[40:44]), ("ood", TEXT[44:])):
+        write_shards(docs, tok, tmp_path / "data", split)
+    tok.save(tmp_path / "data" / "tokenizer")
+    run = tmp_path / "run"
+    r = ebt("train", "--model", "ebt", "--recipe", "s2", "--replay-buffer", "4", "--data", tmp_path / "data",
+            "--size", "4xs", "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--context-length", "16",
+            "--steps", "2", "--batch-size", "4", "--eval-every", "0", "--device", "cpu", "--no-progress", "--out", run)
+    assert r.returncode == 0, r.stderr
+    r = ebt("eval", run, "--think", "--think-steps", "1", "3", "--candidates", "1", "2", "--tol", "0.01",
+            "--reasoning", "--reasoning-n", "30", "--windows", "4", "--batch-size", "2", "--device", "cpu",
+            "--json", tmp_path / "g.json", "--markdown", tmp_path / "g.md")
+    assert r.returncode == 0, r.stderr
+    grid = json.loads((tmp_path / "g.json").read_text())
+    assert [(x["steps"], x["candidates"], x["tol"]) for x in grid["rows"]] == [
+        (1, 1, None), (1, 2, None), (3, 1, None), (3, 2, None), (3, 1, 0.01), (3, 2, 0.01)]
+    assert set(grid["rows"][0]["results"]) == {"val", "ood", "ood_dyck", "ood_arithmetic"}
+    assert grid["rows"][0]["results"]["val"]["improvement_pct"] == 0.0
+    assert grid["rows"][3]["results"]["val"]["passes_per_token"] == 2 * (3 + 1)
+    md = (tmp_path / "g.md").read_text()
+    assert md.count("\n") == 2 + 6 and "ood_dyck ppl" in md
+    r = ebt("generate", run, "--prompt", "The quick brown", "--prompt", "Document", "--max-new-tokens", "5",
+            "--device", "cpu")
+    assert r.returncode == 0 and r.stdout.count("--- ") == 2, r.stderr
+    r = ebt("inspect", run, "--text", "The quick brown fox jumps", "--out", tmp_path / "e.png", "--windows", "4",
+            "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(rep["validation"]) >= {"mean_energy_natural", "mean_energy_shuffled", "mean_energy_random",
+                                      "spearman_energy_nll"}
+    r = ebt("generate", run, "--prompt", "x " * 40, "--device", "cpu")
+    assert r.returncode == 2 and "context_length" in r.stderr
