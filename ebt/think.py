@@ -127,13 +127,17 @@ def _one_candidate(model, contexts, z, n_steps, alpha, noise, cfg: ThinkConfig, 
         z_new = (p - alpha * g).detach()
         p_new, E_new, g_new = energy_and_grad(model, contexts.get_ctx(k + 1, False), z_new, noise)
         passes += 1
-        take = active if not cfg.accept_lower else active & (E_new < E)
-        if cfg.tol is not None:
-            active = active & ((E_new - E).abs() >= cfg.tol)
-        steps_used += take
-        m = take.unsqueeze(-1)
-        z, p, g = torch.where(m, z_new, z), torch.where(m, p_new, p), torch.where(m, g_new, g)
-        E = torch.where(take, E_new, E).detach()
+        if not cfg.accept_lower and cfg.tol is None:  # every position takes every step: no masking
+            steps_used += 1
+            z, p, g, E = z_new, p_new, g_new, E_new.detach()
+        else:
+            take = active if not cfg.accept_lower else active & (E_new < E)
+            if cfg.tol is not None:
+                active = active & ((E_new - E).abs() >= cfg.tol)
+            steps_used += take
+            m = take.unsqueeze(-1)
+            z, p, g = torch.where(m, z_new, z), torch.where(m, p_new, p), torch.where(m, g_new, g)
+            E = torch.where(take, E_new, E).detach()
         if trace:
             history.append(E)
         if cfg.tol is not None and not bool(active.any()):  # every position has converged
