@@ -66,7 +66,7 @@ def generation(kind, size, vocab, context, prompt_len, new_tokens, batch, device
     dev = torch.device(device)
     model = build(kind, size, vocab, context, dev)
     prompts = torch.randint(0, vocab, (batch, prompt_len)).tolist()
-    cfg = GenerateConfig(max_new_tokens=new_tokens, think=ThinkConfig(steps=think_steps) if kind == "ebt" else None)
+    cfg = GenerateConfig(max_new_tokens=new_tokens, think=ThinkConfig(steps=think_steps, score_final=False) if kind == "ebt" else None)
     res = {}
     for name, fn in (("cached", generate), ("uncached", generate_uncached)):
         fn(model, prompts, GenerateConfig(max_new_tokens=2, think=cfg.think))  # warm-up
@@ -92,7 +92,9 @@ def main():
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=224)
-    p.add_argument("--gen-batch", type=int, default=1)
+    p.add_argument("--gen-batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--gen-size", help="model size for generation (default: --size)")
+    p.add_argument("--skip-think", action="store_true", help="only the generation table")
     p.add_argument("--think-steps", type=int, default=2, help="EBT thinking steps per generated token")
     p.add_argument("--device", default="cpu")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one thinking configuration
@@ -106,19 +108,22 @@ def main():
           f"{torch.get_num_threads()} | device {a.device} | size {a.size} V {a.vocab}")
     print(f"\n## EBT thinking, batch {a.batch} x {a.context} tokens (S2 model, 1 candidate)\n")
     print("| steps | tokens/s | s per batch | peak memory growth (MiB) |\n|---|---|---|---|")
-    for steps in a.steps:
+    for steps in ([] if a.skip_think else a.steps):
         cmd = [sys.executable, __file__, "--one", str(steps), "--size", a.size, "--vocab", str(a.vocab),
                "--context", str(a.context), "--batch", str(a.batch), "--reps", str(a.reps), "--device", a.device]
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         print(f"| {steps} | {r['tokens_per_s']:.0f} | {r['s_per_batch']:.2f} | {r['peak_growth_mib']:.0f} |", flush=True)
-    print(f"\n## Generation: {a.prompt}-token prompts + {a.new_tokens} new tokens (context {a.prompt + a.new_tokens}), "
-          f"batch {a.gen_batch}, EBT with {a.think_steps} thinking steps per token\n")
-    print("| model | cached tokens/s | re-run prefix tokens/s | speed-up | same greedy tokens |\n|---|---|---|---|---|")
+    size = a.gen_size or a.size
+    print(f"\n## Generation ({size}): {a.prompt}-token prompts + {a.new_tokens} new tokens (context "
+          f"{a.prompt + a.new_tokens}), EBT with {a.think_steps} thinking steps per token\n")
+    print("| model | batch | cached tokens/s | re-run prefix tokens/s | speed-up | same greedy tokens |\n"
+          "|---|---|---|---|---|---|")
     for kind in ("transformer", "ebt"):
-        r = generation(kind, a.size, a.vocab, a.prompt + a.new_tokens, a.prompt, a.new_tokens, a.gen_batch,
-                       a.device, a.think_steps)
-        print(f"| {kind} | {r['cached']:.1f} | {r['uncached']:.1f} | {r['cached'] / r['uncached']:.1f}x | "
-              f"{r['same_tokens']} |", flush=True)
+        for b in a.gen_batch:
+            r = generation(kind, size, a.vocab, a.prompt + a.new_tokens, a.prompt, a.new_tokens, b, a.device,
+                           a.think_steps)
+            print(f"| {kind} | {b} | {r['cached']:.1f} | {r['uncached']:.1f} | {r['cached'] / r['uncached']:.1f}x | "
+                  f"{r['same_tokens']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -253,7 +253,7 @@ def cmd_generate(args):
     if not prompts:
         raise EBTError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE")
     ids = [tok.encode(p) for p in prompts]
-    think_cfg = ThinkConfig(steps=args.steps, candidates=args.candidates, noise=args.noise) \
+    think_cfg = ThinkConfig(steps=args.steps, candidates=args.candidates, noise=args.noise, score_final=False) \
         if model.cfg.model == "ebt" else None
     gcfg = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           seed=args.seed, eos_id=tok.eos_id, think=think_cfg)

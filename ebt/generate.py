@@ -28,7 +28,7 @@ class GenerateConfig:
     top_p: float = 1.0
     seed: int = 0
     eos_id: int | None = None  # a row stops (its output is cut) at this token
-    think: ThinkConfig | None = None  # EBT thinking per token (None: the model's trained steps)
+    think: ThinkConfig | None = None  # EBT thinking per token (None: the trained steps, final pass not scored)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
@@ -61,7 +61,7 @@ class Decoder:
         self.model, self.is_ebt = model, hasattr(model, "energy_from")
         w = model.tok_emb.weight
         cfg = model.cfg
-        self.think_cfg = think_cfg or ThinkConfig()
+        self.think_cfg = think_cfg or ThinkConfig(score_final=False)
         shape = dict(batch=batch, n_head=cfg.n_head, head_dim=cfg.head_dim, device=w.device, dtype=w.dtype)
         if self.is_ebt:
             self.prefix = 1 if model.step_emb is not None else 0
@@ -171,7 +171,7 @@ def generate_uncached(model, prompts: list[list[int]], cfg: GenerateConfig | Non
             # positions' candidates cannot influence it (no leakage), so any start does for them
             z_last = model.init_candidate(ctx[:, -1:])
             init = torch.cat([torch.zeros(B, t - 1, z_last.shape[-1], dtype=z_last.dtype, device=dev), z_last], 1)
-            logits = think(model, ctx, cfg.think or ThinkConfig(), init=init).z[:, -1]
+            logits = think(model, ctx, cfg.think or ThinkConfig(score_final=False), init=init).z[:, -1]
         else:
             logits = model.logits(ctx)[:, -1]
         choice = sample(logits, cfg.temperature, cfg.top_p, gen)

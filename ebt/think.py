@@ -92,6 +92,9 @@ class ThinkConfig:
     accept_lower: bool = False  # keep a step at a position only where it lowers that position's energy
     tol: float | None = None  # adaptive: a position stops once |energy change| < tol (None: run all steps)
     trace: bool = False  # keep the selected candidate's energy at every step (a (steps+1, B, S) tensor)
+    score_final: bool = True  # measure the final candidate's energy; False saves that pass when nothing
+    # needs it (one candidate, no acceptance, no adaptive stop, no trace): `energy` is then the energy of
+    # the candidate that entered the last step
 
     def __post_init__(self):
         if self.candidates < 1:
@@ -123,8 +126,11 @@ def _one_candidate(model, contexts, z, n_steps, alpha, noise, cfg: ThinkConfig, 
     E0, steps_used, passes = E.detach(), torch.zeros_like(E), 1
     active = torch.ones_like(E, dtype=torch.bool)
     history = [E0] if trace else None
+    last_unscored = not (cfg.score_final or cfg.candidates > 1 or cfg.accept_lower or cfg.tol is not None or trace)
     for k in range(n_steps):
         z_new = (p - alpha * g).detach()
+        if last_unscored and k == n_steps - 1:  # the official unroll: N steps, N energy evaluations
+            return z_new, E.detach(), E0, steps_used + 1, passes, history
         p_new, E_new, g_new = energy_and_grad(model, contexts.get_ctx(k + 1, False), z_new, noise)
         passes += 1
         if not cfg.accept_lower and cfg.tol is None:  # every position takes every step: no masking
