@@ -46,7 +46,7 @@ def summary(data_dir):
              f"tokenizer {t['name']} (vocab {t['vocab_size']}, eos {t['eos_id']}, pad {t['pad_id']}), "
              f"stored as {m['dtype']}"]
     for split, e in m["splits"].items():
-        lines.append(f"  {split:<6} {e['tokens']:>13,} tokens  {e['documents']:>8,} documents  "
+        lines.append(f"  {split:<14} {e['tokens']:>13,} tokens  {e['documents']:>8,} documents  "
                      f"{len(e['shards'])} shard(s)")
     corpus = m.get("corpus", {})
     if corpus:

@@ -134,9 +134,10 @@ def write_shards(docs, tokenizer, out_dir, split, shard_tokens=2**24, batch_docs
 def _clear(out_dir):
     """Remove what prepare_dataset writes (never the download cache)."""
     out_dir = Path(out_dir)
+    old = read_manifest(out_dir) or {}
     for name in ("manifest.json", "corpus.json"):
         (out_dir / name).unlink(missing_ok=True)
-    for split in SPLITS:
+    for split in set(SPLITS) | set(old.get("splits", {})):  # generated splits (ood_dyck, ...) too
         _remove_split_files(out_dir, split)
     shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)
     shutil.rmtree(out_dir / "text", ignore_errors=True)
