@@ -94,13 +94,8 @@ class Decoder:
         return out.z[:, -1]
 
 
-@torch.no_grad()
-def generate(model, prompts: list[list[int]], cfg: GenerateConfig | None = None,
-             return_logits: bool = False):
-    """Continue each prompt (a list of token ids) by up to cfg.max_new_tokens tokens.
-
-    Returns a list of new-token lists (and, with return_logits, the (B, steps, V) logits used)."""
-    cfg = cfg or GenerateConfig()
+def _prepare(model, prompts: list[list[int]], cfg: GenerateConfig):
+    """Check the request; lay prompts out at positions 0, 1, 2, ... (no padding)."""
     if not prompts:
         raise ConfigError("no prompts given")
     if any(len(p) == 0 for p in prompts):
@@ -112,26 +107,33 @@ def generate(model, prompts: list[list[int]], cfg: GenerateConfig | None = None,
                           f"the model's context_length {model.cfg.context_length}: shorten the prompt or "
                           f"ask for fewer tokens")
     dev = model.tok_emb.weight.device
-    B, L = len(prompts), min(lens)
-    seq = torch.zeros(B, total, dtype=torch.long, device=dev)
-    is_prompt = torch.zeros(B, total, dtype=torch.bool, device=dev)
+    seq = torch.zeros(len(prompts), total, dtype=torch.long, device=dev)
+    is_prompt = torch.zeros(len(prompts), total, dtype=torch.bool, device=dev)
     for b, p in enumerate(prompts):
         seq[b, :len(p)] = torch.tensor(p, device=dev)
         is_prompt[b, :len(p)] = True
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # EBT starting candidates
+    return seq, is_prompt, lens
+
+
+def _decode(model, prompts, cfg: GenerateConfig, next_logits, return_logits: bool):
+    """The decoding loop shared by the cached and the uncached path: next_logits(seq, t) gives the
+    logits (B, V) for position t given seq[:, :t]. Random starts and sampling are seeded by cfg.seed
+    without touching the caller's random stream."""
+    from ebt.evaluate import seeded
+
+    seq, is_prompt, lens = _prepare(model, prompts, cfg)
+    dev = seq.device
     was_training = model.training
     model.eval()
-    dec = Decoder(model, B, total, cfg.think)
-    logits = dec.feed(seq[:, :L])
     kept = []
-    for t in range(L, total):
-        choice = sample(logits, cfg.temperature, cfg.top_p, gen)
-        seq[:, t] = torch.where(is_prompt[:, t], seq[:, t], choice)
-        if return_logits:
-            kept.append(logits)
-        if t + 1 < total:
-            logits = dec.feed(seq[:, t:t + 1])
+    with seeded(cfg.seed, dev):
+        gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+        for t in range(min(lens), seq.shape[1]):
+            logits = next_logits(seq, t)
+            choice = sample(logits, cfg.temperature, cfg.top_p, gen)
+            seq[:, t] = torch.where(is_prompt[:, t], seq[:, t], choice)
+            if return_logits:
+                kept.append(logits)
     model.train(was_training)
     out = []
     for b, n in enumerate(lens):
@@ -139,9 +141,24 @@ def generate(model, prompts: list[list[int]], cfg: GenerateConfig | None = None,
         if cfg.eos_id is not None and cfg.eos_id in new:
             new = new[:new.index(cfg.eos_id) + 1]
         out.append(new)
-    if return_logits:
-        return out, torch.stack(kept, 1)
-    return out
+    return (out, torch.stack(kept, 1)) if return_logits else out
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], cfg: GenerateConfig | None = None, return_logits: bool = False):
+    """Continue each prompt (a list of token ids) by up to cfg.max_new_tokens tokens, with the KV cache.
+
+    Returns a list of new-token lists (and, with return_logits, the (B, steps, V) logits used)."""
+    cfg = cfg or GenerateConfig()
+    state = {}
+
+    def next_logits(seq, t):
+        if "dec" not in state:  # prefill: the common part of the prompts at once
+            state["dec"] = Decoder(model, seq.shape[0], seq.shape[1], cfg.think)
+            return state["dec"].feed(seq[:, :t])
+        return state["dec"].feed(seq[:, t - 1:t])
+
+    return _decode(model, prompts, cfg, next_logits, return_logits)
 
 
 @torch.no_grad()
@@ -150,33 +167,16 @@ def generate_uncached(model, prompts: list[list[int]], cfg: GenerateConfig | Non
     """The same decoding, re-running the whole prefix for every token (what the official code does).
     For tests and benchmarks: it must choose the same greedy tokens as `generate`."""
     cfg = cfg or GenerateConfig()
-    lens = [len(p) for p in prompts]
-    total = max(lens) + cfg.max_new_tokens
-    dev = model.tok_emb.weight.device
-    B, L = len(prompts), min(lens)
-    seq = torch.zeros(B, total, dtype=torch.long, device=dev)
-    is_prompt = torch.zeros(B, total, dtype=torch.bool, device=dev)
-    for b, p in enumerate(prompts):
-        seq[b, :len(p)] = torch.tensor(p, device=dev)
-        is_prompt[b, :len(p)] = True
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model.eval()
     is_ebt = hasattr(model, "energy_from")
-    kept = []
-    for t in range(L, total):
+
+    def next_logits(seq, t):
         ctx = seq[:, :t]
-        if is_ebt:
-            # the last position's start is drawn exactly as the cached decoder draws it; the other
-            # positions' candidates cannot influence it (no leakage), so any start does for them
-            z_last = model.init_candidate(ctx[:, -1:])
-            init = torch.cat([torch.zeros(B, t - 1, z_last.shape[-1], dtype=z_last.dtype, device=dev), z_last], 1)
-            logits = think(model, ctx, cfg.think or ThinkConfig(score_final=False), init=init).z[:, -1]
-        else:
-            logits = model.logits(ctx)[:, -1]
-        choice = sample(logits, cfg.temperature, cfg.top_p, gen)
-        seq[:, t] = torch.where(is_prompt[:, t], seq[:, t], choice)
-        if return_logits:
-            kept.append(logits)
-    out = [seq[b, n:n + cfg.max_new_tokens].tolist() for b, n in enumerate(lens)]
-    return (out, torch.stack(kept, 1)) if return_logits else out
+        if not is_ebt:
+            return model.logits(ctx)[:, -1]
+        # the last position's start is drawn exactly as the cached decoder draws it; the other
+        # positions' candidates cannot influence it (no leakage), so any start does for them
+        z_last = model.init_candidate(ctx[:, -1:])
+        init = torch.cat([z_last.new_zeros(ctx.shape[0], t - 1, z_last.shape[-1]), z_last], 1)
+        return think(model, ctx, cfg.think or ThinkConfig(score_final=False), init=init).z[:, -1]
+
+    return _decode(model, prompts, cfg, next_logits, return_logits)

@@ -9,6 +9,20 @@ import pytest
 from ebt.cli import build_parser
 
 
+def tiny_dataset(tmp_path):
+    """A prepared dataset in tmp_path/data (train/val/ood splits and its tokenizer)."""
+    from test_train import TEXT
+
+    from ebt.data.shards import write_shards
+    from ebt.data.tokenizers import get_tokenizer
+
+    tok = get_tokenizer("bpe", tmp_path / "cache", texts=TEXT, vocab_size=280)
+    for split, docs in (("train", TEXT[:40]), ("val", TEXT[40:44]), ("ood", TEXT[44:])):
+        write_shards(docs, tok, tmp_path / "data", split)
+    tok.save(tmp_path / "data" / "tokenizer")
+    return tok
+
+
 def ebt(*args):
     return subprocess.run([sys.executable, "-m", "ebt.cli", *map(str, args)], capture_output=True, text=True)
 
@@ -35,15 +49,7 @@ def test_bad_input_gives_a_message_not_a_traceback(tmp_path):
 
 @pytest.mark.slow
 def test_train_then_eval_from_the_command_line(tmp_path):
-    from test_train import TEXT
-
-    from ebt.data.shards import write_shards
-    from ebt.data.tokenizers import get_tokenizer
-
-    tok = get_tokenizer("bpe", tmp_path / "cache", texts=TEXT, vocab_size=280)
-    for split, docs in (("train", TEXT[:40]), ("val", TEXT[40:44]), ("ood", TEXT[44:])):
-        write_shards(docs, tok, tmp_path / "data", split)
-    tok.save(tmp_path / "data" / "tokenizer")
+    tok = tiny_dataset(tmp_path)
     run = tmp_path / "run"
     r = ebt("train", "--model", "ebt", "--recipe", "s2", "--replay-buffer", "4", "--langevin", "0.5",
             "--data", tmp_path / "data", "--size", "4xs", "--n-layer", "1", "--d-model", "32", "--n-head", "2",
@@ -67,15 +73,7 @@ def test_train_then_eval_from_the_command_line(tmp_path):
 
 @pytest.mark.slow
 def test_thinking_eval_generate_and_inspect(tmp_path):
-    from test_train import TEXT
-
-    from ebt.data.shards import write_shards
-    from ebt.data.tokenizers import get_tokenizer
-
-    tok = get_tokenizer("bpe", tmp_path / "cache", texts=TEXT, vocab_size=280)
-    for split, docs in (("train", TEXT[:40]), ("val", TEXT[40:44]), ("ood", TEXT[44:])):
-        write_shards(docs, tok, tmp_path / "data", split)
-    tok.save(tmp_path / "data" / "tokenizer")
+    tok = tiny_dataset(tmp_path)
     run = tmp_path / "run"
     r = ebt("train", "--model", "ebt", "--recipe", "s2", "--replay-buffer", "4", "--data", tmp_path / "data",
             "--size", "4xs", "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--context-length", "16",
