@@ -97,6 +97,8 @@ class ModelConfig:
     pad_token_id: int | None = 0  # targets equal to this id are ignored by the loss (None: none)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    candidate: str = "tokens"  # "tokens": vocabulary logits; "frames": a feature vector per step (video)
+    feature_dim: int | None = None  # frames only: size F of a frame's feature vector
     ebt: EBTConfig | None = None  # model="ebt" only; None there means recipe("s1")
 
     def __post_init__(self):
@@ -118,6 +120,10 @@ class ModelConfig:
             raise ConfigError(
                 f"d_model={self.d_model} must split into n_head={self.n_head} heads of even width (RoPE rotates pairs)"
             )
+        if self.candidate not in ("tokens", "frames"):
+            raise ConfigError(f"unknown candidate type {self.candidate!r}: use 'tokens' or 'frames'")
+        if self.candidate == "frames" and not (self.feature_dim or 0) >= 1:
+            raise ConfigError("a model over frames needs feature_dim (the size of a frame's feature vector)")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ConfigError(f"pad_token_id={self.pad_token_id} is outside the vocabulary (size {self.vocab_size})")
 

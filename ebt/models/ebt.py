@@ -15,7 +15,7 @@ from torch import nn
 
 from ebt.config import EBTConfig, ModelConfig
 from ebt.errors import ConfigError
-from ebt.models.transformer import check_window, token_loss
+from ebt.models.transformer import check_window, make_input_embedding, prediction_loss
 from ebt.nn import Backbone, KVCache, init_weights
 from ebt.think import unroll
 
@@ -74,8 +74,9 @@ class EBT(nn.Module):
         super().__init__()
         self.cfg, e = cfg, cfg.ebt
         d = cfg.d_model
-        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
-        self.vocab_to_embed = nn.Linear(cfg.vocab_size, d, bias=False)  # its own weights, not tok_emb
+        self.tok_emb = make_input_embedding(cfg)  # tokens: a table; frames: a linear map F -> D
+        # the candidate's own map to the width (not tok_emb): probabilities V -> D, or features F -> D
+        self.vocab_to_embed = nn.Linear(self.candidate_size, d, bias=False)
         self.step_emb = nn.Embedding(e.landscapes, d) if e.variant == "time_embed" else None
         self.backbone = Backbone(cfg)
         self.energy_head = nn.Linear(d, 1, bias=False)
@@ -84,6 +85,10 @@ class EBT(nn.Module):
         self.replay = ReplayBuffer(e.replay_buffer) if e.replay_buffer else None
         self.fused_attention = False  # the second-order graph needs attention with double backward
         self.measure_final_energy = True  # training logs E(initial) - E(final): one extra no-grad forward
+
+    @property
+    def candidate_size(self) -> int:
+        return self.cfg.vocab_size if self.cfg.candidate == "tokens" else self.cfg.feature_dim
 
     def extra_param_groups(self) -> list[dict]:
         e = self.cfg.ebt
@@ -113,7 +118,8 @@ class EBT(nn.Module):
         return min(k, self.step_emb.num_embeddings - 1) if self.step_emb is not None else 0
 
     def candidate_input(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(z, dim=-1)
+        # tokens: the update is taken with respect to the probabilities; frames: the features themselves
+        return torch.softmax(z, dim=-1) if self.cfg.candidate == "tokens" else z
 
     def energy_from(self, ctx: tuple, p: torch.Tensor) -> torch.Tensor:
         """E (B, S) of candidate distributions p (B, S, V). ctx = (cache, prefix) from `context`, or
@@ -139,8 +145,8 @@ class EBT(nn.Module):
         return alpha
 
     def init_candidate(self, tokens: torch.Tensor) -> torch.Tensor:
-        """A random starting candidate: logits ~ N(0, init_scale^2), (B, S, V)."""
-        return self.cfg.ebt.init_scale * torch.randn(*tokens.shape, self.cfg.vocab_size, device=tokens.device,
+        """A random starting candidate ~ N(0, init_scale^2): logits (B, S, V) or features (B, S, F)."""
+        return self.cfg.ebt.init_scale * torch.randn(*tokens.shape[:2], self.candidate_size, device=tokens.device,
                                                      dtype=self.tok_emb.weight.dtype)
 
     def default_think_steps(self) -> int:
@@ -157,14 +163,15 @@ class EBT(nn.Module):
         return e.eval_steps
 
     def forward(self, window: torch.Tensor, init: torch.Tensor | None = None) -> dict:
-        """window (B, S+1) -> loss (S1: mean CE over steps; S2: last step's) and training metrics.
+        """window (B, S+1) token ids or (B, S+1, F) frame features -> loss (S1: the mean over steps; S2:
+        the last step's) and training metrics.
 
         In training mode (model.train()) the recipe's randomness applies (step count, alpha, Langevin
         noise, replay); in eval mode none does, as in the official validation phase."""
         check_window(window, self.cfg, extra=1)
         e, stochastic = self.cfg.ebt, self.training
         tokens, targets = window[:, :-1], window[:, 1:]
-        B, S = tokens.shape
+        B = tokens.shape[0]
         z = init if init is not None else self.init_candidate(tokens)
         fresh = B
         if stochastic and self.replay is not None and len(self.replay) > 0:
@@ -177,20 +184,19 @@ class EBT(nn.Module):
                 z = torch.cat([z, z_old.to(z.dtype)])
         n_steps = self.train_steps()
         logits, energies = self.unroll(tokens, z, n_steps, stochastic, build_graph=torch.is_grad_enabled())
-        pad = self.cfg.pad_token_id
-        last = token_loss(logits[-1], targets, pad)
-        first = token_loss(logits[0], targets, pad) if n_steps > 1 else last
+        last = prediction_loss(logits[-1], targets, self.cfg)
+        first = prediction_loss(logits[0], targets, self.cfg) if n_steps > 1 else last
         if e.loss_last_only:
             loss = last["loss"]
-        else:  # S1: the mean over steps of each step's cross-entropy
-            middle = [token_loss(z_k, targets, pad) for z_k in logits[1:-1]]
+        else:  # S1: the mean over steps of each step's loss
+            middle = [prediction_loss(z_k, targets, self.cfg) for z_k in logits[1:-1]]
             loss = torch.stack([c["loss"] for c in [first, *middle, last][: n_steps]]).mean()
         out = {"loss": loss, "nll_sum": last["nll_sum"], "n_tokens": last["n_tokens"],
                "ce_first": first["loss"].detach(), "ce_last": last["loss"].detach(),
                "alpha": self.alpha.detach().clamp(min=e.alpha_min), "steps": torch.tensor(float(n_steps))}
         if self.training and self.measure_final_energy:
             with torch.no_grad():
-                e_final = self.energy(tokens, torch.softmax(logits[-1].detach(), -1), n_steps - 1)
+                e_final = self.energy(tokens, self.candidate_input(logits[-1].detach()), n_steps - 1)
             out["energy_gap"] = (energies[0] - e_final).mean()
         if stochastic and self.replay is not None:
             self.replay.push(window[:fresh], logits[-1][:fresh])

@@ -13,7 +13,11 @@ from ebt.nn import Backbone, init_weights
 
 def check_window(tokens: torch.Tensor, cfg: ModelConfig, extra: int = 0) -> None:
     """Refuse inputs the model was not built for, with the fix in the message (shapes only: no sync)."""
-    if tokens.dim() != 2:
+    if cfg.candidate == "frames":
+        if tokens.dim() != 3 or tokens.shape[-1] != cfg.feature_dim:
+            raise ConfigError(f"expected frame features of shape (batch, length, {cfg.feature_dim}), got "
+                              f"{tuple(tokens.shape)}: the data's feature size must match the model's feature_dim")
+    elif tokens.dim() != 2:
         raise ConfigError(f"expected token ids of shape (batch, length), got {tuple(tokens.shape)}")
     if tokens.shape[1] - extra > cfg.context_length:
         raise ConfigError(
@@ -34,18 +38,40 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | None) 
     return {"loss": nll / n, "nll_sum": nll.detach(), "n_tokens": torch.as_tensor(n, device=targets.device)}
 
 
+def frame_loss(pred: torch.Tensor, target: torch.Tensor) -> dict:
+    """Smooth L1 (beta 1) to the next frame's features: the mean over frames of each frame's mean over
+    features, plus the sum and the count of frames for frame-weighted averages."""
+    per_frame = F.smooth_l1_loss(pred.float(), target.float(), beta=1.0, reduction="none").mean(-1)
+    n = per_frame.numel()
+    return {"loss": per_frame.mean(), "nll_sum": per_frame.detach().sum(),
+            "n_tokens": torch.as_tensor(n, device=target.device)}
+
+
+def prediction_loss(pred: torch.Tensor, target: torch.Tensor, cfg: ModelConfig) -> dict:
+    """Cross-entropy for tokens, Smooth L1 for frames: the one place the candidate type decides the loss."""
+    return token_loss(pred, target, cfg.pad_token_id) if cfg.candidate == "tokens" else frame_loss(pred, target)
+
+
+def make_input_embedding(cfg: ModelConfig) -> nn.Module:
+    """Context inputs to width D: a token table, or a linear map from frame features."""
+    if cfg.candidate == "tokens":
+        return nn.Embedding(cfg.vocab_size, cfg.d_model)
+    return nn.Linear(cfg.feature_dim, cfg.d_model, bias=False)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tok_emb = make_input_embedding(cfg)  # for frames: a linear map F -> D
         self.backbone = Backbone(cfg)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        out = cfg.vocab_size if cfg.candidate == "tokens" else cfg.feature_dim
+        self.head = nn.Linear(cfg.d_model, out, bias=False)
         self.fused_attention = True  # SDPA kernels; False writes the score matrix (double-backward capable)
         init_weights(self)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, S) -> next-token logits (B, S, V)."""
+        """tokens (B, S) -> next-token logits (B, S, V); frames (B, S, F) -> next-frame features (B, S, F)."""
         check_window(tokens, self.cfg)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         return self.head(self.backbone(self.tok_emb(tokens), positions, causal=True, fused=self.fused_attention))
@@ -53,5 +79,4 @@ class Transformer(nn.Module):
     def forward(self, window: torch.Tensor) -> dict:
         """window (B, S+1): reads window[:, :-1], predicts window[:, 1:]. Returns loss and counts."""
         check_window(window, self.cfg, extra=1)
-        out = token_loss(self.logits(window[:, :-1]), window[:, 1:], self.cfg.pad_token_id)
-        return out
+        return prediction_loss(self.logits(window[:, :-1]), window[:, 1:], self.cfg)
