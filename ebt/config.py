@@ -143,6 +143,10 @@ class DataConfig:
     val_split: str = "val"
     ood_splits: list[str] = field(default_factory=lambda: ["ood"])
     verify: bool = False  # check every shard's sha256 at start (slow on big data)
+    # video data (a directory made by `ebt data video`): the fixed frame encoder fitted on training frames
+    features: str = "pca"  # "pca" or "pixels" (area-downsampled to grid x grid)
+    feature_dim: int = 64  # pca components (pixels: grid * grid)
+    grid: int = 16
 
 
 @dataclass

@@ -145,12 +145,48 @@ def _available_splits(data_dir: str) -> set[str]:
         return set()
 
 
+def is_video(data_dir) -> bool:
+    return (Path(data_dir) / "video.json").is_file()
+
+
+def open_split(dcfg, split: str, context_length: int, features=None, verify: bool = False):
+    """The loader for a split: token shards, or video clips encoded by `features`."""
+    if features is not None:
+        from ebt.data.video import ClipData
+
+        return ClipData(dcfg.data_dir, split, context_length, features)
+    from ebt.data.loader import TokenData  # data layer imported lazily: the models need none of it
+
+    return TokenData(dcfg.data_dir, split, context_length, verify=verify)
+
+
+def frame_features(run: RunConfig, resume_from: Path | None, out_dir: Path, is_main: bool):
+    """For video data: the fixed frame encoder, fitted on the training frames (deterministically, so
+    every rank fits the same) or, when resuming, the one saved in the checkpoint. Saved beside the run
+    and then inside every checkpoint, so a trained model always travels with its encoder."""
+    if not is_video(run.data.data_dir):
+        return None
+    import numpy as np
+
+    from ebt.data.video import FrameFeatures
+
+    saved = resume_from / "features" / "features.safetensors" if resume_from is not None else None
+    if saved is not None and saved.is_file():
+        feats = FrameFeatures.load(saved)
+    else:
+        clips = np.load(Path(run.data.data_dir) / f"{run.data.train_split}.npy", mmap_mode="r")
+        feats = FrameFeatures(run.data.features, run.data.feature_dim, run.data.grid).fit(
+            np.asarray(clips).reshape(-1, *clips.shape[2:]), seed=run.train.seed)
+    if is_main:
+        (out_dir / "features").mkdir(parents=True, exist_ok=True)
+        feats.save(out_dir / "features" / "features.safetensors")
+    return feats
+
+
 # ----------------------------------------------------------------------------------------------- train
 
 def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     """Train `run.model` on `run.data` as `run.train` says. Returns the final evaluation."""
-    from ebt.data.loader import TokenData  # data layer imported lazily: the models need none of it
-
     cfg, mcfg = run.train, run.model
     rank, world, device = setup_distributed(cfg.device)
     is_main = rank == 0
@@ -158,15 +194,21 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     if micro == 0:
         raise ConfigError(f"batch_size {cfg.batch_size} must be a positive multiple of world size ({world}) "
                           f"x grad_accum ({cfg.grad_accum})")
-    data = TokenData(run.data.data_dir, run.data.train_split, mcfg.context_length, verify=run.data.verify)
-    val = TokenData(run.data.data_dir, run.data.val_split, mcfg.context_length)
-    if data.vocab_size != mcfg.vocab_size:
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir = out_dir / "checkpoint"
+    features = frame_features(run, ckpt_dir if resume else None, out_dir, is_main)
+    data = open_split(run.data, run.data.train_split, mcfg.context_length, features, verify=run.data.verify)
+    val = open_split(run.data, run.data.val_split, mcfg.context_length, features)
+    if features is not None:
+        if mcfg.candidate != "frames" or mcfg.feature_dim != data.feature_dim:
+            raise ConfigError(f"{run.data.data_dir} holds video clips encoded to {data.feature_dim} features, but the "
+                              f"model expects {mcfg.candidate} (feature_dim {mcfg.feature_dim}); build it with "
+                              f"candidate='frames', feature_dim={data.feature_dim}")
+    elif data.vocab_size != mcfg.vocab_size:
         raise ConfigError(
             f"tokenizer/vocabulary mismatch: {run.data.data_dir} was tokenized with {data.tokenizer_name!r} "
             f"(vocabulary {data.vocab_size}) but the model has vocab_size {mcfg.vocab_size}; "
             f"use vocab_size={data.vocab_size} (the CLI does this unless --vocab-size is given)")
-    out_dir = Path(cfg.out_dir)
-    ckpt_dir = out_dir / "checkpoint"
     run_dict = to_dict(run)
 
     torch.manual_seed(cfg.seed)
@@ -206,7 +248,8 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
         fwd = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
     metrics = MetricsLog(out_dir, cfg, run_dict, enabled=is_main)
-    tok_dir = Path(run.data.data_dir) / "tokenizer"
+    extra = {name: d for name, d in (("tokenizer", Path(run.data.data_dir) / "tokenizer"),
+                                     ("features", out_dir / "features")) if d.is_dir()}
 
     replay = getattr(model, "replay", None)
 
@@ -215,7 +258,7 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
             save_checkpoint(ckpt_dir, model, run_dict, optimizer, scheduler,
                             {"step": step, "tokens_seen": tokens_seen, "world_size": world,
                              "data_position": {"step": step, "seed": cfg.seed}},
-                            extra_dirs={"tokenizer": tok_dir} if tok_dir.is_dir() else None, publish=False)
+                            extra_dirs=extra, publish=False)
         if world > 1:
             dist.barrier()
         if replay is not None:  # every rank writes its own buffer into the staged checkpoint
@@ -231,7 +274,8 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
         res = evaluate_lm(model, val, cfg.eval_batch_size, cfg.eval_windows, device, cfg.precision)
         metrics.log("val", step, loss=res["loss"], ppl=res["ppl"], tokens=res["tokens"])
         if is_main:
-            log(f"step {step:6d} | val loss {res['loss']:.4f} | val ppl {fmt_ppl(res['ppl'])}")
+            ppl = f" | val ppl {fmt_ppl(res['ppl'])}" if mcfg.candidate == "tokens" else " (Smooth L1 per frame)"
+            log(f"step {step:6d} | val loss {res['loss']:.4f}{ppl}")
         return res
 
     if is_main and getattr(model, "replay", None) is not None:
@@ -321,7 +365,7 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     checkpoint(cfg.steps)
     for split in run.data.ood_splits:
         if split in _available_splits(run.data.data_dir):
-            ood = TokenData(run.data.data_dir, split, mcfg.context_length)
+            ood = open_split(run.data, split, mcfg.context_length, features)
             res = evaluate_lm(model, ood, cfg.eval_batch_size, cfg.eval_windows, device, cfg.precision)
             metrics.log(split, cfg.steps, loss=res["loss"], ppl=res["ppl"], tokens=res["tokens"])
             final[split] = res
