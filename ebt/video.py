@@ -98,7 +98,7 @@ def plot_energy(energy: torch.Tensor, hard: torch.Tensor, out: str | Path, clips
         ax.scatter((idx + 1).numpy(), energy[c, idx].numpy(), s=70, facecolors="none", edgecolors=line.get_color())
     ax.set_xlabel("predicted frame (circled: a digit bounced)")
     ax.set_ylabel("energy")
-    ax.set_title("EBT energy along clips: higher where the next frame is less predictable", fontsize=9)
+    ax.set_title("EBT energy of each predicted frame along a few clips", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     out = Path(out)
@@ -177,15 +177,14 @@ def video_report(checkpoint, data_dir: str | None = None, baseline=None, think_s
             rows.append(row)
             log(f"  EBT {steps} steps x {c}: next-frame smooth L1 {row['smooth_l1']:.4f} mse {row['mse']:.4f} | "
                 f"rollout mse {row['rollout']['mse_mean']:.4f}")
-    base = None
+    base_model = None
     if baseline is not None:
         base_model = load_model(resolve(baseline), device=device).eval()
-        base = {"model": "transformer", **next_frame_errors(base_model, ClipData(data_dir, split, base_model.cfg.context_length,
-                                                                                 load_features(baseline)), max_windows=max_windows)}
-        base["rollout"] = rollout_errors(base_model, ClipData(data_dir, split, base_model.cfg.context_length,
-                                                              load_features(baseline)).clips()[:clips], context, horizon)
+        bdata = ClipData(data_dir, split, base_model.cfg.context_length, load_features(baseline))
+        base = {"model": base_model.cfg.model, **next_frame_errors(base_model, bdata, max_windows=max_windows),
+                "rollout": rollout_errors(base_model, bdata.clips()[:clips], context, horizon)}
         rows.append(base)
-        log(f"  Transformer++: next-frame smooth L1 {base['smooth_l1']:.4f} mse {base['mse']:.4f} | "
+        log(f"  baseline {base['model']}: next-frame smooth L1 {base['smooth_l1']:.4f} mse {base['mse']:.4f} | "
             f"rollout mse {base['rollout']['mse_mean']:.4f}")
     bfile = Path(data_dir) / f"{split}_bounces.npy"  # unknown (absent) for users' own clips
     bounces = torch.from_numpy(np.load(bfile)[:clips]) if bfile.is_file() else \
@@ -196,9 +195,10 @@ def video_report(checkpoint, data_dir: str | None = None, baseline=None, think_s
     real = np.load(Path(data_dir) / f"{split}.npy", mmap_mode="r")[0]
     pred, _ = predict_next(model, all_clips[:1, :S].to(model.tok_emb.weight.dtype), ThinkConfig())
     strip = {"real frames 1..": np.asarray(real[1:S + 1]), "EBT next-frame prediction": feats.decode(pred[0].cpu())}
-    if baseline is not None:
-        strip["Transformer++ prediction"] = feats.decode(base_model.logits(all_clips[:1, :S].to(
-            base_model.tok_emb.weight.dtype))[0].detach().cpu())
+    if base_model is not None:
+        bpred, _ = predict_next(base_model, bdata.clips()[:1, :base_model.cfg.context_length].to(
+            base_model.tok_emb.weight.dtype))
+        strip[f"{base_model.cfg.model} prediction"] = load_features(baseline).decode(bpred[0].cpu())
     strip["real decoded through the encoder"] = feats.decode(all_clips[0, 1:S + 1])
     frame_strip(strip, out_dir / "frames.png")
     report = {"checkpoint": str(ckpt), "data": data_dir, "split": split, "rows": rows,
@@ -213,7 +213,7 @@ def video_markdown(report: dict) -> str:
     lines = ["| model | thinking | next-frame Smooth L1 | next-frame MSE | rollout MSE (mean of 8) | rollout MSE at 1 / 4 / 8 |",
              "|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        think_ = f"{r['steps']} steps x {r['candidates']} cand." if r["model"] == "ebt" else "-"
+        think_ = f"{r['steps']} steps x {r['candidates']} cand." if "steps" in r else "-"
         ro = r["rollout"]["mse_per_step"]
         lines.append(f"| {r['model']} | {think_} | {r['smooth_l1']:.4f} | {r['mse']:.4f} | {r['rollout']['mse_mean']:.4f} | "
                      f"{ro[0]:.4f} / {ro[min(3, len(ro) - 1)]:.4f} / {ro[-1]:.4f} |")

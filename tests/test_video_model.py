@@ -76,3 +76,47 @@ def test_feature_size_mismatch_and_missing_dim():
         m(torch.randn(2, 10, F, dtype=torch.float64))
     with pytest.raises(ConfigError, match="needs feature_dim"):
         ModelConfig(candidate="frames")
+
+
+@pytest.mark.slow
+def test_video_training_and_report(tmp_path, monkeypatch):
+    """Train a tiny EBT and Transformer++ on generated clips, then the full video report."""
+    import json
+
+    import numpy as np
+
+    import ebt.data.video as vd
+    from ebt.config import DataConfig, RunConfig, TrainConfig, recipe
+    from ebt.errors import ConfigError
+    from ebt.train import train
+    from ebt.video import video_report
+
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(vd, "load_mnist_digits", lambda cache_dir: (
+        (rng.random((100, 28, 28)) > 0.7).astype(np.uint8) * 255, np.arange(100) % 10))
+    vd.write_video_dataset(tmp_path / "v", n_train=24, n_val=6, n_test=6, log=lambda *a: None)
+
+    def run(kind, out, feature_dim=16):
+        return RunConfig(
+            model=ModelConfig(model=kind, size="4xs", n_layer=1, d_model=32, n_head=2, vocab_size=1, pad_token_id=None,
+                              context_length=8, candidate="frames", feature_dim=feature_dim,
+                              ebt=recipe("s1", alpha=1.0, alpha_lr_mult=3.0) if kind == "ebt" else None),
+            data=DataConfig(data_dir=str(tmp_path / "v"), features="pca", feature_dim=16),
+            train=TrainConfig(out_dir=str(out), steps=6, batch_size=8, warmup_steps=2, eval_every=3, eval_windows=16,
+                              device="cpu", progress=False))
+
+    train(run("ebt", tmp_path / "e"), log=lambda *a: None)
+    train(run("transformer", tmp_path / "t"), log=lambda *a: None)
+    assert (tmp_path / "e" / "checkpoint" / "features" / "features.safetensors").is_file()
+    with pytest.raises(ConfigError, match="encoded to 16 features"):
+        train(run("ebt", tmp_path / "x", feature_dim=12), log=lambda *a: None)
+    rep = video_report(tmp_path / "e", baseline=tmp_path / "t", think_steps=[1, 3], split="test", clips=6,
+                       out_dir=tmp_path / "eval", log=lambda *a: None)
+    assert [r.get("steps") for r in rep["rows"]] == [1, 3, None]
+    for r in rep["rows"]:
+        assert len(r["rollout"]["mse_per_step"]) == 8 and r["mse"] > 0 and r["frames"] > 0
+    for png in rep["png"]:
+        assert open(png, "rb").read(4) == b"\x89PNG"
+    md = (tmp_path / "eval" / "video_eval.md").read_text()
+    assert md.count("| ebt |") == 2 and "| transformer |" in md and "bounce" in md
+    assert json.loads((tmp_path / "eval" / "video_eval.json").read_text())["split"] == "test"
