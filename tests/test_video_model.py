@@ -120,3 +120,13 @@ def test_video_training_and_report(tmp_path, monkeypatch):
     md = (tmp_path / "eval" / "video_eval.md").read_text()
     assert md.count("| ebt |") == 2 and "| transformer |" in md and "bounce" in md
     assert json.loads((tmp_path / "eval" / "video_eval.json").read_text())["split"] == "test"
+
+
+def test_frames_with_the_s2_recipe_and_replay():
+    m = frames_model(rand_steps=2, rand_steps_min=2, detach=False, truncate=True, loss_last_only=True,
+                     alpha_rand_scale=2.0, langevin=0.1, replay_buffer=6).train()
+    w = torch.randn(4, 9, F, dtype=torch.float64)
+    m(w)["loss"].backward()
+    out = m(w)
+    assert float(out["replay_rows"]) == 2 and m.replay.windows.dtype == torch.float64
+    assert m.replay.windows.shape == (6, 9, F) and m.replay.logits.shape == (6, 8, F)
