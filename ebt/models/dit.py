@@ -1,0 +1,409 @@
+"""Diffusion Transformer baseline for image denoising (ebt-method.md section 4).
+
+A DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers") that predicts the noise epsilon
+of a DDPM linear schedule, plus the pieces the paper's denoising comparison needs:
+
+- `NoiseSchedule`: betas linear in 1e-4..2e-2, `q_sample` noises an image at timestep t;
+- `noise_at_level`: the paper's noise *level* sigma (a fraction of the schedule, see its docstring)
+  and `level_to_timestep`, which finds where a DiT trained on the standard schedule should start;
+- `DiT`: patchify -> fixed 2-D sin-cos positions -> adaLN-Zero blocks -> adaLN final layer -> pixels;
+- `ddim_denoise` / `recursive`: DDIM from the level's timestep down to 0, re-applied to its own
+  output, counting forward passes (the paper compares 3 EBT passes with 300 DiT passes).
+
+One file, no class-label conditioning: the only condition is the timestep.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ebt.config import SIZES
+from ebt.errors import ConfigError
+
+BETA_START, BETA_END = 1e-4, 2e-2  # DDPM linear schedule endpoints (Ho et al.), also used by the paper
+
+
+# ----------------------------------------------------------------------------------------------------
+# noise schedule and noise levels
+
+
+def linear_alphas_cumprod(steps: int) -> torch.Tensor:
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s) for betas linear in BETA_START..BETA_END over `steps`.
+
+    float64 on the CPU: the products over thousands of steps and the 1 - alpha_bar near t=0 lose
+    digits in float32, and CPU scalars can be read with .item() without a device sync.
+    """
+    betas = torch.linspace(BETA_START, BETA_END, steps, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def _broadcast(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-example coefficients (B,) or a scalar -> shape broadcastable against x (B, C, H, W)."""
+    coef = coef.to(device=x.device, dtype=x.dtype)
+    return coef.reshape(-1, *([1] * (x.dim() - 1))) if coef.dim() else coef
+
+
+class NoiseSchedule:
+    """The standard DDPM linear schedule over `steps` timesteps (0 .. steps-1).
+
+    A plain object, not a module: `model.to(bfloat16)` must not round alpha_bar.
+    """
+
+    def __init__(self, steps: int = 1000):
+        if steps < 2:
+            raise ConfigError(f"a noise schedule needs at least 2 timesteps, got steps={steps}")
+        self.steps = steps
+        self.alphas_cumprod = linear_alphas_cumprod(steps)
+        self._tables: dict[torch.device, torch.Tensor] = {}  # alphas_cumprod copies on other devices
+
+    def alpha_bar(self, t) -> torch.Tensor:
+        """alpha_bar at timestep(s) t (an int or a tensor of ints), float64 on the CPU."""
+        t = torch.as_tensor(t, dtype=torch.long, device="cpu")
+        if t.numel() and (t.min() < 0 or t.max() >= self.steps):
+            raise ConfigError(f"timesteps must lie in 0..{self.steps - 1}, got {t.tolist()}")
+        return self.alphas_cumprod[t]
+
+    def q_sample(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise; t is an int or one per example."""
+        if torch.is_tensor(t) and t.device.type != "cpu":
+            # index a copy of the table on t's device: checking the range would sync every training step
+            if t.device not in self._tables:
+                self._tables[t.device] = self.alphas_cumprod.to(t.device)
+            ab = self._tables[t.device][t]
+        else:
+            ab = self.alpha_bar(t)
+        return _broadcast(ab.sqrt(), x0) * x0 + _broadcast((1 - ab).sqrt(), x0) * noise
+
+
+def level_alpha_bar(level: float, steps: int = 1000) -> float:
+    """alpha_bar of noise level `level` (ebt-method.md 4).
+
+    The level is a fraction of the schedule: the linear schedule (same endpoints) is stretched to
+    round(steps / level) timesteps and the image is noised at timestep steps-1 of that stretched
+    schedule. Stretching makes each beta smaller, so a smaller level means less noise; level 1 is
+    the standard schedule at its last step.
+    """
+    if not 0 < level <= 1:
+        raise ConfigError(f"noise level must lie in (0, 1] (a fraction of the schedule), got {level}")
+    return linear_alphas_cumprod(round(steps / level))[steps - 1].item()
+
+
+def noise_at_level(x0: torch.Tensor, level: float, noise: torch.Tensor | None = None,
+                   steps: int = 1000) -> tuple[torch.Tensor, float]:
+    """Noise x0 at the paper's noise level (see `level_alpha_bar`). Returns (x_noisy, alpha_bar).
+
+    The paper trains at level 0.1 (in distribution) and tests at 0.1 and 0.2 (out of distribution).
+    """
+    ab = level_alpha_bar(level, steps)
+    noise = torch.randn_like(x0) if noise is None else noise
+    return math.sqrt(ab) * x0 + math.sqrt(1 - ab) * noise, ab
+
+
+def level_to_timestep(level: float, schedule: NoiseSchedule) -> int:
+    """The timestep of the standard (unstretched) schedule whose alpha_bar is closest to the level's.
+
+    A DiT is trained on the standard schedule, so this is where DDIM starts for an image noised at
+    `level`. alpha_bar decreases with t, so the result is non-decreasing in the level.
+    """
+    ab = level_alpha_bar(level, schedule.steps)
+    return int((schedule.alphas_cumprod - ab).abs().argmin())
+
+
+# ----------------------------------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class DiTConfig:
+    size: str = "4xs"  # a name from ebt.config.SIZES; n_layer/d_model/n_head below override it
+    image_size: int = 32  # square images of image_size x image_size pixels
+    channels: int = 1
+    patch: int = 4  # patches of patch x patch pixels; (image_size / patch)^2 tokens
+    n_layer: int | None = None
+    d_model: int | None = None
+    n_head: int | None = None
+    diffusion_steps: int = 1000  # timesteps of the training schedule (and of the timestep embedding's range)
+
+    def __post_init__(self):
+        if self.size not in SIZES:
+            raise ConfigError(f"unknown size {self.size!r}; choose one of: {', '.join(SIZES)}")
+        layers, width, heads, _ = SIZES[self.size]
+        self.n_layer = layers if self.n_layer is None else self.n_layer
+        self.d_model = width if self.d_model is None else self.d_model
+        self.n_head = heads if self.n_head is None else self.n_head
+        if min(self.n_layer, self.d_model, self.n_head, self.image_size, self.channels, self.patch) < 1:
+            raise ConfigError(f"DiT sizes must be positive: {self}")
+        if self.image_size % self.patch:
+            raise ConfigError(f"image_size={self.image_size} is not a multiple of patch={self.patch}: "
+                              f"pick a patch size that divides the image size")
+        if self.d_model % self.n_head:
+            raise ConfigError(f"d_model={self.d_model} does not split into n_head={self.n_head} heads: "
+                              f"choose n_head dividing d_model")
+        if self.d_model % 4:
+            # half the width encodes the row, half the column, each as sin/cos pairs
+            raise ConfigError(f"d_model={self.d_model} must be a multiple of 4 for 2-D sin-cos positions")
+        if self.diffusion_steps < 2:
+            raise ConfigError(f"diffusion_steps must be >= 2, got {self.diffusion_steps}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch * self.patch * self.channels
+
+
+def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    """(N,) positions -> (N, dim): [sin(pos w_k), cos(pos w_k)] with w_k = 10000^(-k / (dim/2))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    ang = pos.double()[:, None] * omega[None]
+    return torch.cat([ang.sin(), ang.cos()], dim=1)
+
+
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed positions of a grid x grid patch map in row-major token order: (grid^2, dim), float32.
+
+    The first half of the width encodes the row, the second half the column.
+    """
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    pe = torch.cat([sincos_1d(dim // 2, rows.flatten()), sincos_1d(dim // 2, cols.flatten())], dim=1)
+    return pe.float()
+
+
+def timestep_frequencies(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """(B,) timesteps (may be fractional) -> (B, dim) [cos, sin] features over geometric frequencies."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    ang = t.float()[:, None] * freqs[None]
+    return torch.cat([ang.cos(), ang.sin()], dim=1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Timestep -> frequency features -> MLP -> the block conditioning c (B, D)."""
+
+    def __init__(self, d_model: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, d_model), nn.SiLU(), nn.Linear(d_model, d_model))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_frequencies(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # (1 + scale): a zero modulation output leaves the normalised tokens unchanged
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head self-attention: every patch sees every patch."""
+
+    def __init__(self, d_model: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # no mask
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: LayerNorm without affine, then shift/scale from c before attention and MLP
+    and a gate on each residual branch. The modulation starts at zero, so the gates are zero and the
+    block starts as the identity (the paper's best-performing conditioning)."""
+
+    def __init__(self, d_model: int, n_head: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(d_model, n_head)
+        self.norm2 = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_ratio * d_model, d_model))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d_model, 6 * d_model))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift/scale, no gate) then a linear map from tokens to patch pixels, zero-initialised."""
+
+    def __init__(self, d_model: int, patch_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d_model, 2 * d_model))
+        self.linear = nn.Linear(d_model, patch_dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.ada(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Predicts the noise epsilon of x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps from (x_t, t)."""
+
+    def __init__(self, cfg: DiTConfig | None = None):
+        super().__init__()
+        cfg = DiTConfig() if cfg is None else cfg
+        self.cfg = cfg
+        self.schedule = NoiseSchedule(cfg.diffusion_steps)
+        self.patch_embed = nn.Conv2d(cfg.channels, cfg.d_model, kernel_size=cfg.patch, stride=cfg.patch)
+        # fixed, not learned; persistent=False keeps it out of checkpoints (it is recomputed from cfg)
+        self.register_buffer("pos_embed", sincos_2d(cfg.d_model, cfg.grid), persistent=False)
+        self.t_embed = TimestepEmbedder(cfg.d_model)
+        self.blocks = nn.ModuleList(DiTBlock(cfg.d_model, cfg.n_head) for _ in range(cfg.n_layer))
+        self.final = FinalLayer(cfg.d_model, cfg.patch_dim)
+        self._init_weights()
+
+    def _init_weights(self):
+        # as in the DiT reference: xavier linears, the patch conv as a linear, N(0, 0.02) timestep MLP,
+        # then zero every modulation and the output layer (adaLN-Zero)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        for m in self.t_embed.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.ada[-1].weight)
+            nn.init.zeros_(block.ada[-1].bias)
+        for m in (self.final.ada[-1], self.final.linear):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _check(self, x: torch.Tensor) -> None:
+        c, s = self.cfg.channels, self.cfg.image_size
+        if x.dim() != 4 or tuple(x.shape[1:]) != (c, s, s):
+            raise ConfigError(f"expected images of shape (batch, {c}, {s}, {s}), got {tuple(x.shape)}: "
+                              f"build the DiT with matching channels and image_size")
+
+    def _timesteps(self, t, x: torch.Tensor) -> torch.Tensor:
+        """An int, a scalar tensor or one timestep per example -> (B,) on x's device."""
+        t = torch.as_tensor(t, device=x.device)
+        return t.expand(x.shape[0]) if t.dim() == 0 else t
+
+    def features(self, x: torch.Tensor, t) -> torch.Tensor:
+        """Tokens after the last block, before the final adaLN layer: (B, n_patches, D).
+
+        Mean-pool them over patches for a linear probe.
+        """
+        self._check(x)
+        h = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D), row-major like pos_embed
+        h = h + self.pos_embed.to(h.dtype)
+        c = self.t_embed(self._timesteps(t, x))
+        for block in self.blocks:
+            h = block(h, c)
+        return h
+
+    def unpatchify(self, p: torch.Tensor) -> torch.Tensor:
+        """(B, N, patch*patch*C) with each patch's pixels in (row, col, channel) order -> (B, C, H, W)."""
+        B, g, q, C = p.shape[0], self.cfg.grid, self.cfg.patch, self.cfg.channels
+        p = p.reshape(B, g, g, q, q, C)
+        return torch.einsum("bhwpqc->bchpwq", p).reshape(B, C, g * q, g * q)
+
+    def forward(self, x_noisy: torch.Tensor, t) -> torch.Tensor:
+        """(B, C, H, W) noisy images at timestep(s) t -> predicted noise eps, same shape."""
+        h = self.features(x_noisy, t)
+        c = self.t_embed(self._timesteps(t, x_noisy))
+        return self.unpatchify(self.final(h, c))
+
+    def loss(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """The DDPM "simple" loss: MSE between predicted and true noise, t uniform over the schedule."""
+        self._check(x0)
+        B = x0.shape[0]
+        t = torch.randint(0, self.schedule.steps, (B,), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        eps = self(x_t, t)
+        return {"loss": F.mse_loss(eps.float(), noise.float()), "t": t}
+
+
+# ----------------------------------------------------------------------------------------------------
+# DDIM sampling from a noise level
+
+
+def ddim_timesteps(t_start: int, n_steps: int, schedule: NoiseSchedule) -> list[int]:
+    """n_steps distinct timesteps evenly spaced from t_start down to 0 (just [t_start] for one step)."""
+    if not 0 <= t_start < schedule.steps:
+        raise ConfigError(f"t_start={t_start} must lie in 0..{schedule.steps - 1}")
+    if not 1 <= n_steps <= t_start + 1:
+        # more steps than timesteps would repeat a timestep: a forward pass that changes nothing
+        raise ConfigError(f"n_steps={n_steps} must lie in 1..t_start+1={t_start + 1}")
+    if n_steps == 1:
+        return [t_start]
+    return torch.linspace(t_start, 0, n_steps, dtype=torch.float64).round().long().tolist()
+
+
+@torch.no_grad()
+def ddim_denoise(model: nn.Module, x_t: torch.Tensor, t_start: int, n_steps: int, schedule: NoiseSchedule,
+                 eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DDIM (Song et al.) from x_t at t_start down to 0 in n_steps model calls; returns the final
+    clean estimate x0_hat (not clipped: the pixel range is the caller's).
+
+    Each step predicts eps, forms x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) and moves to the
+    next timestep s: x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps + sigma z, with
+    sigma = eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s). eta=0 is deterministic. The last
+    step's x0_hat is the result.
+    """
+    ts = ddim_timesteps(t_start, n_steps, schedule)
+    x = x_t
+    for i, t in enumerate(ts):
+        ab_t = schedule.alphas_cumprod[t].item()
+        eps = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long))
+        x0_hat = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
+        if i == len(ts) - 1:
+            return x0_hat
+        ab_s = schedule.alphas_cumprod[ts[i + 1]].item()
+        sigma = eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
+        x = math.sqrt(ab_s) * x0_hat + math.sqrt(max(1 - ab_s - sigma ** 2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    raise AssertionError("unreachable: ddim_timesteps returns at least one step")
+
+
+def count_forward_passes(n_steps: int, applications: int) -> int:
+    """Model calls of `recursive`: one per DDIM step, per application."""
+    return n_steps * applications
+
+
+def recursive(model: nn.Module, x_noisy: torch.Tensor, level: float, n_steps: int, applications: int,
+              schedule: NoiseSchedule) -> tuple[list[torch.Tensor], int]:
+    """The paper's DiT baseline: DDIM started at the level's timestep, re-applied to its own output.
+
+    Every application treats its input as an image noised at `level` (the denoiser does not know
+    how much noise is left). Returns ([output of each application], forward passes).
+    """
+    if applications < 1:
+        raise ConfigError(f"applications must be >= 1, got {applications}")
+    t_start = level_to_timestep(level, schedule)
+    outputs, x = [], x_noisy
+    for _ in range(applications):
+        x = ddim_denoise(model, x, t_start, n_steps, schedule)
+        outputs.append(x)
+    return outputs, count_forward_passes(n_steps, applications)
+
+
+__all__ = [
+    "DiT", "DiTConfig", "NoiseSchedule", "count_forward_passes", "ddim_denoise", "ddim_timesteps",
+    "level_alpha_bar", "level_to_timestep", "linear_alphas_cumprod", "noise_at_level", "recursive",
+]
