@@ -17,6 +17,8 @@ TRAIN_EXAMPLES = """examples:
   ebt train --size 4xs --context-length 128 --steps 300 --batch-size 32 --out runs/tpp
   ebt train --model ebt --recipe s1 --size 4xs --context-length 128 --steps 300 --out runs/ebt_s1
   ebt train --model ebt --recipe s2 --replay-buffer 64 --langevin 1.0 --out runs/ebt_s2   # knobs over a recipe
+  ebt train --data images:fashion_mnist --model ebt --size 4xs --lr 1e-4 --steps 2000 --out runs/img_ebt
+  ebt train --data images:fashion_mnist --model dit --size 4xs --steps 2000 --out runs/img_dit
   ebt train --out runs/tpp --steps 600 --resume      # continue (the schedule now spans 600 steps)
   torchrun --nproc-per-node 4 -m ebt.cli train --size small --batch-size 256 --out runs/small
   torchrun --nnodes 2 --node-rank $RANK --master-addr $HOST --nproc-per-node 8 -m ebt.cli train ...
@@ -26,19 +28,25 @@ EVAL_EXAMPLES = """examples:
   ebt eval runs/tpp                                  # val and ood perplexity of runs/tpp/checkpoint
   ebt eval runs/ebt_s2 --think --reasoning --windows 64 --baseline runs/tpp --json grid.json --markdown grid.md
   ebt eval runs/video_ebt --baseline runs/video_tpp --think-steps 2 4 8 --out-dir runs/video_eval   # video
+  ebt eval runs/img_ebt --baseline runs/img_dit --windows 2000 --out-dir runs/denoise   # images (--task denoise)
   ebt eval runs/tpp/checkpoint --splits val ood --windows 0 --json runs/tpp/eval.json
 """
 
 
 def _model_args(p):
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="transformer", choices=["transformer", "ebt"], help="model family")
+    g.add_argument("--model", default="transformer", choices=["transformer", "ebt", "dit"],
+                   help="model family (dit: the diffusion baseline for --data images:...)")
     g.add_argument("--size", default="xxs", choices=list(SIZES), help="named size (layers, width, heads, lr)")
     g.add_argument("--n-layer", type=int, help="override the size's number of layers")
     g.add_argument("--d-model", type=int, help="override the size's width")
     g.add_argument("--n-head", type=int, help="override the size's number of heads")
     g.add_argument("--context-length", type=int, default=256, help="tokens the model reads (S)")
     g.add_argument("--vocab-size", type=int, help="default: the vocabulary of the data's tokenizer")
+    g.add_argument("--image-size", type=int, default=32, help="images: side in pixels (data is padded to it)")
+    g.add_argument("--channels", type=int, default=1, help="images: 1 (grayscale) or 3 (RGB)")
+    g.add_argument("--patch", type=int, default=4, help="images: patch size")
+    g.add_argument("--noise-level", type=float, default=0.1, help="images: training noise level")
 
 
 # EBT knobs: flag -> (EBTConfig field, type, help). Unset flags keep the recipe's value.
@@ -90,7 +98,9 @@ def _ebt_config(args, base):
 def _train_args(p):
     d = TrainConfig()
     g = p.add_argument_group("training")
-    g.add_argument("--data", default=DataConfig().data_dir, help="directory made by `ebt data prepare`")
+    g.add_argument("--data", default=DataConfig().data_dir,
+                   help="directory made by `ebt data prepare` or `ebt data video`, or images:fashion_mnist | "
+                        "images:mnist | images:/a/folder")
     g.add_argument("--verify-data", action="store_true", help="check every shard's sha256 before training")
     g.add_argument("--features", default="pca", choices=["pca", "pixels"], help="video: the fixed frame encoder")
     g.add_argument("--feature-dim", type=int, default=64, help="video: PCA components per frame")
@@ -145,13 +155,19 @@ def run_config_from_args(args, parser=None) -> RunConfig:
         value = getattr(args, name)
         return value if (given is None or name in given) else current
 
-    from ebt.train import is_video
+    from ebt.train import IMAGES, is_video
 
     m, t, d = base.model, base.train, base.data
     data_dir = pick("data", d.data_dir)
     dcfg = DataConfig(data_dir=data_dir, verify=args.verify_data, features=pick("features", d.features),
                       feature_dim=pick("feature_dim", d.feature_dim), grid=pick("grid", d.grid))
-    if is_video(data_dir):  # frames: the candidate is a feature vector; no vocabulary
+    if str(data_dir).startswith(IMAGES):  # images: the candidate is the image itself
+        dcfg.image_size, dcfg.channels = args.image_size, args.channels
+        kw = dict(candidate="image", vocab_size=1, pad_token_id=None, image_size=args.image_size,
+                  channels=args.channels, patch=args.patch, noise_level=args.noise_level)
+        if args.recipe == "s1":  # the text default; images have their own S1 recipe
+            args.recipe = "s1_image"
+    elif is_video(data_dir):  # frames: the candidate is a feature vector; no vocabulary
         kw = dict(candidate="frames", vocab_size=1, pad_token_id=None,
                   feature_dim=dcfg.grid ** 2 if dcfg.features == "pixels" else dcfg.feature_dim)
     else:
@@ -198,6 +214,17 @@ def cmd_eval(args):
     cfg = read_config(path)
     data_dir = args.data or cfg.get("data", {}).get("data_dir", DataConfig().data_dir)
     _, _, device = setup_distributed(args.device)
+    if cfg["model"].get("candidate") == "image":
+        from ebt.denoise import denoise_report
+
+        if cfg["model"]["model"] != "ebt":
+            raise EBTError("denoising evaluation takes the EBT checkpoint; pass the DiT as --baseline")
+        rep = denoise_report(path, args.baseline, test_images=args.windows or 2000, out_dir=args.out_dir,
+                             device=device)
+        print((Path(args.out_dir) / "denoise.md").read_text())
+        if args.json:
+            Path(args.json).write_text(json.dumps(rep, indent=2))
+        return
     if cfg["model"].get("candidate") == "frames":
         from ebt.video import video_report
 
@@ -362,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reasoning-n", type=int, default=2000, help="documents per generated reasoning set")
     g.add_argument("--reasoning-seed", type=int, default=1234)
     g.add_argument("--markdown", help="write the grid's Markdown table to this file")
-    g = ep.add_argument_group("video (EBT over frames): next-frame and rollout errors, energy plot, frame strip")
+    ep.add_argument("--task", choices=["lm", "video", "denoise"], help="informational: the task follows the checkpoint")
+    g = ep.add_argument_group("video (EBT over frames) and denoising (image EBT): tables and pictures")
     g.add_argument("--video-split", default="test")
     g.add_argument("--out-dir", default="video_eval", help="where the table and the PNGs go")
     ep.set_defaults(func=cmd_eval)

@@ -25,7 +25,7 @@ SIZES: dict[str, tuple[int, int, int, float]] = {
     "xl": (24, 2048, 32, 0.0002),
 }
 
-MODEL_TYPES = ("transformer", "ebt")
+MODEL_TYPES = ("transformer", "ebt", "dit")
 
 
 @dataclass
@@ -76,6 +76,10 @@ RECIPES: dict[str, dict] = {
     "s2": dict(variant="time_embed", landscapes=1, alpha=5.0, alpha_learnable=False, rand_steps=2,
                rand_steps_min=2, detach=False, truncate=True, loss_last_only=True, alpha_rand_scale=2.0,
                langevin=3.0, replay_buffer=192, replay_fraction=0.5),
+    # the image denoiser (ebt-method.md 4): one step from the noisy image, alpha learnable
+    "s1_image": dict(variant="default", landscapes=1, alpha=3000.0, alpha_learnable=True, alpha_lr_mult=9000.0,
+                     rand_steps=0, rand_steps_min=0, detach=True, truncate=False, loss_last_only=False,
+                     alpha_rand_scale=1.0, langevin=0.0, replay_buffer=0),
 }
 
 
@@ -97,8 +101,13 @@ class ModelConfig:
     pad_token_id: int | None = 0  # targets equal to this id are ignored by the loss (None: none)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    candidate: str = "tokens"  # "tokens": vocabulary logits; "frames": a feature vector per step (video)
+    candidate: str = "tokens"  # "tokens": vocabulary logits; "frames": a feature vector per step (video);
+    # "image": a whole image (the bidirectional denoisers: model "ebt" or "dit")
     feature_dim: int | None = None  # frames only: size F of a frame's feature vector
+    image_size: int = 32  # image only
+    channels: int = 1
+    patch: int = 4
+    noise_level: float = 0.1  # image only: the training noise level (a fraction of the stretched schedule)
     ebt: EBTConfig | None = None  # model="ebt" only; None there means recipe("s1")
 
     def __post_init__(self):
@@ -107,7 +116,7 @@ class ModelConfig:
         if self.model not in MODEL_TYPES:
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(MODEL_TYPES)}")
         if self.model == "ebt" and self.ebt is None:
-            self.ebt = recipe("s1")
+            self.ebt = recipe("s1_image" if self.candidate == "image" else "s1")
         if isinstance(self.ebt, dict):
             self.ebt = EBTConfig(**self.ebt)
         layers, width, heads, _ = SIZES[self.size]
@@ -120,8 +129,10 @@ class ModelConfig:
             raise ConfigError(
                 f"d_model={self.d_model} must split into n_head={self.n_head} heads of even width (RoPE rotates pairs)"
             )
-        if self.candidate not in ("tokens", "frames"):
-            raise ConfigError(f"unknown candidate type {self.candidate!r}: use 'tokens' or 'frames'")
+        if self.candidate not in ("tokens", "frames", "image"):
+            raise ConfigError(f"unknown candidate type {self.candidate!r}: use 'tokens', 'frames' or 'image'")
+        if self.model == "dit" and self.candidate != "image":
+            raise ConfigError("the DiT is an image denoiser: use candidate='image'")
         if self.candidate == "frames" and not (self.feature_dim or 0) >= 1:
             raise ConfigError("a model over frames needs feature_dim (the size of a frame's feature vector)")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
@@ -147,6 +158,10 @@ class DataConfig:
     features: str = "pca"  # "pca" or "pixels" (area-downsampled to grid x grid)
     feature_dim: int = 64  # pca components (pixels: grid * grid)
     grid: int = 16
+    # images (data_dir "images:fashion_mnist", "images:mnist" or "images:/a/folder")
+    image_cache: str = "data/downloads"  # where the image packages are fetched and unpacked
+    image_size: int = 32
+    channels: int = 1
 
 
 @dataclass

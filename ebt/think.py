@@ -119,6 +119,11 @@ class Thought:
     trace: torch.Tensor | None = None  # (steps+1, B, S) energy of the selected candidate after each step
 
 
+def _expand(mask: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """A per-(row, position) mask (E's shape) broadcastable over the candidate's remaining dimensions."""
+    return mask.reshape(*mask.shape, *[1] * (z.dim() - mask.dim()))
+
+
 def _one_candidate(model, contexts, z, n_steps, alpha, noise, cfg: ThinkConfig, trace: bool):
     """Run one start to the end. Memory is flat in n_steps: only the current candidate, its energy
     and gradient are kept (and a (B, S) energy per step when tracing)."""
@@ -141,7 +146,7 @@ def _one_candidate(model, contexts, z, n_steps, alpha, noise, cfg: ThinkConfig, 
             if cfg.tol is not None:
                 active = active & ((E_new - E).abs() >= cfg.tol)
             steps_used += take
-            m = take.unsqueeze(-1)
+            m = _expand(take, z)
             z, p, g = torch.where(m, z_new, z), torch.where(m, p_new, p), torch.where(m, g_new, g)
             E = torch.where(take, E_new, E).detach()
         if trace:
@@ -179,7 +184,7 @@ def think(model, inputs, cfg: ThinkConfig | None = None, init: torch.Tensor | No
             best = [z, E, E0, score, hist]
             continue
         better = score > best[3]
-        m = better.unsqueeze(-1)
+        m = _expand(better, z)
         best = [torch.where(m, z, best[0]), torch.where(better, E, best[1]), torch.where(better, E0, best[2]),
                 torch.where(better, score, best[3]),
                 torch.where(better, hist, best[4]) if cfg.trace else None]

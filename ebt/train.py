@@ -149,8 +149,33 @@ def is_video(data_dir) -> bool:
     return (Path(data_dir) / "video.json").is_file()
 
 
+IMAGES = "images:"  # --data images:fashion_mnist | images:mnist | images:/a/folder
+
+
+class ImageSplit:
+    """ImageData behind the trainer's loader interface (batches of images only; labels are for probes)."""
+
+    def __init__(self, name: str, split: str, cache_dir: str, size: int, channels: int):
+        from ebt.data.images import ImageData
+
+        self.images = ImageData(name, split, cache_dir=cache_dir, size=size, channels=channels)
+        self.num_windows = self.num_tokens = self.images.num_images
+        self.vocab_size = self.pad_id = None
+        self.tokenizer_name = f"images:{self.images.name}"
+
+    def train_batch(self, step, global_batch, seed, rank=0, world_size=1):
+        return self.images.train_batch(step, global_batch, seed, rank, world_size)
+
+    def eval_batches(self, batch_size, rank=0, world_size=1, max_windows=None):
+        for x, _ in self.images.eval_batches(batch_size, rank, world_size, max_images=max_windows):
+            yield x
+
+
 def open_split(dcfg, split: str, context_length: int, features=None, verify: bool = False):
-    """The loader for a split: token shards, or video clips encoded by `features`."""
+    """The loader for a split: token shards, video clips encoded by `features`, or images."""
+    if str(dcfg.data_dir).startswith(IMAGES):
+        return ImageSplit(str(dcfg.data_dir)[len(IMAGES):], split, dcfg.image_cache, dcfg.image_size,
+                          dcfg.channels)
     if features is not None:
         from ebt.data.video import ClipData
 
@@ -164,7 +189,7 @@ def frame_features(run: RunConfig, resume_from: Path | None, out_dir: Path, is_m
     """For video data: the fixed frame encoder, fitted on the training frames (deterministically, so
     every rank fits the same) or, when resuming, the one saved in the checkpoint. Saved beside the run
     and then inside every checkpoint, so a trained model always travels with its encoder."""
-    if not is_video(run.data.data_dir):
+    if str(run.data.data_dir).startswith(IMAGES) or not is_video(run.data.data_dir):
         return None
     import numpy as np
 
@@ -199,7 +224,12 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     features = frame_features(run, ckpt_dir if resume else None, out_dir, is_main)
     data = open_split(run.data, run.data.train_split, mcfg.context_length, features, verify=run.data.verify)
     val = open_split(run.data, run.data.val_split, mcfg.context_length, features)
-    if features is not None:
+    if isinstance(data, ImageSplit):
+        if mcfg.candidate != "image":
+            raise ConfigError(f"{run.data.data_dir} holds images: train an image model (--model ebt or dit) with "
+                              f"candidate='image'")
+        data.images.check_model(mcfg.channels, mcfg.image_size)
+    elif features is not None:
         if mcfg.candidate != "frames" or mcfg.feature_dim != data.feature_dim:
             raise ConfigError(f"{run.data.data_dir} holds video clips encoded to {data.feature_dim} features, but the "
                               f"model expects {mcfg.candidate} (feature_dim {mcfg.feature_dim}); build it with "
@@ -322,7 +352,7 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens_seen += cfg.batch_size * mcfg.context_length
+        tokens_seen += cfg.batch_size * (1 if mcfg.candidate == "image" else mcfg.context_length)
         loss_sum += step_loss
         bar.update(1)
         done = step + 1

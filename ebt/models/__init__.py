@@ -6,12 +6,15 @@ from torch import nn
 
 from ebt.config import ModelConfig
 from ebt.models.ebt import EBT
+from ebt.models.ebt_image import DiTDenoiser, EBTDenoiser
 from ebt.models.transformer import Transformer
 
-MODELS: dict[str, type[nn.Module]] = {"transformer": Transformer, "ebt": EBT}
+MODELS: dict[str, type[nn.Module]] = {"transformer": Transformer, "ebt": EBT, "dit": DiTDenoiser}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
+    if cfg.model == "ebt" and cfg.candidate == "image":
+        return EBTDenoiser(cfg)  # the bidirectional image EBT (same thinking loop, no context stream)
     return MODELS[cfg.model](cfg)
 
 
@@ -22,4 +25,4 @@ def from_pretrained(path, device="cpu") -> nn.Module:
     return load_model(path, device=device)
 
 
-__all__ = ["EBT", "MODELS", "Transformer", "build_model", "from_pretrained"]
+__all__ = ["EBT", "DiTDenoiser", "EBTDenoiser", "MODELS", "Transformer", "build_model", "from_pretrained"]

@@ -24,6 +24,7 @@ from torch import nn
 
 from ebt.config import SIZES
 from ebt.errors import ConfigError
+from ebt.nn import attend
 
 BETA_START, BETA_END = 1e-4, 2e-2  # DDPM linear schedule endpoints (Ho et al.), also used by the paper
 
@@ -213,11 +214,12 @@ class Attention(nn.Module):
         self.n_head = n_head
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
+        self.fused = True  # SDPA kernels; the EBT denoiser switches to explicit scores (double backward)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)  # no mask
+        y = attend(q, k, v, fused=self.fused)  # no mask
         return self.proj(y.transpose(1, 2).reshape(B, N, D))
 
 

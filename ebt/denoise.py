@@ -1,0 +1,230 @@
+"""Image denoising evaluation (ebt-method.md 4): the EBT denoiser against a DiT, in distribution (noise
+level 0.1, the training level) and out of distribution (0.2).
+
+Per-image MSE on [0, 255] pixels and PSNR = 10 log10(255^2 / MSE), averaged over the test images, with
+the forward passes each configuration spends: the EBT at 1, 2, 3 steps and applied recursively to its
+own output; the DiT with DDIM started at the level's timestep, at several step counts and 1-3 recursive
+applications. Also a PSNR-versus-passes plot, image grids and a linear probe on each frozen model's
+mean-pooled final tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ebt.evaluate import seeded
+from ebt.models.dit import noise_at_level, recursive
+from ebt.think import ThinkConfig, think
+
+
+def pixel_errors(pred: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image MSE on [0, 255] pixels and PSNR = 10 log10(255^2 / MSE) for images in [-1, 1]."""
+    p = (pred.clamp(-1, 1) + 1) * 127.5
+    c = (clean.clamp(-1, 1) + 1) * 127.5
+    mse = (p.double() - c.double()).pow(2).flatten(1).mean(1)
+    psnr = 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))
+    return mse, psnr
+
+
+def ebt_denoise(model, noisy: torch.Tensor, steps: int, applications: int = 1) -> tuple[list, int]:
+    """The EBT's prediction after `steps` steps from the noisy image, re-applied to its own output
+    `applications` times. Returns the output of each application and the forward passes spent."""
+    outs, x = [], noisy
+    for _ in range(applications):
+        x = think(model, x, ThinkConfig(steps=steps, score_final=False)).z
+        outs.append(x)
+    return outs, steps * applications
+
+
+def _batches(x: torch.Tensor, n: int):
+    for i in range(0, len(x), n):
+        yield x[i:i + n]
+
+
+@torch.no_grad()
+def denoising_table(ebt_model, dit=None, images: torch.Tensor = None, levels=(0.1, 0.2), ebt_steps=(1, 2, 3),
+                    ebt_applications=3, dit_steps=(10, 50, 100), dit_applications=3, batch_size: int = 256,
+                    seed: int = 0, log=print) -> list[dict]:
+    """Rows: {"model", "config", "passes", level: {"mse", "psnr"}} averaged over `images`."""
+    rows: dict[tuple, dict] = {}
+
+    def add(model, config, passes, level, pred, clean):
+        mse, psnr = pixel_errors(pred, clean)
+        r = rows.setdefault((model, config), {"model": model, "config": config, "passes": passes})
+        acc = r.setdefault(str(level), {"mse": 0.0, "psnr": 0.0, "n": 0})
+        acc["mse"] += float(mse.sum())
+        acc["psnr"] += float(psnr.sum())
+        acc["n"] += len(mse)
+
+    dev = next(ebt_model.parameters()).device
+    trained = ebt_model.cfg.ebt.eval_steps
+    for level in levels:
+        with seeded(seed, dev):
+            for clean in _batches(images, batch_size):
+                clean = clean.to(dev)
+                noisy, _ = noise_at_level(clean, level)
+                add("noisy input", "-", 0, level, noisy, clean)
+                for s in ebt_steps:
+                    outs, passes = ebt_denoise(ebt_model, noisy, s)
+                    add("EBT", f"{s} step{'s' if s > 1 else ''}", passes, level, outs[-1], clean)
+                outs, _ = ebt_denoise(ebt_model, noisy, trained, ebt_applications)
+                for a, out in enumerate(outs[1:], start=2):
+                    add("EBT", f"{trained} step(s) x {a} applications", trained * a, level, out, clean)
+                if dit is not None:
+                    for n in dit_steps:
+                        outs, _ = recursive(dit.net, noisy, level, n, dit_applications, dit.net.schedule)
+                        for a, out in enumerate(outs, start=1):
+                            add("DiT", f"DDIM {n} steps x {a}", n * a, level, out, clean)
+        log(f"  level {level}: done")
+    table = []
+    for r in rows.values():
+        for level in levels:
+            acc = r[str(level)]
+            r[str(level)] = {"mse": acc["mse"] / acc["n"], "psnr": acc["psnr"] / acc["n"]}
+        table.append(r)
+    return table
+
+
+def table_markdown(table: list[dict], levels=(0.1, 0.2)) -> str:
+    head = "| model | configuration | forward passes | " + " | ".join(
+        f"{'ID' if i == 0 else 'OOD'} {lv} MSE | {'ID' if i == 0 else 'OOD'} {lv} PSNR" for i, lv in enumerate(levels)) + " |"
+    lines = [head, "|" + "---|" * (3 + 2 * len(levels))]
+    for r in table:
+        cells = [r["model"], r["config"], str(r["passes"])]
+        for lv in levels:
+            cells += [f"{r[str(lv)]['mse']:.1f}", f"{r[str(lv)]['psnr']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_psnr(table: list[dict], out, levels=(0.1, 0.2)) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 3.4), squeeze=False)
+    for ax, lv in zip(axes[0], levels):
+        for model, marker in (("EBT", "o"), ("DiT", "s")):
+            pts = sorted((r["passes"], r[str(lv)]["psnr"]) for r in table if r["model"] == model)
+            if pts:
+                ax.scatter(*zip(*pts), marker=marker, label=model)
+        base = [r[str(lv)]["psnr"] for r in table if r["model"] == "noisy input"]
+        if base:
+            ax.axhline(base[0], color="gray", ls="--", lw=1, label="noisy input")
+        ax.set_xscale("log")
+        ax.set_xlabel("forward passes")
+        ax.set_ylabel("PSNR (dB)")
+        ax.set_title(f"noise level {lv} ({'in' if lv == levels[0] else 'out of'} distribution)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+@torch.no_grad()
+def image_grid(ebt_model, dit, clean: torch.Tensor, level: float, out, dit_steps: int = 50) -> Path:
+    """Rows of clean / noisy / EBT / DiT images at one noise level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ebt.data.images import from_model_range
+
+    dev = next(ebt_model.parameters()).device
+    with seeded(1, dev):
+        noisy, _ = noise_at_level(clean.to(dev), level)
+        rows = {"clean": clean, "noisy": noisy,
+                "EBT": ebt_denoise(ebt_model, noisy, ebt_model.cfg.ebt.eval_steps)[0][-1]}
+        if dit is not None:
+            rows[f"DiT (DDIM {dit_steps})"] = recursive(dit.net, noisy, level, dit_steps, 1, dit.net.schedule)[0][-1]
+    n = clean.shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.9, len(rows) * 1.0), squeeze=False)
+    for r, (name, imgs) in enumerate(rows.items()):
+        arr = from_model_range(imgs.cpu())
+        for i in range(n):
+            axes[r][i].imshow(arr[i], cmap="gray" if arr.ndim == 3 else None, vmin=0, vmax=255)
+            axes[r][i].axis("off")
+        axes[r][0].set_title(name, fontsize=7, loc="left")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def linear_probe(model, train_x, train_y, test_x, test_y, batch_size: int = 512, epochs: int = 200,
+                 seed: int = 0) -> float:
+    """Top-1 test accuracy of a logistic regression on the frozen model's mean-pooled final tokens."""
+    dev = next(model.parameters()).device
+
+    @torch.no_grad()
+    def feats(x):
+        return torch.cat([model.tokens(b.to(dev)).mean(1).float().cpu() for b in _batches(x, batch_size)])
+
+    ftr, fte = feats(train_x), feats(test_x)
+    mu, sd = ftr.mean(0), ftr.std(0).clamp_min(1e-6)
+    ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
+    g = torch.Generator().manual_seed(seed)
+    clf = torch.nn.Linear(ftr.shape[1], int(train_y.max()) + 1)
+    torch.nn.init.normal_(clf.weight, std=0.01, generator=g)
+    torch.nn.init.zeros_(clf.bias)
+    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=epochs, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(clf(ftr), train_y) + 1e-4 * clf.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return float((clf(fte).argmax(1) == test_y).float().mean())
+
+
+def denoise_report(ebt_ckpt, dit_ckpt=None, images: str | None = None, test_images: int | None = 2000,
+                   probe_train: int = 10000, out_dir="denoise_eval", device="cpu", log=print) -> dict:
+    from ebt.checkpoint import load_model, read_config, resolve
+    from ebt.data.images import ImageData
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ebt_path = resolve(ebt_ckpt)
+    cfg = read_config(ebt_path)
+    name = images or str(cfg["data"]["data_dir"]).split(":", 1)[1]
+    cache = cfg["data"].get("image_cache", "data/downloads")
+    model = load_model(ebt_path, device=device).eval()
+    dit = load_model(resolve(dit_ckpt), device=device).eval() if dit_ckpt else None
+    test = ImageData(name, "test", cache_dir=cache, size=model.cfg.image_size, channels=model.cfg.channels)
+    test.check_model(model.cfg.channels, model.cfg.image_size)
+    n = min(test_images or test.num_images, test.num_images)
+    ids = (torch.arange(n) * test.num_images) // n  # spread over the test set
+    x = test.x[ids]
+    log(f"denoising {n} test images of {name}")
+    table = denoising_table(model, dit, x, log=log)
+    (out_dir / "denoise.md").write_text(table_markdown(table))
+    plot_psnr(table, out_dir / "psnr_vs_passes.png")
+    for lv in (0.1, 0.2):
+        image_grid(model, dit, x[:10], lv, out_dir / f"grid_level{lv}.png")
+    train = ImageData(name, "train", cache_dir=cache, size=model.cfg.image_size, channels=model.cfg.channels)
+    m = min(probe_train, train.num_images)
+    tr_ids = (torch.arange(m) * train.num_images) // m
+    probe = {"EBT": linear_probe(model, train.x[tr_ids], train.y[tr_ids], test.x, test.y)}
+    if dit is not None:
+        probe["DiT"] = linear_probe(dit, train.x[tr_ids], train.y[tr_ids], test.x, test.y)
+    with open(out_dir / "denoise.md", "a") as f:
+        f.write("\nLinear probe (logistic regression on mean-pooled final tokens, top-1 on the full test set): "
+                + ", ".join(f"{k} {100 * v:.2f}%" for k, v in probe.items()) + "\n")
+    report = {"images": name, "test_images": n, "table": table, "probe_top1": probe,
+              "png": [str(out_dir / p) for p in ("psnr_vs_passes.png", "grid_level0.1.png", "grid_level0.2.png")]}
+    (out_dir / "denoise.json").write_text(json.dumps(report, indent=2))
+    return report
+

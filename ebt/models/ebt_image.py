@@ -1,0 +1,159 @@
+"""Bidirectional EBT for images (ebt-method.md section 4) and the DiT denoiser wrapped for the trainer.
+
+The EBT denoiser is the DiT's transformer (patchify, fixed 2-D sin-cos positions, adaLN-Zero blocks,
+bidirectional attention) conditioned on one learned embedding instead of a timestep, with one scalar
+per patch: E(image) = the mean over patches. Its energy head and every modulation start at zero.
+Predicting starts from the noisy image and steps x <- x - alpha * dE/dx in pixel space, through the
+same thinking loop (ebt.think) as the text and video EBTs; the loss is Smooth L1 to the clean image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ebt.config import ModelConfig
+from ebt.errors import ConfigError
+from ebt.models.dit import DiT, DiTBlock, DiTConfig, FinalLayer, noise_at_level, sincos_2d
+from ebt.think import unroll
+
+
+def dit_config(cfg: ModelConfig) -> DiTConfig:
+    return DiTConfig(size=cfg.size, image_size=cfg.image_size, channels=cfg.channels, patch=cfg.patch,
+                     n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head)
+
+
+def image_loss(pred: torch.Tensor, clean: torch.Tensor) -> dict:
+    """Smooth L1 (beta 1) to the clean image: per image, then averaged; sums for image-weighted means."""
+    per_image = F.smooth_l1_loss(pred.float(), clean.float(), beta=1.0, reduction="none").flatten(1).mean(1)
+    return {"loss": per_image.mean(), "nll_sum": per_image.detach().sum(),
+            "n_tokens": torch.as_tensor(per_image.numel(), device=clean.device)}
+
+
+class EBTDenoiser(nn.Module):
+    nonfinite_hint = ("the image EBT diverges when alpha is too large for its energy gradients: lower --alpha "
+                      "or --alpha-lr-mult, or --lr")
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg, e = cfg, cfg.ebt
+        dc = dit_config(cfg)
+        self.dcfg = dc
+        self.patch_embed = nn.Conv2d(dc.channels, dc.d_model, kernel_size=dc.patch, stride=dc.patch)
+        self.register_buffer("pos_embed", sincos_2d(dc.d_model, dc.grid), persistent=False)
+        self.cond = nn.Embedding(1, dc.d_model)  # the single learned conditioning of every block
+        self.blocks = nn.ModuleList(DiTBlock(dc.d_model, dc.n_head) for _ in range(dc.n_layer))
+        self.final = FinalLayer(dc.d_model, 1)  # one energy scalar per patch
+        for block in self.blocks:
+            block.attn.fused = False  # the second-order graph needs attention with double backward
+        self._init_weights()
+        self.alpha = nn.Parameter(torch.tensor(float(e.alpha)), requires_grad=e.alpha_learnable)
+        self.measure_final_energy = True
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.cond.weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: modulation and energy head start at zero
+            nn.init.zeros_(block.ada[-1].weight)
+            nn.init.zeros_(block.ada[-1].bias)
+        for m in (self.final.ada[-1], self.final.linear):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def extra_param_groups(self) -> list[dict]:
+        e = self.cfg.ebt
+        return [{"params": [self.alpha], "lr_mult": e.alpha_lr_mult, "weight_decay": 0.0, "name": "alpha"}] \
+            if e.alpha_learnable else []
+
+    def check(self, x: torch.Tensor) -> None:
+        c, s = self.dcfg.channels, self.dcfg.image_size
+        if x.dim() != 4 or tuple(x.shape[1:]) != (c, s, s):
+            raise ConfigError(f"expected images of shape (batch, {c}, {s}, {s}), got {tuple(x.shape)}: a "
+                              f"{'grayscale' if c == 1 else f'{c}-channel'} {s}x{s} model needs matching data")
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-block tokens (B, n_patches, D) of an image (also what the linear probe pools)."""
+        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
+        c = self.cond.weight.expand(x.shape[0], -1)
+        for block in self.blocks:
+            h = block(h, c)
+        return h
+
+    # the hooks of ebt.think: no context (the image is the candidate), one "position" per image
+    def context(self, inputs, landscape: int):
+        return None
+
+    def landscape_key(self, k: int) -> int:
+        return 0
+
+    def candidate_input(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def energy_from(self, ctx, x: torch.Tensor) -> torch.Tensor:
+        h = self.tokens(x)
+        per_patch = self.final(h, self.cond.weight.expand(x.shape[0], -1)).squeeze(-1)  # (B, n_patches)
+        return per_patch.mean(1, keepdim=True)  # (B, 1)
+
+    def step_alpha(self, shape, stochastic: bool) -> torch.Tensor:
+        e = self.cfg.ebt
+        alpha = self.alpha.clamp(min=e.alpha_min)
+        if stochastic and e.alpha_rand_scale > 1:  # per image: U[alpha / s, alpha * s]
+            s = e.alpha_rand_scale
+            u = torch.rand(shape[0], 1, 1, 1, device=alpha.device, dtype=alpha.dtype)
+            alpha = alpha * (1 / s + u * (s - 1 / s))
+        return alpha
+
+    def init_candidate(self, noisy: torch.Tensor) -> torch.Tensor:
+        return noisy.clone()  # prediction starts from the noisy image itself
+
+    def default_think_steps(self) -> int:
+        return self.cfg.ebt.eval_steps
+
+    def train_steps(self) -> int:
+        e = self.cfg.ebt
+        if self.training and e.rand_steps:
+            return int(torch.randint(e.rand_steps_min, e.landscapes + e.rand_steps + 1, ()))
+        return e.eval_steps
+
+    def forward(self, clean: torch.Tensor) -> dict:
+        """clean images (B, C, H, W) in [-1, 1] -> noised at the training level, denoised by the unroll,
+        Smooth L1 to the clean image."""
+        self.check(clean)
+        noisy, _ = noise_at_level(clean, self.cfg.noise_level)
+        n_steps = self.train_steps()
+        xs, energies = unroll(self, noisy, noisy, n_steps, self.training, torch.is_grad_enabled(), self.cfg.ebt)
+        first, last = image_loss(xs[0], clean), image_loss(xs[-1], clean)
+        steps = [image_loss(x, clean)["loss"] for x in xs]
+        loss = last["loss"] if self.cfg.ebt.loss_last_only else torch.stack(steps).mean()
+        out = {"loss": loss, "nll_sum": last["nll_sum"], "n_tokens": last["n_tokens"],
+               "ce_first": first["loss"].detach(), "ce_last": last["loss"].detach(),
+               "alpha": self.alpha.detach().clamp(min=self.cfg.ebt.alpha_min)}
+        if self.training and self.measure_final_energy:
+            with torch.no_grad():
+                out["energy_gap"] = (energies[0] - self.energy_from(None, xs[-1].detach())).mean()
+        return out
+
+
+class DiTDenoiser(nn.Module):
+    """The DiT baseline behind the trainer's interface: forward(clean images) -> the DDPM loss."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.net = DiT(dit_config(cfg))
+
+    def forward(self, clean: torch.Tensor) -> dict:
+        out = self.net.loss(clean)
+        n = clean.shape[0]
+        return {"loss": out["loss"], "nll_sum": out["loss"].detach() * n,
+                "n_tokens": torch.as_tensor(n, device=clean.device)}
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x, 0)  # the DiT's representation of a clean image (t = 0)
