@@ -304,7 +304,8 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
         res = evaluate_lm(model, val, cfg.eval_batch_size, cfg.eval_windows, device, cfg.precision)
         metrics.log("val", step, loss=res["loss"], ppl=res["ppl"], tokens=res["tokens"])
         if is_main:
-            ppl = f" | val ppl {fmt_ppl(res['ppl'])}" if mcfg.candidate == "tokens" else " (Smooth L1 per frame)"
+            ppl = {"tokens": f" | val ppl {fmt_ppl(res['ppl'])}", "frames": " (Smooth L1 per frame)",
+                   "image": " (per image: Smooth L1 for the EBT, the DDPM noise MSE for the DiT)"}[mcfg.candidate]
             log(f"step {step:6d} | val loss {res['loss']:.4f}{ppl}")
         return res
 
