@@ -18,6 +18,7 @@ import torch
 from ebt.evaluate import seeded
 from ebt.models.dit import noise_at_level, recursive
 from ebt.think import ThinkConfig, think
+from ebt.plots import pyplot, save_figure
 
 
 def pixel_errors(pred: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,10 +102,7 @@ def table_markdown(table: list[dict], levels=(0.1, 0.2)) -> str:
 
 
 def plot_psnr(table: list[dict], out, levels=(0.1, 0.2)) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 3.4), squeeze=False)
     for ax, lv in zip(axes[0], levels):
@@ -121,20 +119,13 @@ def plot_psnr(table: list[dict], out, levels=(0.1, 0.2)) -> Path:
         ax.set_title(f"noise level {lv} ({'in' if lv == levels[0] else 'out of'} distribution)", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=120)
 
 
 @torch.no_grad()
 def image_grid(ebt_model, dit, clean: torch.Tensor, level: float, out, dit_steps: int = 50) -> Path:
     """Rows of clean / noisy / EBT / DiT images at one noise level."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from ebt.data.images import from_model_range
 
@@ -154,11 +145,7 @@ def image_grid(ebt_model, dit, clean: torch.Tensor, level: float, out, dit_steps
             axes[r][i].axis("off")
         axes[r][0].set_title(name, fontsize=7, loc="left")
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def linear_probe(model, train_x, train_y, test_x, test_y, batch_size: int = 512, epochs: int = 200,

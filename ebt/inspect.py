@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ebt.errors import EBTError
+from ebt.plots import pyplot, save_figure
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -25,10 +26,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def energy_heatmap(trace: torch.Tensor, labels: list[str], out: str | Path, title: str = "") -> Path:
     """trace (steps+1, T): energy of each position's candidate after each step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps, T = trace.shape
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * T), 1.2 + 0.35 * steps))
@@ -39,11 +37,7 @@ def energy_heatmap(trace: torch.Tensor, labels: list[str], out: str | Path, titl
     ax.set_title(title or "energy per token across thinking steps (lower: more certain)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="energy")
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=120)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ebt.evaluate import seeded
 from ebt.think import ThinkConfig, think
+from ebt.plots import pyplot, save_figure
 
 
 def predict_next(model, context: torch.Tensor, think_cfg: ThinkConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -86,10 +87,7 @@ def energy_along_clips(model, clips: torch.Tensor, bounces: torch.Tensor, think_
 
 def plot_energy(energy: torch.Tensor, hard: torch.Tensor, out: str | Path, clips_shown: int = 4) -> Path:
     """Per-frame energy along a few clips, with the frames that follow a bounce marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
     for c in range(min(clips_shown, energy.shape[0])):
@@ -101,19 +99,12 @@ def plot_energy(energy: torch.Tensor, hard: torch.Tensor, out: str | Path, clips
     ax.set_title("EBT energy of each predicted frame along a few clips", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=120)
 
 
 def frame_strip(rows: dict[str, "object"], out: str | Path) -> Path:
     """A PNG with one row of frames per entry (name -> uint8 array (T, H, W))."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(rows)
     T = max(len(v) for v in rows.values())
@@ -126,11 +117,7 @@ def frame_strip(rows: dict[str, "object"], out: str | Path) -> Path:
                 ax.imshow(rows[name][t], cmap="gray", vmin=0, vmax=255)
         axes[r][0].set_title(name, fontsize=7, loc="left")
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=100)
 
 
 def load_features(ckpt):

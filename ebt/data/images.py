@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ebt.data import video
 from ebt.data.fetch import SourceUnavailable, apt_download, deb_extract
+from ebt.data.sampling import EpochSampler
 from ebt.errors import ConfigError, DataError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -349,28 +350,11 @@ class ImageData:
             raise DataError(f"the {split!r} split of {name_or_path} holds no images; add images")
         self.channels, self.size = int(self.x.shape[1]), int(self.x.shape[2])
         self.num_windows = self.num_images  # for logging shared with the token and clip loaders
-        self._perm_key, self._perm = None, None
-
-    def _permutation(self, seed, epoch):
-        if self._perm_key != (seed, epoch):
-            self._perm = np.random.default_rng([seed, epoch]).permutation(self.num_images)
-            self._perm_key = (seed, epoch)
-        return self._perm
+        self.sampler = EpochSampler(self.num_images, f"the {split!r} split of {self.name} has only "
+                                    f"{self.num_images} images (add images)")
 
     def _batch_ids(self, step, global_batch, seed, rank, world_size):
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(f"rank must be in 0..world_size-1 (got rank={rank}, world_size={world_size})")
-        if global_batch < 1 or global_batch % world_size:
-            raise ConfigError(f"global batch {global_batch} is not divisible by world size {world_size}; "
-                              f"pick a batch size that is a multiple of the number of processes")
-        if global_batch > self.num_images:
-            raise DataError(f"the {self.split!r} split of {self.name} has only {self.num_images} images, fewer "
-                            f"than the batch size {global_batch}; use a smaller batch or add images")
-        per_epoch = self.num_images // global_batch  # the epoch's remainder is dropped
-        epoch, j = divmod(int(step), per_epoch)
-        per_rank = global_batch // world_size
-        start = j * global_batch + rank * per_rank
-        return torch.from_numpy(self._permutation(seed, epoch)[start: start + per_rank])
+        return torch.from_numpy(self.sampler.batch_ids(step, global_batch, seed, rank, world_size))
 
     def train_batch(self, step, global_batch, seed, rank=0, world_size=1):
         """This rank's rows of the global batch for `step`: float32 (global_batch//world_size, C, S, S)."""
@@ -383,15 +367,9 @@ class ImageData:
     def eval_batches(self, batch_size, rank=0, world_size=1, max_images=None):
         """(x, y) pairs covering every image once, in order; with max_images, that many evenly spread over the
         split (the built-in sets are sorted by class, so a prefix would score few classes). Rank r takes r, r+W, ..."""
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
-        if max_images is None or max_images >= self.num_images:
-            chosen = np.arange(self.num_images)
-        else:
-            chosen = (np.arange(int(max_images)) * self.num_images) // int(max_images)
-        ids = torch.from_numpy(chosen[rank::world_size])
-        for b in range(0, len(ids), batch_size):
-            yield self.x[ids[b: b + batch_size]], self.y[ids[b: b + batch_size]]
+        for ids in self.sampler.eval_ids(batch_size, rank, world_size, max_images):
+            ids = torch.from_numpy(ids)
+            yield self.x[ids], self.y[ids]
 
     def check_model(self, channels, size):
         """Raise ConfigError when a model taking `channels` x `size` x `size` images cannot read this data."""

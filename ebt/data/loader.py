@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ebt.data.sampling import EpochSampler
 from ebt.data.shards import FORMAT, read_manifest
 from ebt.data.tokenizers import Tokenizer
 from ebt.errors import ConfigError, DataError
@@ -93,7 +94,8 @@ class TokenData:
             raise DataError(f"the {split!r} split of {data_dir} has {self.num_tokens} tokens, fewer than "
                             f"context_length+1 = {self.S + 1} in any shard; use a shorter context "
                             f"length or prepare more text")
-        self._perm_key, self._perm = None, None
+        self.sampler = EpochSampler(self.num_windows, f"the {split!r} split has only {self.num_windows} windows "
+                                    f"of {self.S + 1} tokens (use a shorter context length or prepare more text)")
 
     def window(self, i):
         if not 0 <= i < self.num_windows:
@@ -106,42 +108,14 @@ class TokenData:
         rows = np.stack([self.window(int(i)) for i in ids]).astype(np.int64)
         return torch.from_numpy(rows)
 
-    def _permutation(self, seed, epoch):
-        # one epoch's order, cached: consecutive steps reuse it instead of reshuffling
-        if self._perm_key != (seed, epoch):
-            self._perm = np.random.default_rng([seed, epoch]).permutation(self.num_windows)
-            self._perm_key = (seed, epoch)
-        return self._perm
-
     def train_batch(self, step, global_batch, seed, rank=0, world_size=1):
         """Rows of the global batch for `step` that belong to `rank`: (global_batch//world_size, S+1)."""
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(f"rank must be in 0..world_size-1 (got rank={rank}, world_size={world_size})")
-        if global_batch < 1 or global_batch % world_size:
-            raise ConfigError(f"global batch {global_batch} is not divisible by world size {world_size}; "
-                              f"pick a batch size that is a multiple of the number of processes")
-        if global_batch > self.num_windows:
-            raise DataError(f"the {self.split!r} split has only {self.num_windows} windows of "
-                            f"{self.S + 1} tokens, fewer than the batch size {global_batch}; use a "
-                            f"smaller batch or context length, or prepare more text")
-        per_epoch = self.num_windows // global_batch  # the epoch's remainder is dropped
-        epoch, j = divmod(int(step), per_epoch)
-        per_rank = global_batch // world_size
-        start = j * global_batch + rank * per_rank
-        return self._stack(self._permutation(seed, epoch)[start: start + per_rank])
+        return self._stack(self.sampler.batch_ids(step, global_batch, seed, rank, world_size))
 
     def eval_batches(self, batch_size, rank=0, world_size=1, max_windows=None):
-        """Every window once, in order; with max_windows, that many windows evenly spread over the split
-        (a prefix would score only the first documents, often a single source). Rank r takes r, r+W, ..."""
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
-        if max_windows is None or max_windows >= self.num_windows:
-            chosen = np.arange(self.num_windows)
-        else:
-            chosen = (np.arange(int(max_windows)) * self.num_windows) // int(max_windows)
-        ids = chosen[rank::world_size]
-        for b in range(0, len(ids), batch_size):
-            yield self._stack(ids[b: b + batch_size])
+        """Every window once, in order (or max_windows evenly spread); rank r takes r, r+W, ..."""
+        for ids in self.sampler.eval_ids(batch_size, rank, world_size, max_windows):
+            yield self._stack(ids)
 
     def __len__(self):
         return self.num_windows

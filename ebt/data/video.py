@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ebt.data.fetch import pip_download
+from ebt.data.sampling import EpochSampler
 from ebt.errors import ConfigError, DataError
 
 FORMAT = "ebt-video-v1"
@@ -489,7 +490,8 @@ class ClipData:
         self.num_windows = n * self._per_clip
         if self.num_windows == 0:
             raise DataError(f"{path} holds no clips; write the dataset again with more clips")
-        self._perm_key, self._perm = None, None
+        self.sampler = EpochSampler(self.num_windows, f"the {split!r} split has only {self.num_windows} windows "
+                                    f"of {self.S + 1} frames (write more clips or lower the context length)")
 
     def _stack(self, ids):
         ids = np.asarray(ids, dtype=np.int64)
@@ -502,40 +504,14 @@ class ClipData:
             raise IndexError(f"window {i} out of range (0..{self.num_windows - 1})")
         return self._stack([i])[0]
 
-    def _permutation(self, seed, epoch):
-        if self._perm_key != (seed, epoch):
-            self._perm = np.random.default_rng([seed, epoch]).permutation(self.num_windows)
-            self._perm_key = (seed, epoch)
-        return self._perm
-
     def train_batch(self, step, global_batch, seed, rank=0, world_size=1):
         """Rows of the global batch for `step` that belong to `rank`: (global_batch//world_size, S+1, F)."""
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(f"rank must be in 0..world_size-1 (got rank={rank}, world_size={world_size})")
-        if global_batch < 1 or global_batch % world_size:
-            raise ConfigError(f"global batch {global_batch} is not divisible by world size {world_size}; "
-                              f"pick a batch size that is a multiple of the number of processes")
-        if global_batch > self.num_windows:
-            raise DataError(f"the {self.split!r} split has only {self.num_windows} windows of {self.S + 1} "
-                            f"frames, fewer than the batch size {global_batch}; use a smaller batch or "
-                            f"write more clips")
-        per_epoch = self.num_windows // global_batch  # the epoch's remainder is dropped
-        epoch, j = divmod(int(step), per_epoch)
-        per_rank = global_batch // world_size
-        start = j * global_batch + rank * per_rank
-        return self._stack(self._permutation(seed, epoch)[start: start + per_rank])
+        return self._stack(self.sampler.batch_ids(step, global_batch, seed, rank, world_size))
 
     def eval_batches(self, batch_size, rank=0, world_size=1, max_windows=None):
-        """Every window once, in order; with max_windows, that many evenly spread. Rank r takes r, r+W, ..."""
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1 (got {batch_size})")
-        if max_windows is None or max_windows >= self.num_windows:
-            chosen = np.arange(self.num_windows)
-        else:
-            chosen = (np.arange(int(max_windows)) * self.num_windows) // int(max_windows)
-        ids = chosen[rank::world_size]
-        for b in range(0, len(ids), batch_size):
-            yield self._stack(ids[b: b + batch_size])
+        """Every window once, in order (or max_windows evenly spread); rank r takes r, r+W, ..."""
+        for ids in self.sampler.eval_ids(batch_size, rank, world_size, max_windows):
+            yield self._stack(ids)
 
     def clips(self):
         """All encoded clips (n, T, F), e.g. for rollouts."""

@@ -257,6 +257,25 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+def init_adaln_zero(model: nn.Module) -> None:
+    """The DiT initialisation shared by the DiT and the EBT denoiser: Xavier linears, the patch conv as
+    a linear, then every adaLN modulation and the output layer at zero (adaLN-Zero: blocks start as
+    the identity and the output at zero)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    w = model.patch_embed.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.patch_embed.bias)
+    for block in model.blocks:
+        nn.init.zeros_(block.ada[-1].weight)
+        nn.init.zeros_(block.ada[-1].bias)
+    for m in (model.final.ada[-1], model.final.linear):
+        nn.init.zeros_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class DiT(nn.Module):
     """Predicts the noise epsilon of x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps from (x_t, t)."""
 
@@ -274,24 +293,10 @@ class DiT(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        # as in the DiT reference: xavier linears, the patch conv as a linear, N(0, 0.02) timestep MLP,
-        # then zero every modulation and the output layer (adaLN-Zero)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.patch_embed.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
-        for m in self.t_embed.mlp:
+        init_adaln_zero(self)
+        for m in self.t_embed.mlp:  # as in the DiT reference: N(0, 0.02) for the timestep MLP
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.ada[-1].weight)
-            nn.init.zeros_(block.ada[-1].bias)
-        for m in (self.final.ada[-1], self.final.linear):
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def _check(self, x: torch.Tensor) -> None:
         c, s = self.cfg.channels, self.cfg.image_size

@@ -15,7 +15,7 @@ from torch import nn
 
 from ebt.config import ModelConfig
 from ebt.errors import ConfigError
-from ebt.models.dit import DiT, DiTBlock, DiTConfig, FinalLayer, noise_at_level, sincos_2d
+from ebt.models.dit import DiT, DiTBlock, DiTConfig, FinalLayer, init_adaln_zero, noise_at_level, sincos_2d
 from ebt.think import unroll
 
 
@@ -52,20 +52,8 @@ class EBTDenoiser(nn.Module):
         self.measure_final_energy = True
 
     def _init_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.patch_embed.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
+        init_adaln_zero(self)  # the energy head (final.linear) and every modulation start at zero
         nn.init.normal_(self.cond.weight, std=0.02)
-        for block in self.blocks:  # adaLN-Zero: modulation and energy head start at zero
-            nn.init.zeros_(block.ada[-1].weight)
-            nn.init.zeros_(block.ada[-1].bias)
-        for m in (self.final.ada[-1], self.final.linear):
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def extra_param_groups(self) -> list[dict]:
         e = self.cfg.ebt
