@@ -220,7 +220,7 @@ def cmd_eval(args):
         if cfg["model"]["model"] != "ebt":
             raise EBTError("denoising evaluation takes the EBT checkpoint; pass the DiT as --baseline")
         rep = denoise_report(path, args.baseline, test_images=args.windows or 2000, out_dir=args.out_dir,
-                             device=device)
+                             device=device, dit_steps=args.ddim_steps)
         print((Path(args.out_dir) / "denoise.md").read_text())
         if args.json:
             Path(args.json).write_text(json.dumps(rep, indent=2))
@@ -392,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--task", choices=["lm", "video", "denoise"], help="informational: the task follows the checkpoint")
     g = ep.add_argument_group("video (EBT over frames) and denoising (image EBT): tables and pictures")
     g.add_argument("--video-split", default="test")
+    g.add_argument("--ddim-steps", type=int, nargs="+", default=[10, 50, 100], help="denoising: the DiT's DDIM steps")
     g.add_argument("--out-dir", default="video_eval", help="where the table and the PNGs go")
     ep.set_defaults(func=cmd_eval)
 

@@ -178,7 +178,8 @@ def linear_probe(model, train_x, train_y, test_x, test_y, batch_size: int = 512,
 
 
 def denoise_report(ebt_ckpt, dit_ckpt=None, images: str | None = None, test_images: int | None = 2000,
-                   probe_train: int = 10000, out_dir="denoise_eval", device="cpu", log=print) -> dict:
+                   probe_train: int = 10000, out_dir="denoise_eval", device="cpu", dit_steps=(10, 50, 100),
+                   log=print) -> dict:
     from ebt.checkpoint import load_model, read_config, resolve
     from ebt.data.images import ImageData
 
@@ -196,7 +197,7 @@ def denoise_report(ebt_ckpt, dit_ckpt=None, images: str | None = None, test_imag
     ids = (torch.arange(n) * test.num_images) // n  # spread over the test set
     x = test.x[ids]
     log(f"denoising {n} test images of {name}")
-    table = denoising_table(model, dit, x, log=log)
+    table = denoising_table(model, dit, x, dit_steps=tuple(dit_steps), log=log)
     (out_dir / "denoise.md").write_text(table_markdown(table))
     plot_psnr(table, out_dir / "psnr_vs_passes.png")
     for lv in (0.1, 0.2):
