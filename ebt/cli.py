@@ -276,19 +276,9 @@ def cmd_eval(args):
         Path(args.json).write_text(json.dumps({"checkpoint": str(path), "data": data_dir, "results": rows}, indent=2))
 
 
-def _tokenizer_for_checkpoint(path, data_dir=None):
-    from ebt.data.loader import tokenizer_for
-    from ebt.data.tokenizers import Tokenizer
-
-    if (path / "tokenizer").is_dir():
-        return Tokenizer.load(path / "tokenizer")
-    if data_dir:
-        return tokenizer_for(data_dir)
-    raise EBTError(f"{path} holds no tokenizer: pass --data DIR (the data the model was trained on)")
-
-
 def cmd_generate(args):
     from ebt.checkpoint import load_model, resolve
+    from ebt.data.loader import tokenizer_for_checkpoint
     from ebt.generate import GenerateConfig, generate
     from ebt.think import ThinkConfig
     from ebt.train import setup_distributed
@@ -296,7 +286,7 @@ def cmd_generate(args):
     path = resolve(args.checkpoint)
     _, _, device = setup_distributed(args.device)
     model = load_model(path, device=device)
-    tok = _tokenizer_for_checkpoint(path, args.data)
+    tok = tokenizer_for_checkpoint(path, args.data)
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]

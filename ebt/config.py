@@ -25,6 +25,15 @@ SIZES: dict[str, tuple[int, int, int, float]] = {
     "xl": (24, 2048, 32, 0.0002),
 }
 
+def resolve_size(size: str, n_layer: int | None, d_model: int | None, n_head: int | None) -> tuple[int, int, int]:
+    """(layers, width, heads) of a named size, each overridden where given."""
+    if size not in SIZES:
+        raise ConfigError(f"unknown size {size!r}; choose one of: {', '.join(SIZES)}")
+    layers, width, heads, _ = SIZES[size]
+    return (layers if n_layer is None else n_layer, width if d_model is None else d_model,
+            heads if n_head is None else n_head)
+
+
 MODEL_TYPES = ("transformer", "ebt", "dit")
 
 
@@ -111,18 +120,13 @@ class ModelConfig:
     ebt: EBTConfig | None = None  # model="ebt" only; None there means recipe("s1")
 
     def __post_init__(self):
-        if self.size not in SIZES:
-            raise ConfigError(f"unknown size {self.size!r}; choose one of: {', '.join(SIZES)}")
         if self.model not in MODEL_TYPES:
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(MODEL_TYPES)}")
         if self.model == "ebt" and self.ebt is None:
             self.ebt = recipe("s1_image" if self.candidate == "image" else "s1")
         if isinstance(self.ebt, dict):
             self.ebt = EBTConfig(**self.ebt)
-        layers, width, heads, _ = SIZES[self.size]
-        self.n_layer = layers if self.n_layer is None else self.n_layer
-        self.d_model = width if self.d_model is None else self.d_model
-        self.n_head = heads if self.n_head is None else self.n_head
+        self.n_layer, self.d_model, self.n_head = resolve_size(self.size, self.n_layer, self.d_model, self.n_head)
         if min(self.n_layer, self.d_model, self.n_head, self.vocab_size, self.context_length) < 1:
             raise ConfigError(f"model sizes must be positive: {self}")
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:

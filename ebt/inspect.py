@@ -69,8 +69,7 @@ def window_statistics(model, windows: torch.Tensor, steps: int | None, seed: int
 def inspect_energy(checkpoint, text: str, out: str | Path, steps: int | None = None, data_dir: str | None = None,
                    device: str = "auto", windows: int = 64) -> dict:
     from ebt.checkpoint import load_model, read_config, resolve
-    from ebt.cli import _tokenizer_for_checkpoint
-    from ebt.data.loader import TokenData
+    from ebt.data.loader import TokenData, tokenizer_for_checkpoint
     from ebt.evaluate import seeded
     from ebt.think import ThinkConfig, think
     from ebt.train import setup_distributed
@@ -81,7 +80,7 @@ def inspect_energy(checkpoint, text: str, out: str | Path, steps: int | None = N
     if model.cfg.model != "ebt":
         raise EBTError(f"{path} is a {model.cfg.model}: energies need an EBT checkpoint")
     data_dir = data_dir or read_config(path).get("data", {}).get("data_dir")
-    tok = _tokenizer_for_checkpoint(path, data_dir)
+    tok = tokenizer_for_checkpoint(path, data_dir)
     ids = tok.encode(text)
     if len(ids) < 2:
         raise EBTError("the text must have at least 2 tokens (one to read, one to predict)")

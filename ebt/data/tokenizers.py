@@ -89,6 +89,18 @@ def gpt2_tokenizer(cache_dir):
     return Tokenizer(tk, "gpt2", tk.token_to_id(EOS), tk.token_to_id(PAD))
 
 
+def batched(items, n):
+    """Lists of up to n consecutive items of an iterable (the last may be shorter)."""
+    buf = []
+    for item in items:
+        buf.append(item)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
 def check_vocab_size(vocab_size):
     if not 256 + 2 <= vocab_size <= 65535:
         raise ConfigError(f"BPE vocab_size must be between 258 (256 bytes + 2 specials) and 65535 "
@@ -105,17 +117,7 @@ def train_bpe(texts, vocab_size=8192, batch=1000):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
 
-    def batches():  # batching lets the Rust side count words in parallel
-        buf = []
-        for t in texts:
-            buf.append(t)
-            if len(buf) == batch:
-                yield buf
-                buf = []
-        if buf:
-            yield buf
-
-    tk.train_from_iterator(batches(), trainer)
+    tk.train_from_iterator(batched(texts, batch), trainer)  # batches let the Rust side work in parallel
     return Tokenizer(tk, "bpe", tk.token_to_id(EOS), tk.token_to_id(PAD))
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ebt.config import SIZES
+from ebt.config import resolve_size
 from ebt.errors import ConfigError
 from ebt.nn import attend
 
@@ -131,12 +131,7 @@ class DiTConfig:
     diffusion_steps: int = 1000  # timesteps of the training schedule (and of the timestep embedding's range)
 
     def __post_init__(self):
-        if self.size not in SIZES:
-            raise ConfigError(f"unknown size {self.size!r}; choose one of: {', '.join(SIZES)}")
-        layers, width, heads, _ = SIZES[self.size]
-        self.n_layer = layers if self.n_layer is None else self.n_layer
-        self.d_model = width if self.d_model is None else self.d_model
-        self.n_head = heads if self.n_head is None else self.n_head
+        self.n_layer, self.d_model, self.n_head = resolve_size(self.size, self.n_layer, self.d_model, self.n_head)
         if min(self.n_layer, self.d_model, self.n_head, self.image_size, self.channels, self.patch) < 1:
             raise ConfigError(f"DiT sizes must be positive: {self}")
         if self.image_size % self.patch:

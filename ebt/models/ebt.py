@@ -17,7 +17,7 @@ from ebt.config import EBTConfig, ModelConfig
 from ebt.errors import ConfigError
 from ebt.models.transformer import check_window, make_input_embedding, prediction_loss
 from ebt.nn import Backbone, KVCache, init_weights
-from ebt.think import unroll
+from ebt.think import alpha_param_groups, draw_steps, recipe_alpha, unroll
 
 
 class ReplayBuffer:
@@ -91,10 +91,7 @@ class EBT(nn.Module):
         return self.cfg.vocab_size if self.cfg.candidate == "tokens" else self.cfg.feature_dim
 
     def extra_param_groups(self) -> list[dict]:
-        e = self.cfg.ebt
-        if not e.alpha_learnable:
-            return []
-        return [{"params": [self.alpha], "lr_mult": e.alpha_lr_mult, "weight_decay": 0.0, "name": "alpha"}]
+        return alpha_param_groups(self.alpha, self.cfg.ebt)
 
     # ------------------------------------------------------------------------------------- the energy
     # The hooks ebt.think uses: context / landscape_key / candidate_input / energy_from / step_alpha.
@@ -136,13 +133,7 @@ class EBT(nn.Module):
         return self.energy_from(self.context(tokens, landscape), p)
 
     def step_alpha(self, shape, stochastic: bool) -> torch.Tensor:
-        e = self.cfg.ebt
-        alpha = self.alpha.clamp(min=e.alpha_min)
-        if stochastic and e.alpha_rand_scale > 1:  # per (row, position): U[alpha / s, alpha * s]
-            s = e.alpha_rand_scale
-            u = torch.rand(*shape[:2], 1, device=alpha.device, dtype=alpha.dtype)
-            alpha = alpha * (1 / s + u * (s - 1 / s))
-        return alpha
+        return recipe_alpha(self.alpha, self.cfg.ebt, (*shape[:2], 1), stochastic)  # per (row, position)
 
     def init_candidate(self, tokens: torch.Tensor) -> torch.Tensor:
         """A random starting candidate ~ N(0, init_scale^2): logits (B, S, V) or features (B, S, F)."""
@@ -157,10 +148,7 @@ class EBT(nn.Module):
         return unroll(self, tokens, z, n_steps, stochastic, build_graph, self.cfg.ebt)
 
     def train_steps(self) -> int:
-        e = self.cfg.ebt
-        if self.training and e.rand_steps:
-            return int(torch.randint(e.rand_steps_min, e.landscapes + e.rand_steps + 1, ()))
-        return e.eval_steps
+        return draw_steps(self.cfg.ebt, self.training)
 
     def forward(self, window: torch.Tensor, init: torch.Tensor | None = None) -> dict:
         """window (B, S+1) token ids or (B, S+1, F) frame features -> loss (S1: the mean over steps; S2:
@@ -202,8 +190,3 @@ class EBT(nn.Module):
             self.replay.push(window[:fresh], logits[-1][:fresh])
             out["replay_rows"] = torch.tensor(float(window.shape[0] - fresh))
         return out
-
-    def predict(self, tokens: torch.Tensor, n_steps: int | None = None) -> torch.Tensor:
-        """Final candidate logits (B, S, V) for context tokens (B, S), without any training randomness."""
-        check_window(tokens, self.cfg)
-        return self.unroll(tokens, self.init_candidate(tokens), n_steps or self.cfg.ebt.eval_steps, False, False)[0][-1]

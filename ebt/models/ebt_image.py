@@ -16,7 +16,7 @@ from torch import nn
 from ebt.config import ModelConfig
 from ebt.errors import ConfigError
 from ebt.models.dit import DiT, DiTBlock, DiTConfig, FinalLayer, init_adaln_zero, noise_at_level, sincos_2d
-from ebt.think import unroll
+from ebt.think import alpha_param_groups, draw_steps, recipe_alpha, unroll
 
 
 def dit_config(cfg: ModelConfig) -> DiTConfig:
@@ -56,9 +56,7 @@ class EBTDenoiser(nn.Module):
         nn.init.normal_(self.cond.weight, std=0.02)
 
     def extra_param_groups(self) -> list[dict]:
-        e = self.cfg.ebt
-        return [{"params": [self.alpha], "lr_mult": e.alpha_lr_mult, "weight_decay": 0.0, "name": "alpha"}] \
-            if e.alpha_learnable else []
+        return alpha_param_groups(self.alpha, self.cfg.ebt)
 
     def check(self, x: torch.Tensor) -> None:
         c, s = self.dcfg.channels, self.dcfg.image_size
@@ -90,13 +88,7 @@ class EBTDenoiser(nn.Module):
         return per_patch.mean(1, keepdim=True)  # (B, 1)
 
     def step_alpha(self, shape, stochastic: bool) -> torch.Tensor:
-        e = self.cfg.ebt
-        alpha = self.alpha.clamp(min=e.alpha_min)
-        if stochastic and e.alpha_rand_scale > 1:  # per image: U[alpha / s, alpha * s]
-            s = e.alpha_rand_scale
-            u = torch.rand(shape[0], 1, 1, 1, device=alpha.device, dtype=alpha.dtype)
-            alpha = alpha * (1 / s + u * (s - 1 / s))
-        return alpha
+        return recipe_alpha(self.alpha, self.cfg.ebt, (shape[0], 1, 1, 1), stochastic)  # per image
 
     def init_candidate(self, noisy: torch.Tensor) -> torch.Tensor:
         return noisy.clone()  # prediction starts from the noisy image itself
@@ -105,10 +97,7 @@ class EBTDenoiser(nn.Module):
         return self.cfg.ebt.eval_steps
 
     def train_steps(self) -> int:
-        e = self.cfg.ebt
-        if self.training and e.rand_steps:
-            return int(torch.randint(e.rand_steps_min, e.landscapes + e.rand_steps + 1, ()))
-        return e.eval_steps
+        return draw_steps(self.cfg.ebt, self.training)
 
     def forward(self, clean: torch.Tensor) -> dict:
         """clean images (B, C, H, W) in [-1, 1] -> noised at the training level, denoised by the unroll,
