@@ -102,13 +102,19 @@ def train_item(it, a, dev):
         model.fused_attention = True
         step_fn = torch.compile(model) if path == "compiled" else model
     x = torch.randint(0, a.vocab, (a.batch, a.context + 1), device=dev)
+    method = {"official": "full", "graph": "double"}.get(path, path)
+    ebt_step = model.train_step
+    if path == "graph":
+        from ebt.train import CapturedStep
+
+        ebt_step = CapturedStep(model, model.train_step)
     times = []
     for i in range(a.warmup + a.steps):
         _sync(dev)
         t = time.perf_counter()
         with autocast(dev, a.precision):
             if it["kind"] == "ebt":
-                model.train_step(x, method="full" if path == "official" else path)
+                ebt_step(x, method=method)
             else:
                 step_fn(x)["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -135,14 +141,26 @@ def think_item(it, a, dev):
         model = OfficialAlgorithmEBT.from_model(model)
     x = torch.randint(0, a.vocab, (a.batch, a.context), device=dev)
     cfg = ThinkConfig(steps=it["steps"], score_final=False)  # N steps = N energy evaluations, as official
+    run = lambda: think(model, x, cfg)  # noqa: E731
+    if it["path"] == "graph":  # the whole thinking call captured once as a CUDA graph, then replayed
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        cast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+        with torch.cuda.stream(side), cast:
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), cast:
+            run()
+        run = graph.replay
     with autocast(dev, a.precision):
-        think(model, x, cfg)  # warm-up
+        run()  # warm-up
         base = _reset(dev)
         times = []
         for _ in range(a.think_reps):
             _sync(dev)
             t = time.perf_counter()
-            think(model, x, cfg)
+            run()
             _sync(dev)
             times.append(time.perf_counter() - t)
     med = sorted(times)[len(times) // 2]
@@ -249,14 +267,15 @@ def plan(a, dev):
     def training(size, recipes):
         out = [{"section": "train", "kind": "transformer", "size": size, "path": "eager"}]
         for rec, variant in recipes:
-            for path in [*a.methods, "official"]:
+            graph = ["graph"] if dev.type == "cuda" and rec == "s1" else []  # fixed-step recipes only
+            for path in [*a.methods, *graph, "official"]:
                 out.append({"section": "train", "kind": "ebt", "recipe": rec, "variant": variant, "size": size,
                             "path": path})
         return out
 
     items += training(first, [("s1", None), ("s1", "default"), ("s2", None)])
     for steps in a.think_steps:
-        for path in ("fast", "official"):
+        for path in ("fast", "graph", "official") if dev.type == "cuda" else ("fast", "official"):
             items.append({"section": "think", "size": first, "steps": steps, "path": path})
     for b in a.gen_batch:
         items += [{"section": "generate", "size": first, "batch": b, "path": path} for path in ("fast", "official")]

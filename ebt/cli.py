@@ -126,6 +126,9 @@ def _train_args(p):
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (Transformer++/DiT; an EBT's "
                    "second-order training step is not compilable)")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="EBT on CUDA: capture the training step once as a CUDA graph and replay it (removes the "
+                   "CPU's kernel-launch bottleneck; fixed-step recipes only, e.g. s1; --grad-accum 1)")
     g.add_argument("--ebt-grad", default=d.ebt_grad, choices=["auto", "jvp", "double", "full"],
                    help="how an EBT's weight gradients are taken (all exact, ebt-method.md 2.6): double "
                    "(default: double backward, one unroll step's graph at a time), jvp (first-order steps "
@@ -195,7 +198,8 @@ def run_config_from_args(args, parser=None) -> RunConfig:
         eval_windows=(pick("eval_windows", t.eval_windows) or None), eval_batch_size=pick("eval_batch_size", t.eval_batch_size),
         log_every=pick("log_every", t.log_every), save_every=pick("save_every", t.save_every),
         stop_at=pick("stop_at", t.stop_at), device=pick("device", t.device), precision=pick("precision", t.precision),
-        compile=pick("compile", t.compile), ebt_grad=pick("ebt_grad", t.ebt_grad), tensorboard=pick("tensorboard", t.tensorboard), wandb=pick("wandb", t.wandb),
+        compile=pick("compile", t.compile), ebt_grad=pick("ebt_grad", t.ebt_grad),
+        cuda_graph=pick("cuda_graph", t.cuda_graph), tensorboard=pick("tensorboard", t.tensorboard), wandb=pick("wandb", t.wandb),
         wandb_project=pick("wandb_project", t.wandb_project), progress=not args.no_progress,
     )
     return RunConfig(model=model, data=dcfg, train=train)

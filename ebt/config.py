@@ -191,6 +191,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp64
     compile: bool = False
+    cuda_graph: bool = False  # EBT on CUDA: capture the training step once as a CUDA graph, then replay it
     ebt_grad: str = "auto"  # EBT weight gradients: auto (the model's default, double) | double | jvp | full
     tensorboard: bool = False
     wandb: bool = False  # credentials come only from the environment (WANDB_API_KEY)

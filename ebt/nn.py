@@ -23,6 +23,36 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+# Vocabulary-sized operands are padded to a multiple of this on these devices: with an odd V (50277 for
+# GPT-NeoX) bf16 rows are not 16-byte aligned and cuBLAS falls back to kernels 5.7x slower on an H200
+# (benchmarks/vocab_matmul.py). The padding is zeros, so results are those of the unpadded product.
+VOCAB_ALIGN = 64
+PAD_VOCAB_DEVICES = {"cuda"}
+
+
+def _vocab_pad(x: torch.Tensor, dim: int) -> tuple[int, torch.dtype]:
+    if x.device.type not in PAD_VOCAB_DEVICES or x.shape[dim] % VOCAB_ALIGN == 0:
+        return 0, x.dtype
+    cast = torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float64)
+    return (-x.shape[dim]) % VOCAB_ALIGN, torch.get_autocast_dtype(x.device.type) if cast else x.dtype
+
+
+def vocab_in(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """p (.., V) @ weight (D, V)^T: the EBT's candidate map, V contracted (padded with zeros)."""
+    pad, dt = _vocab_pad(p, -1)
+    if not pad:
+        return F.linear(p, weight)
+    return F.linear(F.pad(p.to(dt), (0, pad)), F.pad(weight.to(dt), (0, pad)))
+
+
+def vocab_out(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """h (.., D) @ weight (V, D)^T: a vocabulary head, V produced (extra rows computed, then dropped)."""
+    pad, _ = _vocab_pad(weight, 0)
+    if not pad:
+        return F.linear(h, weight)
+    return F.linear(h, F.pad(weight, (0, 0, 0, pad)))[..., : weight.shape[0]]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()

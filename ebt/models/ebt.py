@@ -16,7 +16,7 @@ from torch import nn
 from ebt.config import EBTConfig, ModelConfig
 from ebt.errors import ConfigError
 from ebt.models.transformer import check_window, make_input_embedding, prediction_loss, token_loss_grad
-from ebt.nn import Backbone, KVCache, init_weights
+from ebt.nn import Backbone, KVCache, init_weights, vocab_in
 from ebt.think import GRAD_METHODS, alpha_param_groups, draw_steps, recipe_alpha, stepwise_ok, unroll, unroll_backward
 
 
@@ -124,7 +124,7 @@ class EBT(nn.Module):
     def energy_from(self, ctx: tuple, p: torch.Tensor) -> torch.Tensor:
         """E (B, S) of candidate distributions p (B, S, V). ctx = (cache, prefix) from `context`, or
         (cache, prefix, offset) when p holds the candidates of positions offset.. only (generation)."""
-        return self.energy_from_embedding(ctx, self.vocab_to_embed(p))
+        return self.energy_from_embedding(ctx, vocab_in(p, self.vocab_to_embed.weight))
 
     def energy_from_embedding(self, ctx: tuple, y: torch.Tensor) -> torch.Tensor:
         """E (B, S) of embedded candidates y = vocab_to_embed(p) (B, S, D). The fast training path

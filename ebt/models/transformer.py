@@ -8,7 +8,7 @@ from torch import nn
 
 from ebt.config import ModelConfig
 from ebt.errors import ConfigError
-from ebt.nn import Backbone, init_weights
+from ebt.nn import Backbone, init_weights, vocab_out
 
 
 def check_window(tokens: torch.Tensor, cfg: ModelConfig, extra: int = 0) -> None:
@@ -94,7 +94,8 @@ class Transformer(nn.Module):
         """tokens (B, S) -> next-token logits (B, S, V); frames (B, S, F) -> next-frame features (B, S, F)."""
         check_window(tokens, self.cfg)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        return self.head(self.backbone(self.tok_emb(tokens), positions, causal=True, fused=self.fused_attention))
+        h = self.backbone(self.tok_emb(tokens), positions, causal=True, fused=self.fused_attention)
+        return vocab_out(h, self.head.weight) if self.cfg.candidate == "tokens" else self.head(h)
 
     def forward(self, window: torch.Tensor) -> dict:
         """window (B, S+1): reads window[:, :-1], predicts window[:, 1:]. Returns loss and counts."""
