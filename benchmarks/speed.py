@@ -103,7 +103,7 @@ def train_item(it, a, dev):
         step_fn = torch.compile(model) if path == "compiled" else model
     x = torch.randint(0, a.vocab, (a.batch, a.context + 1), device=dev)
     method = {"official": "full", "graph": "double"}.get(path, path)
-    ebt_step = model.train_step
+    ebt_step = getattr(model, "train_step", None)
     if path == "graph":
         from ebt.train import CapturedStep
 

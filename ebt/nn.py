@@ -48,7 +48,7 @@ def vocab_in(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def vocab_out(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """h (.., D) @ weight (V, D)^T: a vocabulary head, V produced (extra rows computed, then dropped)."""
     pad, _ = _vocab_pad(weight, 0)
-    if not pad:
+    if not pad or torch.compiler.is_compiling():  # inductor pads strides itself; a slice would cost copies
         return F.linear(h, weight)
     return F.linear(h, F.pad(weight, (0, 0, 0, pad)))[..., : weight.shape[0]]
 

@@ -143,6 +143,69 @@ def test_ddp_two_processes_match_single_process(tiny_data, tmp_path):
     assert fb["val"]["loss"] == pytest.approx(fa["val"]["loss"], rel=1e-9)
 
 
+DDP_SCRIPT = """
+import sys
+from ebt.config import DataConfig, ModelConfig, RunConfig, TrainConfig, recipe
+from ebt.train import train
+data, out, vocab, pad = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+train(RunConfig(
+    model=ModelConfig(model="ebt", size="4xs", n_layer=1, d_model=32, n_head=2, vocab_size=vocab, context_length=16,
+                      pad_token_id=pad, ebt=recipe("s1", init_scale=0.0)),
+    data=DataConfig(data_dir=data),
+    train=TrainConfig(out_dir=out, steps=3, batch_size=4, warmup_steps=1, eval_every=0, eval_windows=2,
+                      eval_batch_size=2, device="cpu", precision="fp64", progress=False, seed=3, ebt_grad="jvp")),
+    log=lambda *a: None)
+"""
+
+
+@pytest.mark.slow
+def test_ebt_ddp_two_processes_match_single_process(tiny_data, tmp_path):
+    """An EBT runs its own forward+backward (one unroll step's graph at a time); across ranks its
+    gradients are averaged in one all-reduce. With deterministic starts (init_scale 0: the random
+    candidate would otherwise be drawn per rank), 2 gloo processes give the single-process weights."""
+    from ebt.data.loader import TokenData
+
+    data_dir, _ = tiny_data
+    probe = TokenData(data_dir, "train", 1)
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT)
+    args = [str(data_dir), "OUT", str(probe.vocab_size), str(probe.pad_id)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), *[str(tmp_path / "single") if a == "OUT" else a for a in args]],
+                   check=True, env=env, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script),
+                        *[str(tmp_path / "ddp") if a == "OUT" else a for a in args]],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-10
+
+
+@pytest.mark.parametrize("method", ["double", "jvp", "full"])
+def test_ebt_gradient_methods_train_to_the_same_weights(tiny_data, tmp_path, method):
+    data_dir, _ = tiny_data
+    run = ebt_config(data_dir, tmp_path / method, steps=2, eval_every=0, precision="fp64", ebt_grad=method)
+    train(run, log=lambda *a: None)
+    ref = ebt_config(data_dir, tmp_path / "ref", steps=2, eval_every=0, precision="fp64", ebt_grad="full")
+    train(ref, log=lambda *a: None)
+    a, b = weights(tmp_path / method), weights(tmp_path / "ref")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-12) for k in a)
+
+
+def test_cuda_graph_and_gradient_method_options_are_checked(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    with pytest.raises(ConfigError, match="ebt_grad"):
+        train(ebt_config(data_dir, tmp_path / "a", ebt_grad="reverse"), log=lambda *a: None)
+    with pytest.raises(ConfigError, match="Transformer"):
+        train(run_config(data_dir, tmp_path / "b", cuda_graph=True), log=lambda *a: None)
+    with pytest.raises(ConfigError, match="random number"):
+        train(ebt_config(data_dir, tmp_path / "c", "s2", cuda_graph=True), log=lambda *a: None)
+    with pytest.raises(ConfigError, match="CUDA"):
+        train(ebt_config(data_dir, tmp_path / "d", cuda_graph=True, steps=1, eval_every=0), log=lambda *a: None)
+
+
 def test_validation_is_token_weighted(tiny_data):
     from ebt.data.loader import TokenData
 

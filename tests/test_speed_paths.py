@@ -1,0 +1,188 @@
+"""The fast paths compute exactly what the straightforward ones do (float64), and keep memory bounded.
+
+- EBT.train_step with "double" and "jvp" (one unroll step's graph at a time) against "full" (the whole
+  unroll's graph), for S1, S1 "default", S2 (random steps, alpha, Langevin noise, replay), and frames;
+- the official algorithm (ebt.compat.official_algorithm: doubled sequence, explicit mask) against ours;
+- closed-form cross-entropy gradient, vocabulary padding, static-shape decoding, autocast caching.
+"""
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+
+import ebt.nn as ebt_nn
+from ebt.compat.official import check_reference
+from ebt.compat.official_algorithm import OfficialAlgorithmEBT, doubled_mask
+from ebt.config import ModelConfig, recipe
+from ebt.errors import ConfigError
+from ebt.models import build_model
+from ebt.models.transformer import token_loss, token_loss_grad
+from ebt.think import ContextCache, ThinkConfig, energy_and_grad, think
+
+
+def tiny(rec="s1", variant=None, candidate="tokens", vocab=97, S=12, **ebt_kw):
+    torch.manual_seed(0)
+    e = recipe(rec, **ebt_kw)
+    if variant:
+        e.variant = variant
+    kw = dict(feature_dim=6) if candidate == "frames" else {}
+    cfg = ModelConfig(model="ebt", size="4xs", n_layer=2, d_model=32, n_head=4, vocab_size=vocab, context_length=S,
+                      candidate=candidate, ebt=e, **kw)
+    return build_model(cfg).double()
+
+
+def window(model, B=3):
+    cfg = model.cfg
+    if cfg.candidate == "frames":
+        return torch.randn(B, cfg.context_length + 1, cfg.feature_dim, dtype=torch.float64)
+    return torch.randint(0, cfg.vocab_size, (B, cfg.context_length + 1))
+
+
+def grads_after(model, x, method, calls=2, official=False):
+    """Gradients of the last of `calls` training steps (the second one replays rows in S2)."""
+    m = OfficialAlgorithmEBT.from_model(model) if official else copy.deepcopy(model)
+    m.train()
+    for c in range(calls):
+        torch.manual_seed(10 + c)  # the same random draws (steps, alpha, noise, replay) for every method
+        m.zero_grad(set_to_none=True)
+        out = m.train_step(x, method=method)
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, out
+
+
+def max_rel(a, b):
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-300)) for k in b)
+
+
+CASES = [("s1", None, "tokens", {}), ("s1", "default", "tokens", {}), ("s2", None, "tokens", {"replay_buffer": 8}),
+         ("s2", "default", "tokens", {"replay_buffer": 8}), ("s1", None, "frames", {"alpha": 1.0})]
+
+
+@pytest.mark.parametrize("rec,variant,candidate,kw", CASES)
+def test_stepwise_methods_match_the_full_graph(rec, variant, candidate, kw):
+    model = tiny(rec, variant, candidate, **kw)
+    x = window(model)
+    full, out_full = grads_after(model, x, "full")
+    assert "alpha" in full or not model.cfg.ebt.alpha_learnable  # alpha's gradient is checked too
+    for method in ("double", "jvp"):
+        g, out = grads_after(model, x, method)
+        assert max_rel(g, full) < 1e-10, method
+        assert float(out["loss"]) == pytest.approx(float(out_full["loss"]), rel=1e-10)
+        assert float(out["ce_first"]) == pytest.approx(float(out_full["ce_first"]), rel=1e-10)
+        assert not out["loss"].requires_grad
+
+
+@pytest.mark.parametrize("rec,variant", [("s1", None), ("s1", "default"), ("s2", None)])
+def test_official_algorithm_computes_the_same_energy_and_gradients(rec, variant):
+    model = tiny(rec, variant, replay_buffer=8 if rec == "s2" else 0)
+    x = window(model)
+    official = OfficialAlgorithmEBT.from_model(model)
+    p = torch.softmax(torch.randn(3, 12, 97, dtype=torch.float64), -1)
+    for k in range(model.cfg.ebt.landscapes):
+        e_ours, e_off = model.energy(x[:, :-1], p, k), official.energy(x[:, :-1], p, k)
+        assert torch.allclose(e_ours, e_off, rtol=1e-11, atol=1e-11)
+    assert max_rel(grads_after(model, x, "full", official=True)[0], grads_after(model, x, "full")[0]) < 1e-10
+
+
+def test_doubled_mask_blocks_future_tokens_and_other_candidates():
+    m = doubled_mask(S=4, prefix=1, device="cpu")
+    C = 5
+    assert m[:C, C:].sum() == 0  # the context never sees a candidate
+    for i in range(4):
+        assert m[C + i, : 1 + i + 1].all() and not m[C + i, 1 + i + 1: C].any()  # step token, x_0..x_i only
+        assert m[C + i, C:].tolist() == [j == i for j in range(4)]  # itself, no other candidate
+
+
+def test_reference_cases_pass_for_every_training_path(reference_dir):
+    rows = dict(check_reference(reference_dir / "official_ebt_s1_small.safetensors"))
+    for tag in ("double", "jvp", "official"):
+        grads = {k: v for k, v in rows.items() if k.startswith("grad.") and k.endswith(f" [{tag}]")}
+        assert len(grads) == len([k for k in rows if k.startswith("grad.") and "[" not in k])  # every gradient
+        assert max(grads.values()) < 1e-10 and rows[f"loss [{tag}]"] < 1e-12, tag
+
+
+def test_closed_form_cross_entropy_gradient():
+    torch.manual_seed(0)
+    z = (30 * torch.randn(4, 5, 11, dtype=torch.float64)).requires_grad_()  # large logits, as after EBT steps
+    t = torch.randint(1, 11, (4, 5))
+    t[0, :3] = 0  # pad targets
+    for pad in (0, None):
+        ref = token_loss(z, t, pad)
+        (g_ref,) = torch.autograd.grad(ref["loss"] * 0.3, z)
+        out, g = token_loss_grad(z.detach(), t, pad, 0.3)
+        assert float(out["loss"]) == pytest.approx(float(ref["loss"]), rel=1e-12)
+        assert int(out["n_tokens"]) == int(ref["n_tokens"])
+        assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-14)
+
+
+def test_vocabulary_padding_changes_no_result(monkeypatch):
+    monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", {"cpu"})  # what CUDA does, here
+    model = tiny("s1")
+    x = window(model)
+    g_pad, out_pad = grads_after(model, x, "double")
+    monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", set())
+    g, out = grads_after(model, x, "double")
+    assert max_rel(g_pad, g) < 1e-12 and float(out_pad["loss"]) == pytest.approx(float(out["loss"]), rel=1e-12)
+    h, w = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(97, 8, dtype=torch.float64)
+    monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", {"cpu"})
+    assert ebt_nn.vocab_out(h, w).shape == (2, 3, 97)
+    assert torch.allclose(ebt_nn.vocab_out(h, w), h @ w.T)
+
+
+def test_autocast_does_not_keep_old_candidates_alive():
+    """Autocast caches its casts of leaves that require grad until the region ends: were the candidate a
+    leaf, every thinking step's (B, S, V) candidate would stay alive (GPU memory grew 9 GiB per step)."""
+    model = tiny("s2").float().eval()
+    x = window(model)[:, :-1]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ctx = ContextCache(model, x).get_ctx(0, False)
+        z = torch.randn(3, 12, 97)
+        p, E, g = energy_and_grad(model, ctx, z)
+        first = weakref.ref(p)
+        del p, E, g
+        energy_and_grad(model, ctx, z)
+        gc.collect()
+        assert first() is None
+
+
+@pytest.mark.parametrize("rec", ["s1", "s2"])
+def test_static_shape_decoding_matches_dynamic(rec):
+    from ebt.generate import GenerateConfig, generate
+
+    model = tiny(rec, S=24).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    cfg = dict(max_new_tokens=10, think=ThinkConfig(steps=2, score_final=False))
+    a, la = generate(model, prompts, GenerateConfig(**cfg), return_logits=True)
+    b, lb = generate(model, prompts, GenerateConfig(**cfg, cuda_graph=True), return_logits=True)
+    assert a == b and torch.allclose(la, lb, rtol=1e-9, atol=1e-9)
+
+
+def test_captured_step_refuses_what_a_graph_cannot_replay():
+    from ebt.train import CapturedStep
+
+    with pytest.raises(ConfigError, match="random number"):
+        CapturedStep(tiny("s2"), None)
+    step = CapturedStep(tiny("s1"), None)
+    with pytest.raises(ConfigError, match="CUDA"):
+        step(torch.zeros(2, 13, dtype=torch.long))
+
+
+def test_unknown_gradient_method_is_refused():
+    model = tiny("s1")
+    with pytest.raises(ConfigError, match="gradient method"):
+        model.train_step(window(model), method="reverse")
+
+
+def test_thinking_is_unchanged_by_the_fast_context(monkeypatch):
+    """Inference contexts use fused attention kernels (no graph): same energies as explicit attention."""
+    model = tiny("s2").eval()
+    x = window(model)[:, :-1]
+    torch.manual_seed(3)
+    a = think(model, x, ThinkConfig(steps=3))
+    official = OfficialAlgorithmEBT.from_model(model)
+    torch.manual_seed(3)
+    b = think(official, x, ThinkConfig(steps=3))
+    assert torch.allclose(a.z, b.z, rtol=1e-9, atol=1e-9) and torch.allclose(a.energy, b.energy, rtol=1e-9)
