@@ -3,7 +3,9 @@
 One module for every EBT and every modality. A model provides these hooks and nothing here knows what
 a candidate is (vocabulary logits, a frame's features, an image):
 
-    model.context(inputs, landscape)  -> ctx     what does not depend on the candidate (cacheable)
+    model.context(inputs, landscape, first_order=False)  -> ctx   what does not depend on the
+                                                 candidate (cacheable); first_order: no second-order graph
+                                                 will run through it (fused kernels may serve)
     model.landscape_key(k)            -> key     steps with the same key share one ctx
     model.candidate_input(z)          -> p       e.g. softmax for text, identity for continuous data
     model.energy_from(ctx, p)         -> E       one energy per predicted position, (B, S)

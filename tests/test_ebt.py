@@ -103,7 +103,7 @@ def test_one_context_pass_per_landscape():
     calls = []
     model = tiny_ebt(landscapes=1, rand_steps=2, rand_steps_min=2, detach=False, truncate=True, loss_last_only=True)
     real = model.context
-    model.context = lambda t, k: calls.append(k) or real(t, k)
+    model.context = lambda t, k, **kw: calls.append(k) or real(t, k, **kw)
     model.eval()
     model(torch.randint(0, 23, (2, 8)))  # 3 steps on one landscape: the last builds the second-order graph
     assert len(calls) == 2  # one constant context for the truncated steps, one with the graph
@@ -127,8 +127,8 @@ def test_update_is_taken_with_respect_to_probabilities():
     x, z = torch.randint(0, 23, (1, 7)), torch.randn(1, 7, 23, dtype=torch.float64)
     logits, energies = model.unroll(x, z, 1, stochastic=False, build_graph=False)
     E, g = energy_and_grad(model, x, z)
-    assert torch.allclose(logits[0], torch.softmax(z, -1) - 3.0 * g, atol=1e-14)
-    assert torch.equal(energies[0], E)
+    assert torch.allclose(logits[0], torch.softmax(z, -1) - 3.0 * g, atol=1e-12)
+    assert torch.allclose(energies[0], E, rtol=1e-12, atol=1e-12)  # inference contexts use fused attention
 
 
 def test_s1_and_s2_recipes():
