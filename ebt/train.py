@@ -243,6 +243,11 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg).to(device=device, dtype=_dtype(cfg.precision))
+    if cfg.fsdp:  # FSDP2 (ebt/fsdp.py): sharded before the optimizer sees the parameters
+        from ebt.fsdp import check_fsdp, shard_model
+
+        check_fsdp(world, device, cfg.compile)
+        model = shard_model(model, device)
     lr = cfg.lr if cfg.lr is not None else mcfg.default_lr
     optimizer, scheduler = make_optimizer(model, cfg, lr, device)
     start_step, tokens_seen = 0, 0
@@ -251,9 +256,14 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
         if saved["model"] != to_dict(mcfg):
             raise CheckpointError(f"{ckpt_dir} was trained with model config {saved['model']}, not {to_dict(mcfg)}: "
                                   f"resume with the same model flags or use a new --out directory")
-        load_weights(model, {k: v.to(device) for k, v in load_state(ckpt_dir).items()}, str(ckpt_dir))
         state = load_training_state(ckpt_dir)
-        optimizer.load_state_dict(state["optimizer"])
+        if cfg.fsdp:
+            from ebt.fsdp import load_full_state
+
+            load_full_state(model, optimizer, load_state(ckpt_dir), state["optimizer"])
+        else:
+            load_weights(model, {k: v.to(device) for k, v in load_state(ckpt_dir).items()}, str(ckpt_dir))
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_step, tokens_seen = state["trainer"]["step"], state["trainer"]["tokens_seen"]
@@ -274,7 +284,7 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
         (out_dir / "config.json").write_text(json.dumps(run_dict, indent=2, sort_keys=True) + "\n")
     n_params = sum(p.numel() for p in model.parameters())
     fwd = torch.compile(model) if cfg.compile else model
-    if world > 1:
+    if world > 1 and not cfg.fsdp:
         fwd = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
     metrics = MetricsLog(out_dir, cfg, run_dict, enabled=is_main)
@@ -284,8 +294,14 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     replay = getattr(model, "replay", None)
 
     def checkpoint(step):
+        if cfg.fsdp:  # full tensors, gathered by every process
+            from ebt.fsdp import full_state
+
+            saved_model, saved_optimizer = full_state(model, optimizer)
+        else:
+            saved_model, saved_optimizer = model, optimizer
         if is_main:
-            save_checkpoint(ckpt_dir, model, run_dict, optimizer, scheduler,
+            save_checkpoint(ckpt_dir, saved_model, run_dict, saved_optimizer, scheduler,
                             {"step": step, "tokens_seen": tokens_seen, "world_size": world,
                              "data_position": {"step": step, "seed": cfg.seed}},
                             extra_dirs=extra, publish=False)
@@ -346,6 +362,7 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
                     extras[k] = extras.get(k, 0.0) + v.detach().float() / cfg.grad_accum
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP: a DTensor
         finite = torch.isfinite(step_loss) & torch.isfinite(gnorm)
         for v in extras.values():
             finite &= torch.isfinite(v).all()

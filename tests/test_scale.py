@@ -202,3 +202,18 @@ def test_axes_set_what_they_vary(tiny_data, tmp_path):
     runs = plan(tiny_study(tiny_data, tmp_path, axis="width", values=["16", "32"], models=["transformer"],
                            n_head=2, seeds=[0, 1]))
     assert [(r.run.model.d_model, r.seed) for r in runs] == [(16, 0), (16, 1), (32, 0), (32, 1)]
+
+
+@pytest.mark.slow
+def test_study_torchrun_launcher_matches_local(tiny_data, tmp_path):
+    """launcher='torchrun' runs each run as a 2-process gloo job (DDP): the Transformer++ runs end with
+    the weights of the in-process study, and the report is the same."""
+    local = run_study(tiny_study(tiny_data, tmp_path / "local", models=["transformer"]), log=lambda *a: None)
+    dist = run_study(tiny_study(tiny_data, tmp_path / "dist", models=["transformer"], launcher="torchrun",
+                                nproc_per_node=2, torchrun_args=["--standalone"]), log=lambda *a: None)
+    for a, b in zip(local["runs"], dist["runs"]):
+        wa = load_file(str(tmp_path / "local" / a["out_dir"].split("local/")[1] / "checkpoint" / "model.safetensors"))
+        wb = load_file(str(tmp_path / "dist" / b["out_dir"].split("dist/")[1] / "checkpoint" / "model.safetensors"))
+        assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-10) for k in wa)
+    assert dist["fits"]["params"]["fits"]["transformer"]["slope"] == pytest.approx(
+        local["fits"]["params"]["fits"]["transformer"]["slope"], rel=1e-6)
