@@ -400,6 +400,10 @@ def fit_study(rows: list[dict], axis: str, models) -> dict:
                 fits[m]["slope_over_seeds"] = mean_ci([f["slope"] for f in per_seed.values()])
         if "ebt" in per_seed_all and "transformer" in per_seed_all:
             rates = rate_with_ci(per_seed_all["ebt"], per_seed_all["transformer"])
+            rising = [LABELS[m] for m in ("ebt", "transformer") if fits[m]["slope"] >= 0]
+            if rates and rising:  # |slope| hides the sign: a rate between a falling and a rising curve means little
+                rates["warning"] = (f"{' and '.join(rising)}: the fitted slope is >= 0 (the metric does not fall with "
+                                    f"the resource), so the ratio of |slopes| is not a scaling rate")
         out[res] = {"fits": fits, "scaling_rate": rates}
     return out
 
@@ -430,6 +434,10 @@ def plot_study(rows: list[dict], fits: dict, study: StudyConfig, path: Path) -> 
         if rate:
             title += f"\nscaling rate {100 * rate['mean']:+.1f}%"
         ax.set(xscale="log", yscale="log", xlabel=RESOURCE_LABELS[res], ylabel=ylabel, title=title)
+        from matplotlib.ticker import LogLocator, NullFormatter
+
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # labels at 1, 2, 5 x 10^k only
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"scaling along {study.axis}: {', '.join(study.values)}", fontsize=10)
@@ -461,8 +469,12 @@ def summary_markdown(rows: list[dict], fits: dict, study: StudyConfig) -> str:
             lines.append(f"| {LABELS[m]} | {f['slope']:.4f} | {_fmt_ci(slope_ci)} | {f['r2']:.3f} | {f['n']} |")
         rate = block["scaling_rate"]
         if rate:
+            ci = rate["ci95"]
+            interval = "-" if any(math.isnan(c) for c in ci) else f"[{100 * ci[0]:+.1f}%, {100 * ci[1]:+.1f}%]"
             lines += ["", f"Scaling rate |slope_EBT| / |slope_T++| - 1 = {100 * rate['mean']:+.1f}% "
-                          f"(95% interval {_fmt_ci([100 * c for c in rate['ci95']])} %, {rate['interval']})."]
+                          f"(95% interval {interval}, {rate['interval']})."]
+            if "warning" in rate:
+                lines += ["", f"**Caution**: {rate['warning']}."]
     lines += ["", "Intervals over seeds use Student t; with one seed they come from the regression residuals and "
               "say nothing about seed-to-seed variation."]
     return "\n".join(lines) + "\n"

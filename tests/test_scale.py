@@ -217,3 +217,12 @@ def test_study_torchrun_launcher_matches_local(tiny_data, tmp_path):
         assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-10) for k in wa)
     assert dist["fits"]["params"]["fits"]["transformer"]["slope"] == pytest.approx(
         local["fits"]["params"]["fits"]["transformer"]["slope"], rel=1e-6)
+
+
+def test_rate_warns_when_a_curve_does_not_fall():
+    xs = [1.0, 2.0, 4.0]
+    rows = [{"model": "ebt", "seed": 0, "layers": x, "flops": x, "metric": 10 * x ** 0.05} for x in xs]
+    rows += [{"model": "transformer", "seed": 0, "layers": x, "flops": x, "metric": 10 * x ** -0.1} for x in xs]
+    fits = fit_study(rows, "depth", ["transformer", "ebt"])
+    assert fits["layers"]["scaling_rate"]["mean"] == pytest.approx(-0.5)
+    assert "EBT: the fitted slope is >= 0" in fits["layers"]["scaling_rate"]["warning"]
