@@ -204,6 +204,11 @@ def cmd_train(args, parser=None):
     final = train(run, resume=args.resume)
     if "val" in final:
         print(json.dumps({k: v for k, v in final.items() if k != "history"}, indent=2))
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # every rank done, then leave the group: gloo torn down at exit can abort a rank
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_eval(args):

@@ -28,6 +28,8 @@ def cli_train(data_dir, out, model, nproc=1, *extra):
                                       "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
     cmd = [sys.executable, *launcher, "-m", "ebt.cli", "train", *common]
     r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    if r.returncode:
+        open("/tmp/w8/pytest_fail.log", "w").write(r.stdout + "\n=====\n" + r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((out / "final_metrics.json").read_text()) if (out / "final_metrics.json").is_file() else None
 
