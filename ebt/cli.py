@@ -124,9 +124,15 @@ def _train_args(p):
     g.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp64"],
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (Transformer++/DiT; an EBT's "
+                   "second-order training step is not compilable)")
+    g.add_argument("--ebt-grad", default=d.ebt_grad, choices=["auto", "jvp", "double", "full"],
+                   help="how an EBT's weight gradients are taken (all exact, ebt-method.md 2.6): jvp "
+                   "(default; first-order steps plus a forward-mode derivative, one step's graph at a time), "
+                   "double (double backward, one step at a time), full (the whole unroll's graph, as the "
+                   "official code)")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP (shards parameters, "
-                   "gradients and optimizer state; README 'Scaling studies')")
+                   "gradients and optimizer state; an EBT then trains with --ebt-grad full; README 'Scaling studies')")
     g.add_argument("--tensorboard", action="store_true", help="also log to out/tensorboard")
     g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (key from WANDB_API_KEY)")
     g.add_argument("--wandb-project", default=d.wandb_project)
@@ -191,7 +197,8 @@ def run_config_from_args(args, parser=None) -> RunConfig:
         eval_windows=(pick("eval_windows", t.eval_windows) or None), eval_batch_size=pick("eval_batch_size", t.eval_batch_size),
         log_every=pick("log_every", t.log_every), save_every=pick("save_every", t.save_every),
         stop_at=pick("stop_at", t.stop_at), device=pick("device", t.device), precision=pick("precision", t.precision),
-        compile=pick("compile", t.compile), fsdp=pick("fsdp", t.fsdp), tensorboard=pick("tensorboard", t.tensorboard), wandb=pick("wandb", t.wandb),
+        compile=pick("compile", t.compile), ebt_grad=pick("ebt_grad", t.ebt_grad), fsdp=pick("fsdp", t.fsdp),
+        tensorboard=pick("tensorboard", t.tensorboard), wandb=pick("wandb", t.wandb),
         wandb_project=pick("wandb_project", t.wandb_project), progress=not args.no_progress,
     )
     return RunConfig(model=model, data=dcfg, train=train)

@@ -102,18 +102,20 @@ def non_embedding_params(cfg: ModelConfig) -> int:
 def count_train_flops(model, window, n_steps: int | None = None) -> float:
     """FLOPs per predicted token of one training forward + backward, counted by FlopCounterMode.
 
-    The model runs with explicit attention (the counter cannot see inside fused kernels consistently)
-    and, for an EBT, with a fixed step count and without the logging forward. FlopCounterMode fails
+    The model runs with explicit attention everywhere (the counter does not see inside fused kernels
+    consistently; the formula counts the full score matrix) and, for an EBT, with a fixed step count and without the logging forward. FlopCounterMode fails
     inside autograd.grad when the candidate p is a leaf, so p is made a non-leaf here (softmax of a
     fresh leaf): the same products run."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     model.train()
-    saved = {k: model.__dict__.get(k) for k in ("candidate_input", "train_steps")}
+    saved = {k: model.__dict__.get(k) for k in ("candidate_input", "train_steps", "context")}
     model.fused_attention = False
     if getattr(model, "cfg", None) is not None and model.cfg.model == "ebt":
         model.measure_final_energy = False
+        context = model.context  # contexts without a graph may pick fused kernels: count explicit attention
+        model.context = lambda tokens, landscape, **kw: context(tokens, landscape)
         model.candidate_input = lambda z: torch.softmax(z.detach().requires_grad_(), dim=-1)
         if n_steps is not None:
             model.train_steps = lambda: n_steps

@@ -12,6 +12,8 @@ per fp32 parameter, of which each process keeps 1/N). One FSDP unit spans the wh
   those graphs hold on to (per-block units with resharding also fire their post-backward reduce-scatter
   during the inner `autograd.grad`). With one unit kept unsharded from the forward to the end of the
   backward, the weights are all-gathered once per step and gradients are reduce-scattered once;
+- an EBT therefore trains through `forward` + `loss.backward()` (`--ebt-grad full`), not through its
+  own `train_step`, whose internal backward FSDP's reduce-scatter hooks would not see;
 - so peak memory during the step holds the full parameters and gradients (as DDP does) but the
   optimizer state stays sharded, and between steps everything is sharded.
 
@@ -29,12 +31,16 @@ import torch.distributed as dist
 from ebt.errors import ConfigError
 
 
-def check_fsdp(world: int, device: torch.device, compile_: bool) -> None:
+def check_fsdp(world: int, cfg) -> None:
+    """Refuse FSDP settings that cannot work (cfg: the TrainConfig), with the fix in the message."""
     if world < 2:
         raise ConfigError("fsdp shards a model across processes: launch with torchrun --nproc-per-node N (N >= 2), "
                           "or drop --fsdp for a single process")
-    if compile_:
+    if cfg.compile:
         raise ConfigError("--fsdp with --compile is not supported here: drop one of them")
+    if getattr(cfg, "ebt_grad", "auto") not in ("auto", "full"):
+        raise ConfigError(f"--fsdp trains an EBT through forward + backward of the whole unroll (--ebt-grad full); "
+                          f"--ebt-grad {cfg.ebt_grad} runs its own backward, which FSDP's hooks do not see")
 
 
 def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -28,6 +28,8 @@ class GenerateConfig:
     top_p: float = 1.0
     seed: int = 0
     eos_id: int | None = None  # a row stops (its output is cut) at this token
+    cuda_graph: bool = False  # EBT: decode with static shapes, the one-token step captured as a CUDA graph
+    # (on CUDA; elsewhere the same static-shape step runs eagerly)
     think: ThinkConfig | None = None  # EBT thinking per token (None: the trained steps, final pass not scored)
 
 
@@ -54,11 +56,29 @@ class _Contexts:
         return cache.view(self.prefix + self.length), self.prefix, self.length - 1
 
 
-class Decoder:
-    """One decoding state: feed tokens one position at a time, get next-token logits for the last one."""
+class _StaticContexts:
+    """The same caches for static-shape decoding: whole buffers, the new token's index as a tensor,
+    and the mask of written positions (nothing depends on Python integers that change per token)."""
 
-    def __init__(self, model, batch: int, max_len: int, think_cfg: ThinkConfig | None):
+    def __init__(self, model, caches: dict, prefix: int, offset: torch.Tensor, allowed: torch.Tensor):
+        self.model, self.caches, self.prefix, self.offset, self.allowed = model, caches, prefix, offset, allowed
+
+    def get_ctx(self, k, graph):
+        return self.caches[self.model.landscape_key(k)], self.prefix, self.offset, self.allowed
+
+
+class Decoder:
+    """One decoding state: feed tokens one position at a time, get next-token logits for the last one.
+
+    cuda_graph (EBT): after the prefill, each one-token step (context keys/values written at a position
+    tensor, attention over the whole cache under a mask, the thinking steps) has static shapes; on CUDA
+    it is captured once as a CUDA graph and replayed, which removes the per-kernel launch cost that
+    dominates small-batch decoding."""
+
+    def __init__(self, model, batch: int, max_len: int, think_cfg: ThinkConfig | None, cuda_graph: bool = False):
         self.model, self.is_ebt = model, hasattr(model, "energy_from")
+        self.static = cuda_graph and self.is_ebt
+        self.graph = None
         w = model.tok_emb.weight
         cfg = model.cfg
         self.think_cfg = think_cfg or ThinkConfig(score_final=False)
@@ -76,10 +96,55 @@ class Decoder:
             self.cache = KVCache(cfg.n_layer, max_len, **shape)
         self.length = 0
 
+    def _static_step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token (B, 1) at index `pos` (a (1,) tensor): static shapes only, no host synchronisation."""
+        m = self.model
+        cache = next(iter(self.ctx.caches.values()))
+        cpos = pos + self.prefix
+        valid = torch.arange(cache.k[0].shape[2], device=tok.device) <= cpos  # written context positions
+        for c in self.ctx.caches.values():
+            m.backbone(m.tok_emb(tok), cpos, cache=c, pos=cpos, mask=valid.view(1, 1, 1, -1), causal=False)
+        ctx = _StaticContexts(m, self.ctx.caches, self.prefix, pos, valid.view(1, -1))
+        return think(m, tok, self.think_cfg, contexts=ctx).z[:, -1]
+
+    def _feed_static(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.device.type != "cuda":
+            out = self._static_step(tokens, torch.tensor([self.length], device=tokens.device))
+        else:
+            if self.graph is None:
+                self._capture(tokens)
+            self.static_tok.copy_(tokens)
+            self.static_pos.fill_(self.length)
+            self.graph.replay()
+            out = self.static_out.clone()
+        self.length += 1
+        self.ctx.length = self.length
+        return out
+
+    def _capture(self, tokens: torch.Tensor) -> None:
+        self.static_tok = tokens.clone()
+        self.static_pos = torch.tensor([self.length], device=tokens.device)
+        # autocast's weight-cast cache must stay off while capturing (its copies would be freed under
+        # the graph); warm-up runs on a side stream, as torch.cuda.graph requires. Both write this
+        # token's keys/values at this position, as the replay will.
+        cast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                              enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with cast, torch.cuda.stream(side):
+            for _ in range(2):
+                self._static_step(self.static_tok, self.static_pos)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with cast, torch.cuda.graph(self.graph):
+            self.static_out = self._static_step(self.static_tok, self.static_pos)
+
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append tokens (B, T) at positions length..length+T-1; return logits (B, V) for the last one."""
         m, T = self.model, tokens.shape[1]
         dev = tokens.device
+        if self.static and T == 1 and self.length > 0:
+            return self._feed_static(tokens)
         if not self.is_ebt:
             pos = torch.arange(self.length, self.length + T, device=dev)
             h = m.backbone(m.tok_emb(tokens), pos, cache=self.cache, pos=self.length)
@@ -154,7 +219,7 @@ def generate(model, prompts: list[list[int]], cfg: GenerateConfig | None = None,
 
     def next_logits(seq, t):
         if "dec" not in state:  # prefill: the common part of the prompts at once
-            state["dec"] = Decoder(model, seq.shape[0], seq.shape[1], cfg.think)
+            state["dec"] = Decoder(model, seq.shape[0], seq.shape[1], cfg.think, cfg.cuda_graph)
             return state["dec"].feed(seq[:, :t])
         return state["dec"].feed(seq[:, t - 1:t])
 

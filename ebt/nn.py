@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad as fwAD
 
 from ebt.config import ModelConfig
 
@@ -92,21 +93,32 @@ def attend(q, k, v, mask: torch.Tensor | None = None, causal: bool = False, fuse
     return torch.softmax(scores.to(compute_dtype(scores.dtype)), dim=-1).type_as(q) @ v
 
 
-def candidate_attend(qy, ky, vy, kc, vc, prefix: int, offset: int = 0) -> torch.Tensor:
+def _softmax(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension. Under forward-mode AD (the JVP weight-gradient path) it is
+    written out: PyTorch's softmax tangent rule updates its output in place, which breaks a backward
+    through the tangent (reverse-over-forward)."""
+    if fwAD.unpack_dual(s).tangent is None:
+        return torch.softmax(s, dim=-1)
+    e = (s - s.detach().amax(-1, keepdim=True)).exp()
+    return e / e.sum(-1, keepdim=True)
+
+
+def candidate_attend(qy, ky, vy, kc, vc, prefix: int, offset: int = 0, allowed=None) -> torch.Tensor:
     """The EBT's candidate stream (ebt-method.md 2.2), against the context stream's keys and values.
 
     qy, ky, vy: (B, H, S, hd) for candidates offset..offset+S-1; kc, vc: (B, H, C, hd) for the context
-    (`prefix` step tokens, then x_0, x_1, ...). Candidate i attends to context tokens 0..prefix+i and to
+    (`prefix` step tokens, then x_0, x_1, ...). Candidate i attends to context tokens 0..prefix+offset+i and to
     itself only: never to x_{i+1} (its target) nor to another candidate. One softmax runs over the
     allowed context scores plus the self score. Explicit scores, so double backward works; no
     (C+S)^2 matrix as in the official code.
     """
     scale = 1.0 / math.sqrt(qy.shape[-1])
     s_ctx = (qy @ kc.transpose(-2, -1)) * scale  # (B, H, S, C)
-    allowed = torch.ones(qy.shape[-2], kc.shape[-2], dtype=torch.bool, device=qy.device).tril(prefix + offset)
+    if allowed is None:  # given (S, C) by static-shape decoding, where offsets are tensors
+        allowed = torch.ones(qy.shape[-2], kc.shape[-2], dtype=torch.bool, device=qy.device).tril(prefix + offset)
     s_ctx = s_ctx.masked_fill(~allowed, float("-inf"))
     s_self = (qy * ky).sum(-1, keepdim=True) * scale  # (B, H, S, 1)
-    probs = torch.softmax(torch.cat([s_ctx, s_self], -1).to(compute_dtype(qy.dtype)), dim=-1).type_as(qy)
+    probs = _softmax(torch.cat([s_ctx, s_self], -1).to(compute_dtype(qy.dtype))).type_as(qy)
     return probs[..., :-1] @ vc + probs[..., -1:] * vy
 
 
@@ -134,6 +146,11 @@ class KVCache:
                 k, v = torch.cat([self.k[layer][:, :, :pos], k], 2), torch.cat([self.v[layer][:, :, :pos], v], 2)
             self.k[layer], self.v[layer] = k, v
             return k, v
+        if torch.is_tensor(pos):  # static-shape decoding (CUDA graphs): write at a position tensor and
+            # return the whole buffer; the caller masks what is not written yet
+            self.k[layer].index_copy_(2, pos, k)
+            self.v[layer].index_copy_(2, pos, v)
+            return self.k[layer], self.v[layer]
         end = pos + k.shape[2]
         self.k[layer][:, :, pos:end] = k
         self.v[layer][:, :, pos:end] = v
@@ -144,6 +161,12 @@ class KVCache:
         out = KVCache(len(self.k))
         out.k = [t[:, :, :length] for t in self.k]
         out.v = [t[:, :, :length] for t in self.v]
+        return out
+
+    def with_tensors(self, fn) -> "KVCache":
+        """A non-static cache holding fn(t) for each layer's keys and values."""
+        out = KVCache(len(self.k))
+        out.k, out.v = [fn(t) for t in self.k], [fn(t) for t in self.v]
         return out
 
     def select_rows(self, index: torch.Tensor) -> "KVCache":
@@ -203,10 +226,10 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin, **attn_kw)
         return x + self.ffn(self.ffn_norm(x))
 
-    def forward_candidates(self, y, cos, sin, kc, vc, prefix: int, offset: int = 0):
+    def forward_candidates(self, y, cos, sin, kc, vc, prefix: int, offset: int = 0, allowed=None):
         """The same block on the EBT's candidate stream, attending to cached context keys/values."""
         qy, ky, vy = self.attn.qkv(self.attn_norm(y), cos, sin)
-        y = y + self.attn.out(candidate_attend(qy, ky, vy, kc, vc, prefix, offset))
+        y = y + self.attn.out(candidate_attend(qy, ky, vy, kc, vc, prefix, offset, allowed))
         return y + self.ffn(self.ffn_norm(y))
 
 
@@ -228,11 +251,11 @@ class Backbone(nn.Module):
             h = block(h, cos, sin, cache=cache, layer=i, pos=pos, **attn_kw)
         return self.norm(h)
 
-    def candidates(self, y, positions, cache: KVCache, prefix: int, offset: int = 0):
+    def candidates(self, y, positions, cache: KVCache, prefix: int, offset: int = 0, allowed=None):
         """The EBT's candidate stream given the context stream's per-layer keys/values in `cache`."""
         cos, sin = self.rope.tables(positions, compute_dtype(y.dtype))
         for i, block in enumerate(self.blocks):
-            y = block.forward_candidates(y, cos, sin, cache.k[i], cache.v[i], prefix, offset)
+            y = block.forward_candidates(y, cos, sin, cache.k[i], cache.v[i], prefix, offset, allowed)
         return self.norm(y)
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch.autograd import forward_ad as fwAD
 
 from ebt.errors import ConfigError
 
@@ -36,8 +38,8 @@ class ContextCache(dict):
     def get_ctx(self, k: int, graph: bool):
         key = (self.model.landscape_key(k), graph)
         if key not in self:
-            with torch.set_grad_enabled(graph):
-                self[key] = self.model.context(self.inputs, k)
+            with torch.set_grad_enabled(graph):  # no graph: fused attention kernels may serve
+                self[key] = self.model.context(self.inputs, k, first_order=not graph)
         return self[key]
 
 
@@ -74,6 +76,189 @@ def unroll(model, inputs, z, n_steps: int, stochastic: bool, build_graph: bool, 
         logits.append(z)
         energies.append(E.detach())
     return logits, energies
+
+
+GRAD_METHODS = ("jvp", "double", "full")
+
+
+def stepwise_ok(cfg) -> bool:
+    """Whether the weights' gradient can be taken one step at a time (ebt-method.md 2.6): every step
+    that builds a graph must start from a candidate that does not depend on the weights. True with
+    detaching (S1), or with truncation and a fixed alpha (S2); else only the full graph is exact."""
+    return bool(cfg.detach or (cfg.truncate and not cfg.alpha_learnable))
+
+
+def _graph_leaves(ctx):
+    """(ctx with every graph-carrying tensor replaced by a detached leaf, [(tensor, leaf), ...]).
+    Steps backpropagate into the leaves; their gradients are sent through the context stream once."""
+    pairs = []
+
+    def leaf(t):
+        if t is None or not t.requires_grad:
+            return t
+        x = t.detach().requires_grad_()
+        pairs.append((t, x))
+        return x
+
+    def walk(c):
+        if isinstance(c, torch.Tensor):
+            return leaf(c)
+        if isinstance(c, (tuple, list)):
+            return type(c)(walk(x) for x in c)
+        if hasattr(c, "with_tensors"):  # a KVCache
+            return c.with_tensors(walk)
+        return c
+
+    return walk(ctx), pairs
+
+
+def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, step_loss, loss_steps,
+                    scale: float = 1.0, method: str = "jvp", loss_grad=None, on_step=None):
+    """The training unroll and its backward in one pass, one step's graph alive at a time.
+
+    Accumulates scale * dLoss/dtheta into the parameters' .grad, where Loss = sum over k in
+    loss_steps of step_loss(k, z_k), z_k the output of step k. Exact (the same gradients as `unroll`
+    + backward) when `stepwise_ok(cfg)`. Optional: loss_grad(k, z_k, scale) -> (loss, d(scale *
+    loss)/dz_k) in closed form (used by "jvp"); on_step(k, z_k) sees every step's output (metrics).
+    Returns the last candidate (detached), the energy fed into the first step and the step losses.
+
+    method "double": each loss term is backpropagated through that step's first-order gradient graph
+    (reverse-over-reverse), then freed. "jvp" (ebt-method.md 2.6): the step runs first-order only;
+    with v = dLoss/dz_next the weights receive -d/dtheta <alpha v, dE/dp>, the inner product being
+    the energy's forward-mode derivative along alpha v (reverse-over-forward). For a model whose
+    candidate enters through a bias-free linear map (`vocab_to_embed`, V -> D) that map is handled
+    in closed form, so the forward-mode pass runs through the backbone only (see `_jvp_step`).
+    Either way each context stream (and alpha's random draw) is backpropagated once, at the end.
+    """
+    if method not in ("jvp", "double"):
+        raise ConfigError(f"unknown gradient method {method!r}; choose 'jvp' or 'double'")
+    # alpha is drawn once, before the steps, as in `unroll`; like the contexts it is used through a leaf
+    alpha_graph = model.step_alpha(z.shape, stochastic)
+    alpha = alpha_graph.detach().requires_grad_(alpha_graph.requires_grad)
+    noise = cfg.langevin if stochastic else 0.0
+    graph_steps = {k for k in loss_steps if not cfg.truncate or k == n_steps - 1}
+    graph_keys = {model.landscape_key(k) for k in graph_steps}
+    weights = [p for p in model.parameters() if p.requires_grad]
+    linear_map = method == "jvp" and isinstance(getattr(model, "vocab_to_embed", None), torch.nn.Linear)
+    if loss_grad is None:
+        loss_grad = lambda k, z_k, s: _autograd_loss_grad(lambda x: step_loss(k, x), z_k, s)  # noqa: E731
+    contexts = {}  # landscape key -> (context for the steps, [(graph tensor, leaf)])
+    energy0, losses = None, []
+    for k in range(n_steps):
+        key = model.landscape_key(k)
+        if key not in contexts:
+            with torch.set_grad_enabled(key in graph_keys):  # its backward is first-order: fused kernels do
+                contexts[key] = _graph_leaves(model.context(inputs, k, first_order=True))
+        ctx, leaves = contexts[key]
+        z = z.detach()
+        if noise > 0:
+            z = z + noise * torch.randn_like(z)
+        wanted = weights + [leaf for _, leaf in leaves]
+        if k not in graph_steps:
+            p, E, g = energy_and_grad(model, ctx, z)
+            z = torch.addcmul(p.detach(), alpha.detach(), g, value=-1)
+        elif linear_map:
+            z, E, loss = _jvp_step(model, ctx, z, alpha, lambda zn: loss_grad(k, zn, scale), wanted)
+            losses.append(loss)
+        else:
+            with torch.enable_grad():
+                p = model.candidate_input(z).detach().requires_grad_()
+                E = model.energy_from(ctx, p)
+                if method == "double":
+                    (g,) = torch.autograd.grad(E.sum(), p, create_graph=True)
+                    z_next = p.detach() - alpha * g
+                    loss = step_loss(k, z_next)
+                    # inputs=: only what training needs (not the candidate p, a leaf here)
+                    torch.autograd.backward(loss * scale, inputs=wanted + ([alpha] if alpha.requires_grad else []))
+                    loss = loss.detach()
+                else:
+                    (g,) = torch.autograd.grad(E.sum(), p)
+                    z_next = torch.addcmul(p.detach(), alpha.detach(), g, value=-1)
+                    loss, v = loss_grad(k, z_next, scale)
+                    with fwAD.dual_level():
+                        dual = fwAD.make_dual(p.detach(), alpha.detach() * v)
+                        directional = fwAD.unpack_dual(model.energy_from(ctx, dual)).tangent.sum()
+                    directional.neg().backward(inputs=wanted)  # d/dtheta of -<alpha v, dE/dp>
+                    _alpha_grad(alpha, _rowdot(g, v))
+            z = z_next.detach()
+            losses.append(loss)
+        if on_step is not None:
+            on_step(k, z)
+        if k == 0:
+            energy0 = E.detach()
+    pairs = [pair for _, ps in contexts.values() for pair in ps] + [(alpha_graph, alpha)]
+    pairs = [(t, leaf.grad) for t, leaf in pairs if leaf.grad is not None]
+    if pairs:  # each context stream and alpha's draw: one backward with their leaves' gradients
+        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+    return z, energy0, losses
+
+
+def _autograd_loss_grad(loss_fn, z, scale):
+    with torch.enable_grad():
+        z = z.detach().requires_grad_()
+        loss = loss_fn(z)
+        (v,) = torch.autograd.grad(loss * scale, z)
+    return loss.detach(), v
+
+
+def _rowdot(a, b):
+    """<a, b> over the last dimension, one value per position, without an (.., V) temporary."""
+    d = (a.unsqueeze(-2) @ b.unsqueeze(-1).to(a.dtype)).squeeze(-1)
+    return d.to(torch.promote_types(d.dtype, torch.float32))
+
+
+def _alpha_grad(alpha, gv):
+    """z_next = p - alpha * g, so dLoss/dalpha = -<g, v> (gv, per position), summed to alpha's shape
+    (a scalar, or one value per row and position)."""
+    if alpha.requires_grad:
+        grad = -gv.sum_to_size(alpha.shape).to(alpha.dtype)
+        alpha.grad = grad if alpha.grad is None else alpha.grad + grad
+
+
+def _accumulate(tensors, grads):
+    for t, g in zip(tensors, grads):
+        if g is not None:
+            t.grad = g if t.grad is None else t.grad + g
+
+
+def _jvp_step(model, ctx, z, alpha, loss_grad, wanted):
+    """One graph-building step of the "jvp" method with the candidate's linear map W (D x V) in closed
+    form. With y = W p, u = dE/dy, the step is z_next = p - alpha * W^T u. For the loss gradient v at
+    z_next and the direction d = alpha v:
+        backbone and context weights: -d/dtheta <u, W d>   (forward-mode tangent of E along W d)
+        W:     -(u^T d) + h^T p,  h = -d/dy <u, W d>         (the same backward gives h)
+        alpha: -<W^T u, v>
+    so the (B, S, V) tensors meet only matrix products and first-order elementwise work, and at most
+    four of them (p, g, z_next, v) are alive at once."""
+    W = model.vocab_to_embed.weight
+    with torch.enable_grad():
+        p = model.candidate_input(z).detach()
+        del z
+        y = F.linear(p, W).detach().requires_grad_()
+        E = model.energy_from_embedding(ctx, y)
+        (u,) = torch.autograd.grad(E.sum(), y)
+    with torch.no_grad():  # first-order work on (B, S, V) tensors: nothing here is recorded
+        g = F.linear(u, W.t())
+        z_next = torch.addcmul(p, alpha.detach(), g, value=-1)
+        loss, v = loss_grad(z_next)
+        _alpha_grad(alpha, _rowdot(g, v))
+        del g
+        d = v.mul_(alpha.detach()) if v.dtype == torch.promote_types(v.dtype, alpha.dtype) else v * alpha.detach()
+        del v
+        y_dot = F.linear(d, W)
+    others = [t for t in wanted if t is not W]
+    with torch.enable_grad():
+        with fwAD.dual_level():
+            e_dot = fwAD.unpack_dual(model.energy_from_embedding(ctx, fwAD.make_dual(y, y_dot))).tangent
+        grads = torch.autograd.grad(-e_dot.sum(), [y] + others, allow_unused=True)
+    _accumulate(others, grads[1:])
+    if W.requires_grad:  # two (D x V) products over all positions; no (2N, V) concatenation
+        with torch.no_grad():
+            h = grads[0]
+            dW = h.flatten(0, -2).t() @ p.flatten(0, -2).to(h.dtype)
+            dW.addmm_(u.flatten(0, -2).t(), d.flatten(0, -2).to(u.dtype), alpha=-1)
+        _accumulate([W], [dW.to(W.dtype)])
+    return z_next, E.detach(), loss
 
 
 # Recipe pieces every EBT shares (text, video, images): how many steps, which step size, alpha's group.

@@ -26,6 +26,7 @@ from ebt.checkpoint import (load_state, load_training_state, load_weights, publi
 from ebt.config import RunConfig, to_dict
 from ebt.errors import CheckpointError, ConfigError, EBTError
 from ebt.evaluate import autocast, evaluate_lm, fmt_ppl
+from ebt.think import GRAD_METHODS
 from ebt.models import build_model
 
 
@@ -53,6 +54,20 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def average_gradients(model: torch.nn.Module, world: int) -> None:
+    """Mean of every parameter's gradient over the ranks, in one flat all-reduce (a missing gradient
+    counts as zero, so every rank sends the same layout)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -246,7 +261,7 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     if cfg.fsdp:  # FSDP2 (ebt/fsdp.py): sharded before the optimizer sees the parameters
         from ebt.fsdp import check_fsdp, shard_model
 
-        check_fsdp(world, device, cfg.compile)
+        check_fsdp(world, cfg)
         model = shard_model(model, device)
     lr = cfg.lr if cfg.lr is not None else mcfg.default_lr
     optimizer, scheduler = make_optimizer(model, cfg, lr, device)
@@ -284,7 +299,19 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
         (out_dir / "config.json").write_text(json.dumps(run_dict, indent=2, sort_keys=True) + "\n")
     n_params = sum(p.numel() for p in model.parameters())
     fwd = torch.compile(model) if cfg.compile else model
-    if world > 1 and not cfg.fsdp:
+    # an EBT runs forward and backward itself, one unroll step's graph at a time (EBT.train_step);
+    # its gradients are then averaged across ranks here rather than by DDP's per-backward hooks
+    # Under FSDP it takes the plain forward + backward (FSDP's hooks wrap forward calls and reduce-scatter
+    # in the loss's backward; train_step's own backward would bypass them).
+    own_step = None if cfg.fsdp else getattr(model, "train_step", None)
+    if own_step is not None and cfg.ebt_grad != "auto":
+        if cfg.ebt_grad not in GRAD_METHODS:
+            raise ConfigError(f"unknown ebt_grad {cfg.ebt_grad!r}; choose auto or one of {GRAD_METHODS}")
+        model.grad_method = cfg.ebt_grad
+    if world > 1 and own_step is not None:
+        for p in model.parameters():  # what DDP's constructor does: every rank starts from rank 0's weights
+            dist.broadcast(p.data, 0)
+    elif world > 1 and not cfg.fsdp:
         fwd = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
     metrics = MetricsLog(out_dir, cfg, run_dict, enabled=is_main)
@@ -352,14 +379,20 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
         step_loss = torch.zeros((), device=device)
         for m in range(cfg.grad_accum):
             batch = rows[m * micro:(m + 1) * micro].to(device, non_blocking=True)
-            sync = contextlib.nullcontext() if world == 1 or m == cfg.grad_accum - 1 else fwd.no_sync()
-            with sync, autocast(device, cfg.precision):
-                out = fwd(batch)
-            (out["loss"] / cfg.grad_accum).backward()
+            if own_step is not None:
+                with autocast(device, cfg.precision):
+                    out = own_step(batch, scale=1.0 / cfg.grad_accum)
+            else:
+                sync = contextlib.nullcontext() if world == 1 or m == cfg.grad_accum - 1 else fwd.no_sync()
+                with sync, autocast(device, cfg.precision):
+                    out = fwd(batch)
+                (out["loss"] / cfg.grad_accum).backward()
             step_loss += out["loss"].detach().float() / cfg.grad_accum
             for k, v in out.items():  # model metrics (an EBT's per-step CE, energy gap, alpha...)
                 if k not in ("loss", "nll_sum", "n_tokens"):
                     extras[k] = extras.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+        if world > 1 and own_step is not None:
+            average_gradients(model, world)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP: a DTensor

@@ -41,6 +41,14 @@ def same(a, b, atol=1e-10):
 def test_fsdp_needs_several_processes(tiny_data, tmp_path):  # noqa: F811
     with pytest.raises(ConfigError, match="torchrun --nproc-per-node"):
         train(run_config(tiny_data[0], tmp_path / "r", fsdp=True), log=lambda *a: None)
+    from ebt.config import TrainConfig
+    from ebt.fsdp import check_fsdp
+
+    check_fsdp(2, TrainConfig(fsdp=True))
+    with pytest.raises(ConfigError, match="ebt-grad full"):
+        check_fsdp(2, TrainConfig(fsdp=True, ebt_grad="jvp"))
+    with pytest.raises(ConfigError, match="--compile"):
+        check_fsdp(2, TrainConfig(fsdp=True, compile=True))
 
 
 @pytest.mark.slow

@@ -111,10 +111,16 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
 
 
-def check_reference(path: str | Path) -> list[tuple[str, float]]:
+def check_reference(path: str | Path, methods=("full", "double", "jvp", "official")) -> list[tuple[str, float]]:
     """Rebuild a reference case with our code in float64: same weights, same window, same starting
     candidate, the official validation settings with the training graph. Returns (tensor, relative
-    error) rows for the logits (per step for an EBT), energies, losses and every parameter gradient."""
+    error) rows for the logits (per step for an EBT), energies, losses and every parameter gradient.
+
+    For an EBT the loss and every gradient are checked for each training path in `methods`
+    (EBT.train_step: "full" keeps the whole unroll's graph, "double" and "jvp" one step at a time;
+    "official": the official algorithm, ebt.compat.official_algorithm); rows other than "full" carry
+    the method in brackets, e.g. "grad.alpha [jvp]"."""
+    from ebt.compat.official_algorithm import OfficialAlgorithmEBT
     from ebt.models import build_model
 
     meta, t = load_reference(path)
@@ -128,26 +134,35 @@ def check_reference(path: str | Path) -> list[tuple[str, float]]:
     if cfg.model == "transformer":
         rows.append(("logits", rel_err(model.logits(window[:, :-1]), t["logits"])))
         out = model(window)
-    else:
-        init = t["input.init_logits"]
-        logits, energies = model.unroll(window[:, :-1], init, cfg.ebt.eval_steps, stochastic=False, build_graph=False)
-        n_ref = sum(1 for k in t if k.endswith(".logits") and k.startswith("step"))
-        if n_ref != len(logits):
-            raise CheckpointError(f"reference has {n_ref} steps, our model ran {len(logits)}")
-        for k, (z, e) in enumerate(zip(logits, energies)):
-            rows.append((f"step{k}.logits", rel_err(z, t[f"step{k}.logits"])))
-            rows.append((f"step{k}.energy", rel_err(e, t[f"step{k}.energy"])))
-        out = model(window, init=init)
-        rows.append(("initial_loss", rel_err(out["ce_first"], t["initial_loss"])))
-        rows.append(("final_step_loss", rel_err(out["ce_last"], t["final_step_loss"])))
-    loss = out["loss"]
-    rows.append(("loss", rel_err(loss, t["loss"])))
-    loss.backward()
+        out["loss"].backward()
+        return rows + _loss_and_grads(model, out, t, "")
+    init = t["input.init_logits"]
+    logits, energies = model.unroll(window[:, :-1], init, cfg.ebt.eval_steps, stochastic=False, build_graph=False)
+    n_ref = sum(1 for k in t if k.endswith(".logits") and k.startswith("step"))
+    if n_ref != len(logits):
+        raise CheckpointError(f"reference has {n_ref} steps, our model ran {len(logits)}")
+    for k, (z, e) in enumerate(zip(logits, energies)):
+        rows.append((f"step{k}.logits", rel_err(z, t[f"step{k}.logits"])))
+        rows.append((f"step{k}.energy", rel_err(e, t[f"step{k}.energy"])))
+    for method in methods:
+        model.zero_grad(set_to_none=True)
+        m = OfficialAlgorithmEBT.from_model(model) if method == "official" else model
+        out = m.train_step(window, init=init, method="full" if method == "official" else method)
+        tag = "" if method == "full" else f" [{method}]"
+        if method == "full":
+            rows.append(("initial_loss", rel_err(out["ce_first"], t["initial_loss"])))
+            rows.append(("final_step_loss", rel_err(out["ce_last"], t["final_step_loss"])))
+        rows += _loss_and_grads(m, out, t, tag)
+    return rows
+
+
+def _loss_and_grads(model, out, t, tag: str) -> list[tuple[str, float]]:
+    rows = [("loss" + tag, rel_err(out["loss"], t["loss"]))]
     params = dict(model.named_parameters())
     for k in sorted(t):
         if k.startswith("grad."):
             ours = params[official_to_ours(k[len("grad."):])].grad
-            rows.append((k, rel_err(ours, t[k]) if ours is not None else float("inf")))
+            rows.append((k + tag, rel_err(ours, t[k]) if ours is not None else float("inf")))
     missing = [n for n, p in params.items() if p.requires_grad and f"grad.{n}" not in
                {f"grad.{official_to_ours(k[5:])}" for k in t if k.startswith("grad.")}]
     if missing:

@@ -15,9 +15,9 @@ from torch import nn
 
 from ebt.config import EBTConfig, ModelConfig
 from ebt.errors import ConfigError
-from ebt.models.transformer import check_window, make_input_embedding, prediction_loss
+from ebt.models.transformer import check_window, make_input_embedding, prediction_loss, token_loss_grad
 from ebt.nn import Backbone, KVCache, init_weights
-from ebt.think import alpha_param_groups, draw_steps, recipe_alpha, unroll
+from ebt.think import GRAD_METHODS, alpha_param_groups, draw_steps, recipe_alpha, stepwise_ok, unroll, unroll_backward
 
 
 class ReplayBuffer:
@@ -85,6 +85,7 @@ class EBT(nn.Module):
         self.replay = ReplayBuffer(e.replay_buffer) if e.replay_buffer else None
         self.fused_attention = False  # the second-order graph needs attention with double backward
         self.measure_final_energy = True  # training logs E(initial) - E(final): one extra no-grad forward
+        self.grad_method = "jvp"  # how train_step takes the second-order term (see train_step)
 
     @property
     def candidate_size(self) -> int:
@@ -96,9 +97,11 @@ class EBT(nn.Module):
     # ------------------------------------------------------------------------------------- the energy
     # The hooks ebt.think uses: context / landscape_key / candidate_input / energy_from / step_alpha.
 
-    def context(self, tokens: torch.Tensor, landscape: int) -> tuple[KVCache, int]:
+    def context(self, tokens: torch.Tensor, landscape: int, first_order: bool = False) -> tuple[KVCache, int]:
         """The context stream for a landscape: each layer's keys and values of [step_k, x_0..x_{S-1}].
-        It never depends on a candidate, so one context serves every step on its landscape."""
+        It never depends on a candidate, so one context serves every step on its landscape.
+        first_order: only first-order gradients will flow through it (the stepwise training paths), so
+        fused attention kernels may be used."""
         ctx = self.tok_emb(tokens)
         prefix = 0
         if self.step_emb is not None:  # the landscape's step token goes first, at position 0
@@ -107,7 +110,7 @@ class EBT(nn.Module):
             prefix = 1
         cache = KVCache(self.cfg.n_layer)
         self.backbone(ctx, torch.arange(ctx.shape[1], device=ctx.device), cache=cache, causal=True,
-                      fused=self.fused_attention)
+                      fused=self.fused_attention or first_order)
         return cache, prefix
 
     def landscape_key(self, k: int) -> int:
@@ -121,11 +124,18 @@ class EBT(nn.Module):
     def energy_from(self, ctx: tuple, p: torch.Tensor) -> torch.Tensor:
         """E (B, S) of candidate distributions p (B, S, V). ctx = (cache, prefix) from `context`, or
         (cache, prefix, offset) when p holds the candidates of positions offset.. only (generation)."""
-        cache, prefix, offset = (*ctx, 0) if len(ctx) == 2 else ctx
-        S = p.shape[1]
+        return self.energy_from_embedding(ctx, self.vocab_to_embed(p))
+
+    def energy_from_embedding(self, ctx: tuple, y: torch.Tensor) -> torch.Tensor:
+        """E (B, S) of embedded candidates y = vocab_to_embed(p) (B, S, D). The fast training path
+        (ebt.think.unroll_backward) handles the linear V -> D map itself and calls this."""
+        # ctx: (cache, prefix), or (cache, prefix, offset[, allowed]) in generation, where static-shape
+        # decoding gives the offset as a tensor and the (S, C) mask of written context positions
+        cache, prefix, offset, allowed = (*ctx, 0, None, None)[:4] if len(ctx) == 2 else (*ctx, None)[:4]
+        S = y.shape[1]
         # candidate i sits at the position of the token it predicts, after the step token
-        positions = torch.arange(S, device=p.device) + prefix + 1 + offset
-        h = self.backbone.candidates(self.vocab_to_embed(p), positions, cache, prefix, offset)
+        positions = torch.arange(S, device=y.device) + prefix + 1 + offset
+        h = self.backbone.candidates(y, positions, cache, prefix, offset, allowed)
         return self.energy_head(h).squeeze(-1)
 
     def energy(self, tokens: torch.Tensor, p: torch.Tensor, landscape: int) -> torch.Tensor:
@@ -150,35 +160,24 @@ class EBT(nn.Module):
     def train_steps(self) -> int:
         return draw_steps(self.cfg.ebt, self.training)
 
-    def forward(self, window: torch.Tensor, init: torch.Tensor | None = None) -> dict:
-        """window (B, S+1) token ids or (B, S+1, F) frame features -> loss (S1: the mean over steps; S2:
-        the last step's) and training metrics.
-
-        In training mode (model.train()) the recipe's randomness applies (step count, alpha, Langevin
-        noise, replay); in eval mode none does, as in the official validation phase."""
+    def _batch(self, window, init):
+        """Inputs, targets, starting candidates, with System 2's replayed rows appended in training."""
         check_window(window, self.cfg, extra=1)
-        e, stochastic = self.cfg.ebt, self.training
+        e = self.cfg.ebt
         tokens, targets = window[:, :-1], window[:, 1:]
-        B = tokens.shape[0]
         z = init if init is not None else self.init_candidate(tokens)
-        fresh = B
-        if stochastic and self.replay is not None and len(self.replay) > 0:
-            n = min(len(self.replay), int(B * e.replay_fraction))
+        if self.training and self.replay is not None and len(self.replay) > 0:
+            n = min(len(self.replay), int(tokens.shape[0] * e.replay_fraction))
             if n > 0:
                 w_old, z_old = self.replay.sample(n)
                 tokens = torch.cat([tokens, w_old[:, :-1]])
                 targets = torch.cat([targets, w_old[:, 1:]])
                 window = torch.cat([window, w_old])
                 z = torch.cat([z, z_old.to(z.dtype)])
-        n_steps = self.train_steps()
-        logits, energies = self.unroll(tokens, z, n_steps, stochastic, build_graph=torch.is_grad_enabled())
-        last = prediction_loss(logits[-1], targets, self.cfg)
-        first = prediction_loss(logits[0], targets, self.cfg) if n_steps > 1 else last
-        if e.loss_last_only:
-            loss = last["loss"]
-        else:  # S1: the mean over steps of each step's loss
-            middle = [prediction_loss(z_k, targets, self.cfg) for z_k in logits[1:-1]]
-            loss = torch.stack([c["loss"] for c in [first, *middle, last][: n_steps]]).mean()
+        return window, tokens, targets, z
+
+    def _finish(self, window, tokens, fresh, n_steps, loss, first, last, logits, energies) -> dict:
+        e = self.cfg.ebt
         out = {"loss": loss, "nll_sum": last["nll_sum"], "n_tokens": last["n_tokens"],
                "ce_first": first["loss"].detach(), "ce_last": last["loss"].detach(),
                "alpha": self.alpha.detach().clamp(min=e.alpha_min), "steps": torch.tensor(float(n_steps))}
@@ -186,7 +185,72 @@ class EBT(nn.Module):
             with torch.no_grad():
                 e_final = self.energy(tokens, self.candidate_input(logits[-1].detach()), n_steps - 1)
             out["energy_gap"] = (energies[0] - e_final).mean()
-        if stochastic and self.replay is not None:
+        if self.training and self.replay is not None:
             self.replay.push(window[:fresh], logits[-1][:fresh])
             out["replay_rows"] = torch.tensor(float(window.shape[0] - fresh))
         return out
+
+    def forward(self, window: torch.Tensor, init: torch.Tensor | None = None) -> dict:
+        """window (B, S+1) token ids or (B, S+1, F) frame features -> loss (S1: the mean over steps; S2:
+        the last step's) and training metrics. The whole unroll's graph is kept for loss.backward();
+        `train_step` gives the same gradients one step's graph at a time.
+
+        In training mode (model.train()) the recipe's randomness applies (step count, alpha, Langevin
+        noise, replay); in eval mode none does, as in the official validation phase."""
+        fresh = window.shape[0]
+        window, tokens, targets, z = self._batch(window, init)
+        n_steps = self.train_steps()
+        logits, energies = self.unroll(tokens, z, n_steps, self.training, build_graph=torch.is_grad_enabled())
+        last = prediction_loss(logits[-1], targets, self.cfg)
+        first = prediction_loss(logits[0], targets, self.cfg) if n_steps > 1 else last
+        if self.cfg.ebt.loss_last_only:
+            loss = last["loss"]
+        else:  # S1: the mean over steps of each step's loss
+            middle = [prediction_loss(z_k, targets, self.cfg) for z_k in logits[1:-1]]
+            loss = torch.stack([c["loss"] for c in [first, *middle, last][: n_steps]]).mean()
+        return self._finish(window, tokens, fresh, n_steps, loss, first, last, logits, energies)
+
+    def train_step(self, window: torch.Tensor, init: torch.Tensor | None = None, scale: float = 1.0,
+                   method: str | None = None) -> dict:
+        """forward + backward of one (micro-)batch: adds scale * dloss/dtheta to the parameters' .grad
+        and returns `forward`'s metrics with the loss detached.
+
+        The fast path (ebt.think.unroll_backward) keeps one step's graph at a time and computes each
+        context stream once per landscape; method "jvp" (the default) or "double" chooses how the
+        second-order term is taken. "full", or a recipe where stepping is not exact (no detach and no
+        truncation), runs `forward` and one backward through the whole unroll."""
+        method = method or self.grad_method
+        if method not in GRAD_METHODS:
+            raise ConfigError(f"unknown gradient method {method!r}; choose one of {GRAD_METHODS}")
+        e = self.cfg.ebt
+        if method == "full" or not stepwise_ok(e):
+            out = self(window, init)
+            (out["loss"] * scale).backward()
+            return {**out, "loss": out["loss"].detach()}
+        fresh = window.shape[0]
+        window, tokens, targets, z = self._batch(window, init)
+        n_steps = self.train_steps()
+        loss_steps = [n_steps - 1] if e.loss_last_only else list(range(n_steps))
+        weight = 1.0 / len(loss_steps)  # S1: the mean over steps
+        ce = {}  # each step's loss dict (cross-entropy or Smooth L1, with counts), kept for the metrics
+
+        def step_loss(k, z_k):  # differentiable (the "double" method)
+            ce[k] = prediction_loss(z_k, targets, self.cfg)
+            return ce[k]["loss"] * weight
+
+        def loss_grad(k, z_k, s):  # the loss and its gradient in closed form (the "jvp" method)
+            ce[k], v = token_loss_grad(z_k, targets, self.cfg.pad_token_id, s * weight)
+            return ce[k]["loss"] * weight, v
+
+        def on_step(k, z_k):  # the first step's loss is logged even when it is not trained on
+            if k == 0 and k not in ce:
+                with torch.no_grad():
+                    ce[0] = prediction_loss(z_k, targets, self.cfg)
+
+        z_last, e_first, losses = unroll_backward(
+            self, tokens, z, n_steps, self.training, e, step_loss, loss_steps, scale, method,
+            loss_grad if self.cfg.candidate == "tokens" else None, on_step)
+        del z
+        last = {k: v.detach() for k, v in ce[n_steps - 1].items()}
+        return self._finish(window, tokens, fresh, n_steps, torch.stack(losses).sum(), ce[0], last, [z_last],
+                            [e_first])

@@ -73,7 +73,7 @@ class EBTDenoiser(nn.Module):
         return h
 
     # the hooks of ebt.think: no context (the image is the candidate), one "position" per image
-    def context(self, inputs, landscape: int):
+    def context(self, inputs, landscape: int, first_order: bool = False):
         return None
 
     def landscape_key(self, k: int) -> int:

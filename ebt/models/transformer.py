@@ -38,6 +38,26 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | None) 
     return {"loss": nll / n, "nll_sum": nll.detach(), "n_tokens": torch.as_tensor(n, device=targets.device)}
 
 
+def token_loss_grad(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | None, scale: float = 1.0):
+    """`token_loss` and its gradient d(scale * loss)/dlogits in closed form (softmax - one-hot, over the
+    non-pad count), without autograd: log-softmax and softmax passes over the (B, S, V) logits instead of
+    autograd's log-softmax, its backward and a zero-filled gradient. Returns (loss dict, gradient)."""
+    lf = logits if logits.dtype not in (torch.bfloat16, torch.float16) else logits.float()
+    t = targets.unsqueeze(-1)
+    # the fused (log-)softmax kernels: a bare exp is slow on CPUs for the large negative values of
+    # optimised EBT logits (denormals), and these are single passes on GPUs too
+    nll = -torch.log_softmax(lf, -1).gather(-1, t).squeeze(-1)
+    keep = torch.ones_like(nll) if pad_id is None else (targets != pad_id).to(nll.dtype)
+    n = keep.sum()
+    nll_sum = (nll * keep).sum()
+    grad = torch.softmax(lf, -1)
+    grad.scatter_add_(-1, t, torch.full_like(t, -1, dtype=grad.dtype))
+    grad.mul_((keep * (scale / n)).unsqueeze(-1))
+    count = targets.numel() if pad_id is None else (targets != pad_id).sum()
+    out = {"loss": nll_sum / n, "nll_sum": nll_sum, "n_tokens": torch.as_tensor(count, device=targets.device)}
+    return out, grad.to(logits.dtype)
+
+
 def frame_loss(pred: torch.Tensor, target: torch.Tensor) -> dict:
     """Smooth L1 (beta 1) to the next frame's features: the mean over frames of each frame's mean over
     features, plus the sum and the count of frames for frame-weighted averages."""

@@ -1,0 +1,352 @@
+"""Speed of our fast paths against a straightforward path that follows the official algorithm, in one run.
+
+Measured in the same invocation (compare ratios, not absolute figures across runs):
+- training tokens/s and peak memory: Transformer++, EBT S1 (time_embed and "default"), EBT S2 (fresh
+  tokens/s; replayed rows are extra work); fast = EBT.train_step with --methods (jvp, double), one
+  unroll step's graph at a time, context once per landscape; straightforward = the official algorithm
+  (ebt.compat.official_algorithm: doubled sequence with an explicit mask, context recomputed in every
+  energy evaluation, every step's graph kept until one backward);
+- thinking tokens/s and memory for 2/4/8/16 steps (scoring a batch, S2 model), fast = context once,
+  straightforward = the official algorithm's energy;
+- greedy generation tokens/s at batch 1 and 8 with 2 thinking steps per token: fast = static KV cache
+  (and, on CUDA, the decode step captured as a CUDA graph), straightforward = re-run the whole prefix
+  with the official algorithm for every token;
+- on CUDA, a float64 check that every fast path's gradients equal the full-graph ones on the device.
+
+One step = forward, backward, grad clipping, AdamW (fused on CUDA). Median over --steps after --warmup.
+Peak memory: CUDA max_memory_allocated per item; CPU peak RSS growth of a fresh process per item.
+
+    python benchmarks/speed.py                                  # CPU, small config (a few minutes)
+    python benchmarks/speed.py --device cuda --paper --json $OUT/speed.json   # paper config "xxs" + "small"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _sync(dev):
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset(dev):
+    import gc
+
+    import torch
+
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_gib(dev, base):
+    import torch
+
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**30
+
+
+def build(kind, rec, size, vocab, context, dev, variant=None):
+    import torch
+
+    from ebt.config import ModelConfig, recipe
+    from ebt.models import build_model
+
+    torch.manual_seed(0)
+    e = None
+    if kind == "ebt":
+        e = recipe(rec)
+        if variant:
+            e.variant = variant
+    model = build_model(ModelConfig(model=kind, size=size, vocab_size=vocab, context_length=context, ebt=e)).to(dev)
+    if kind == "ebt":
+        model.measure_final_energy = False  # a logging extra, not part of the training step
+    return model
+
+
+def train_item(it, a, dev):
+    """tokens/s and peak memory of full optimizer steps."""
+    import torch
+
+    from ebt.compat.official_algorithm import OfficialAlgorithmEBT
+    from ebt.config import TrainConfig
+    from ebt.evaluate import autocast
+    from ebt.train import make_optimizer
+
+    base = _reset(dev)
+    model = build(it["kind"], it.get("recipe"), it["size"], a.vocab, a.context, dev, it.get("variant"))
+    path = it["path"]
+    if path == "official":
+        model = OfficialAlgorithmEBT.from_model(model)
+        model.measure_final_energy = False
+    model.train()
+    opt, _ = make_optimizer(model, TrainConfig(), 1e-4, dev)
+    step_fn = model
+    if it["kind"] == "transformer":
+        model.fused_attention = True
+        step_fn = torch.compile(model) if path == "compiled" else model
+    x = torch.randint(0, a.vocab, (a.batch, a.context + 1), device=dev)
+    times = []
+    for i in range(a.warmup + a.steps):
+        _sync(dev)
+        t = time.perf_counter()
+        with autocast(dev, a.precision):
+            if it["kind"] == "ebt":
+                model.train_step(x, method="full" if path == "official" else path)
+            else:
+                step_fn(x)["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(dev)
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t)
+    times.sort()
+    med = times[len(times) // 2]
+    return {"tokens_per_s": a.batch * a.context / med, "ms": med * 1e3, "peak_gib": _peak_gib(dev, base),
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def think_item(it, a, dev):
+    import torch
+
+    from ebt.compat.official_algorithm import OfficialAlgorithmEBT
+    from ebt.evaluate import autocast
+    from ebt.think import ThinkConfig, think
+
+    model = build("ebt", "s2", it["size"], a.vocab, a.context, dev).eval()
+    if it["path"] == "official":
+        model = OfficialAlgorithmEBT.from_model(model)
+    x = torch.randint(0, a.vocab, (a.batch, a.context), device=dev)
+    cfg = ThinkConfig(steps=it["steps"], score_final=False)  # N steps = N energy evaluations, as official
+    with autocast(dev, a.precision):
+        think(model, x, cfg)  # warm-up
+        base = _reset(dev)
+        times = []
+        for _ in range(a.think_reps):
+            _sync(dev)
+            t = time.perf_counter()
+            think(model, x, cfg)
+            _sync(dev)
+            times.append(time.perf_counter() - t)
+    med = sorted(times)[len(times) // 2]
+    return {"tokens_per_s": a.batch * a.context / med, "ms": med * 1e3, "peak_gib": _peak_gib(dev, base)}
+
+
+def gen_item(it, a, dev):
+    import torch
+
+    from ebt.compat.official_algorithm import OfficialAlgorithmEBT
+    from ebt.evaluate import autocast
+    from ebt.generate import GenerateConfig, generate, generate_uncached
+    from ebt.think import ThinkConfig
+
+    model = build("ebt", "s2", it["size"], a.vocab, a.prompt + a.new_tokens, dev).eval()
+    fn = generate
+    if it["path"] == "official":
+        model, fn = OfficialAlgorithmEBT.from_model(model), generate_uncached
+    new = a.new_tokens if it["path"] != "official" else min(a.new_tokens, a.official_gen_tokens)
+    prompts = torch.randint(0, a.vocab, (it["batch"], a.prompt)).tolist()
+    think_cfg = ThinkConfig(steps=2, score_final=False)
+    graphs = it["path"] == "cuda_graph"
+    with autocast(dev, a.precision):
+        fn(model, prompts, GenerateConfig(max_new_tokens=4, think=think_cfg, cuda_graph=graphs))  # warm-up
+        base = _reset(dev)
+        _sync(dev)
+        t = time.perf_counter()
+        out = fn(model, prompts, GenerateConfig(max_new_tokens=new, think=think_cfg, cuda_graph=graphs))
+        _sync(dev)
+        dt = time.perf_counter() - t
+    return {"tokens_per_s": it["batch"] * new / dt, "new_tokens": new, "peak_gib": _peak_gib(dev, base),
+            "first_tokens": out[0][:8]}
+
+
+def check_item(it, a, dev):
+    """float64 on the device: each fast path's gradients against the full-graph path (max relative)."""
+    import copy
+
+    import torch
+
+    from ebt.compat.official_algorithm import OfficialAlgorithmEBT
+    from ebt.config import ModelConfig, recipe
+    from ebt.models import build_model
+
+    res = {}
+    for rec in ("s1", "s2"):
+        torch.manual_seed(0)
+        e = recipe(rec)
+        if rec == "s2":
+            e.replay_buffer = 8
+        m = build_model(ModelConfig(model="ebt", size="4xs", vocab_size=512, context_length=32, ebt=e))
+        m = m.to(dev, torch.float64).train()
+        x = torch.randint(0, 512, (4, 33), device=dev)
+        grads = {}
+        for path in ("full", "double", "jvp", "official"):
+            mm = OfficialAlgorithmEBT.from_model(m) if path == "official" else copy.deepcopy(m)
+            for rep in range(2):  # the second call replays rows (S2)
+                torch.manual_seed(1 + rep)
+                mm.zero_grad()
+                mm.train_step(x, method="full" if path == "official" else path)
+            grads[path] = {n: p.grad.clone() for n, p in mm.named_parameters() if p.grad is not None}
+        for path in ("double", "jvp", "official"):
+            res[f"{rec} {path}"] = max(float((grads[path][n] - g).norm() / g.norm().clamp_min(1e-300))
+                                       for n, g in grads["full"].items())
+    return res
+
+
+RUNNERS = {"train": train_item, "think": think_item, "generate": gen_item, "check": check_item}
+
+
+def plan(a, dev):
+    """Items in order of importance (a time budget cuts the tail): the device check, training at the
+    first size, thinking, generation, the larger sizes, then the compiled Transformer++ (slow to build)."""
+    first, rest = a.sizes[0], a.sizes[1:]
+    items = [{"section": "check"}] if dev.type == "cuda" else []
+
+    def training(size, recipes):
+        out = [{"section": "train", "kind": "transformer", "size": size, "path": "eager"}]
+        for rec, variant in recipes:
+            for path in [*a.methods, "official"]:
+                out.append({"section": "train", "kind": "ebt", "recipe": rec, "variant": variant, "size": size,
+                            "path": path})
+        return out
+
+    items += training(first, [("s1", None), ("s1", "default"), ("s2", None)])
+    for steps in a.think_steps:
+        for path in ("fast", "official"):
+            items.append({"section": "think", "size": first, "steps": steps, "path": path})
+    for b in a.gen_batch:
+        items += [{"section": "generate", "size": first, "batch": b, "path": path} for path in ("fast", "official")]
+    for size in rest:
+        items += training(size, [("s1", None)])
+    if dev.type == "cuda":  # a failed graph capture can spoil the CUDA context: these come last
+        items.append({"section": "train", "kind": "transformer", "size": first, "path": "compiled"})
+        items += [{"section": "generate", "size": first, "batch": b, "path": "cuda_graph"} for b in a.gen_batch]
+        items += [{"section": "train", "kind": "transformer", "size": s, "path": "compiled"} for s in rest]
+    return items
+
+
+def run_item(it, a, dev):
+    import torch
+
+    try:
+        return RUNNERS[it["section"]](it, a, dev)
+    except torch.OutOfMemoryError as e:
+        return {"error": f"out of memory: {str(e).splitlines()[0][:120]}"}
+    except Exception as e:  # one failing item must not lose the others' figures
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+
+
+def label(it):
+    if it["section"] == "train":
+        name = it["kind"] if it["kind"] == "transformer" else f"ebt {it['recipe']}" + (
+            f" {it['variant']}" if it.get("variant") else "")
+        return f"{name} {it['size']}"
+    if it["section"] == "think":
+        return f"{it['steps']} steps"
+    if it["section"] == "generate":
+        return f"batch {it['batch']}"
+    return "check"
+
+
+def report(results, a):
+    lines = []
+    for section, unit in (("train", "tokens/s"), ("think", "tokens/s"), ("generate", "tokens/s")):
+        rows = [r for r in results if r["section"] == section]
+        if not rows:
+            continue
+        lines.append(f"\n## {section}\n\n| what | path | {unit} | ms | peak GiB | vs straightforward |\n|---|---|---|---|---|---|")
+        for r in rows:
+            ref = next((x for x in rows if label(x) == label(r) and x["path"] == "official"
+                        and "tokens_per_s" in x), None)
+            if "error" in r:
+                lines.append(f"| {label(r)} | {r['path']} | {r['error']} | | | |")
+                continue
+            ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
+            ms = f"{r['ms']:.1f}" if "ms" in r else "-"
+            lines.append(f"| {label(r)} | {r['path']} | {r['tokens_per_s']:,.0f} | {ms} | {r['peak_gib']:.2f} | {ratio} |")
+    for r in results:
+        if r["section"] == "check":
+            lines.append("\n## float64 gradients on the device, max relative error against the full graph\n")
+            lines += [f"- {k}: {v:.2e}" for k, v in r.items() if k not in ("section",) and isinstance(v, float)]
+            if "error" in r:
+                lines.append(f"- error: {r['error']}")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--paper", action="store_true", help="the paper config: sizes xxs small, V 50277, S 256, B 32")
+    p.add_argument("--sizes", nargs="+", default=["4xs"])
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per item")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--precision", default="auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--methods", nargs="+", default=["jvp", "double"], help="fast EBT gradient methods")
+    p.add_argument("--think-steps", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--think-reps", type=int, default=3)
+    p.add_argument("--gen-batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=96)
+    p.add_argument("--official-gen-tokens", type=int, default=96,
+                   help="new tokens for the (slow) straightforward generation")
+    p.add_argument("--only", nargs="+", choices=list(RUNNERS), help="run only these sections")
+    p.add_argument("--budget-s", type=float, default=0, help="skip the remaining items after this many seconds")
+    p.add_argument("--json", help="write every result here")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one item (JSON), in its own process
+    a = p.parse_args()
+    if a.paper:
+        a.sizes, a.vocab, a.context, a.batch = ["xxs", "small"], 50277, 256, 32
+        a.new_tokens, a.steps, a.warmup, a.think_reps = 224, 5, 3, 3
+    import torch
+
+    dev = torch.device(a.device)
+    if a.one:
+        print(json.dumps(run_item(json.loads(a.one), a, dev)))
+        return
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
+    head = (f"# {time.strftime('%Y-%m-%d %H:%M')} | {gpu} | torch {torch.__version__} | threads "
+            f"{torch.get_num_threads()} | sizes {' '.join(a.sizes)} V {a.vocab} S {a.context} B {a.batch} | "
+            f"precision {a.precision}")
+    print(head, flush=True)
+    results, t0 = [], time.perf_counter()
+    for it in plan(a, dev):
+        if a.only and it["section"] not in a.only:
+            continue
+        if a.budget_s and time.perf_counter() - t0 > a.budget_s:
+            res = {"error": "skipped (time budget)"}
+        elif dev.type == "cpu":  # a fresh process per item: peak RSS belongs to that item alone
+            cmd = [sys.executable, __file__, "--one", json.dumps(it)] + [x for x in sys.argv[1:]]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            res = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": r.stderr[-300:]}
+        else:
+            res = run_item(it, a, dev)
+        results.append({**it, **res})
+        print(json.dumps(results[-1]), flush=True)
+    text = report(results, a)
+    print(head + "\n" + text)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"header": head, "args": vars(a), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
