@@ -210,6 +210,33 @@ def check_item(it, a, dev):
     return res
 
 
+def profile_step(a, dev, method="double"):
+    """Where one EBT S1 training step (forward, backward; no optimizer) spends device time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ebt.evaluate import autocast
+
+    model = build("ebt", "s1", a.sizes[0], a.vocab, a.context, dev).train()
+    x = torch.randint(0, a.vocab, (a.batch, a.context + 1), device=dev)
+    for _ in range(2):
+        with autocast(dev, a.precision):
+            model.train_step(x, method=method)
+        model.zero_grad(set_to_none=True)
+    _sync(dev)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts, record_shapes=True) as prof:
+        with autocast(dev, a.precision):
+            model.train_step(x, method=method)
+        _sync(dev)
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=40, max_name_column_width=50,
+                                                                max_shapes_column_width=70)
+    if a.json:
+        Path(a.json).with_suffix(".profile.txt").write_text(table)
+    return f"## profile: one EBT S1 step ({method})\n" + table
+
+
 RUNNERS = {"train": train_item, "think": think_item, "generate": gen_item, "check": check_item}
 
 
@@ -310,6 +337,8 @@ def main():
     p.add_argument("--official-gen-tokens", type=int, default=96,
                    help="new tokens for the (slow) straightforward generation")
     p.add_argument("--only", nargs="+", choices=list(RUNNERS), help="run only these sections")
+    p.add_argument("--match", nargs="+", help="run only items whose 'section label path' contains one of these")
+    p.add_argument("--profile", action="store_true", help="also profile one EBT S1 training step (CUDA kernels)")
     p.add_argument("--budget-s", type=float, default=0, help="skip the remaining items after this many seconds")
     p.add_argument("--json", help="write every result here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one item (JSON), in its own process
@@ -332,6 +361,8 @@ def main():
     for it in plan(a, dev):
         if a.only and it["section"] not in a.only:
             continue
+        if a.match and not any(m in f"{it['section']} {label(it)} {it.get('path', '')}" for m in a.match):
+            continue
         if a.budget_s and time.perf_counter() - t0 > a.budget_s:
             res = {"error": "skipped (time budget)"}
         elif dev.type == "cpu":  # a fresh process per item: peak RSS belongs to that item alone
@@ -342,6 +373,8 @@ def main():
             res = run_item(it, a, dev)
         results.append({**it, **res})
         print(json.dumps(results[-1]), flush=True)
+    if a.profile:
+        print(profile_step(a, dev), flush=True)
     text = report(results, a)
     print(head + "\n" + text)
     if a.json:

@@ -127,10 +127,10 @@ def _train_args(p):
     g.add_argument("--compile", action="store_true", help="torch.compile the model (Transformer++/DiT; an EBT's "
                    "second-order training step is not compilable)")
     g.add_argument("--ebt-grad", default=d.ebt_grad, choices=["auto", "jvp", "double", "full"],
-                   help="how an EBT's weight gradients are taken (all exact, ebt-method.md 2.6): jvp "
-                   "(default; first-order steps plus a forward-mode derivative, one step's graph at a time), "
-                   "double (double backward, one step at a time), full (the whole unroll's graph, as the "
-                   "official code)")
+                   help="how an EBT's weight gradients are taken (all exact, ebt-method.md 2.6): double "
+                   "(default: double backward, one unroll step's graph at a time), jvp (first-order steps "
+                   "plus a forward-mode derivative, one step at a time), full (the whole unroll's graph, "
+                   "as the official code)")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP (shards parameters, "
                    "gradients and optimizer state; an EBT then trains with --ebt-grad full; README 'Scaling studies')")
     g.add_argument("--tensorboard", action="store_true", help="also log to out/tensorboard")

@@ -191,7 +191,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp64
     compile: bool = False
-    ebt_grad: str = "auto"  # EBT weight gradients: auto (the model's default, jvp) | jvp | double | full
+    ebt_grad: str = "auto"  # EBT weight gradients: auto (the model's default, double) | double | jvp | full
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state with FSDP2 instead of DDP
     tensorboard: bool = False
     wandb: bool = False  # credentials come only from the environment (WANDB_API_KEY)

@@ -148,8 +148,8 @@ class KVCache:
             return k, v
         if torch.is_tensor(pos):  # static-shape decoding (CUDA graphs): write at a position tensor and
             # return the whole buffer; the caller masks what is not written yet
-            self.k[layer].index_copy_(2, pos, k)
-            self.v[layer].index_copy_(2, pos, v)
+            self.k[layer].index_copy_(2, pos, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, pos, v.to(self.v[layer].dtype))
             return self.k[layer], self.v[layer]
         end = pos + k.shape[2]
         self.k[layer][:, :, pos:end] = k

@@ -48,9 +48,13 @@ def energy_and_grad(model, ctx, z, noise: float = 0.0, create_graph: bool = Fals
     if noise > 0:
         z = z + noise * torch.randn_like(z)
     with torch.enable_grad():
+        if not z.requires_grad:
+            # the leaf is z, not p: autocast caches its casts of leaves that require grad until the
+            # autocast region ends, which would keep every step's candidate alive while thinking
+            z = z.detach().requires_grad_()
         p = model.candidate_input(z)
-        if not p.requires_grad:
-            p.requires_grad_()
+        if p is z:  # identity candidate_input (continuous data): a non-leaf view for the same reason
+            p = z.view_as(z)
         E = model.energy_from(ctx, p)
         (g,) = torch.autograd.grad(E.sum(), p, create_graph=create_graph)
     return p, E, g
@@ -162,7 +166,9 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, step_
             losses.append(loss)
         else:
             with torch.enable_grad():
-                p = model.candidate_input(z).detach().requires_grad_()
+                leaf = z.detach().requires_grad_()  # not p: see energy_and_grad (autocast's cache)
+                p = model.candidate_input(leaf)
+                p = p.view_as(p) if p is leaf else p
                 E = model.energy_from(ctx, p)
                 if method == "double":
                     (g,) = torch.autograd.grad(E.sum(), p, create_graph=True)

@@ -85,7 +85,7 @@ class EBT(nn.Module):
         self.replay = ReplayBuffer(e.replay_buffer) if e.replay_buffer else None
         self.fused_attention = False  # the second-order graph needs attention with double backward
         self.measure_final_energy = True  # training logs E(initial) - E(final): one extra no-grad forward
-        self.grad_method = "jvp"  # how train_step takes the second-order term (see train_step)
+        self.grad_method = "double"  # how train_step takes the second-order term (see train_step)
 
     @property
     def candidate_size(self) -> int:
@@ -216,8 +216,8 @@ class EBT(nn.Module):
         and returns `forward`'s metrics with the loss detached.
 
         The fast path (ebt.think.unroll_backward) keeps one step's graph at a time and computes each
-        context stream once per landscape; method "jvp" (the default) or "double" chooses how the
-        second-order term is taken. "full", or a recipe where stepping is not exact (no detach and no
+        context stream once per landscape; method "double" (the default: the fastest measured, see
+        benchmarks/RESULTS.md) or "jvp" chooses how the second-order term is taken. "full", or a recipe where stepping is not exact (no detach and no
         truncation), runs `forward` and one backward through the whole unroll."""
         method = method or self.grad_method
         if method not in GRAD_METHODS:
