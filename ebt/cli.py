@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -213,9 +214,14 @@ def cmd_train(args, parser=None):
         print(json.dumps({k: v for k, v in final.items() if k != "history"}, indent=2))
     import torch.distributed as dist
 
-    if dist.is_initialized():  # every rank done, then leave the group: gloo torn down at exit can abort a rank
+    if dist.is_initialized():  # every rank done, then leave the group
         dist.barrier()
         dist.destroy_process_group()
+        # Everything is written. On CPU/gloo a rank sometimes aborts in C++ teardown at interpreter exit
+        # ("terminate called without an active exception"), which torchrun reports as a failed job: skip it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def cmd_eval(args):

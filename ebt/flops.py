@@ -30,6 +30,8 @@ its attention (only that layer's keys and values feed the candidates): 2 * C * (
 Each candidate also scores its own key and mixes its own value (2 S D multiply-adds per layer and pass:
 elementwise products, which the counter skips); `ebt_train_flops` reports them apart as "self".
 The no-grad forward that logs `energy_gap` during training is bookkeeping and is not counted.
+This is the cost of one backward through the whole unroll (`--ebt-grad full`); the stepwise `double` and
+`jvp` paths (ebt.think) compute the same gradients with fewer products and are not what this counts.
 """
 
 from __future__ import annotations
