@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -134,6 +135,8 @@ def _train_args(p):
                    "(default: double backward, one unroll step's graph at a time), jvp (first-order steps "
                    "plus a forward-mode derivative, one step at a time), full (the whole unroll's graph, "
                    "as the official code)")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP (shards parameters, "
+                   "gradients and optimizer state; an EBT then trains with --ebt-grad full; README 'Scaling studies')")
     g.add_argument("--tensorboard", action="store_true", help="also log to out/tensorboard")
     g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (key from WANDB_API_KEY)")
     g.add_argument("--wandb-project", default=d.wandb_project)
@@ -198,7 +201,7 @@ def run_config_from_args(args, parser=None) -> RunConfig:
         eval_windows=(pick("eval_windows", t.eval_windows) or None), eval_batch_size=pick("eval_batch_size", t.eval_batch_size),
         log_every=pick("log_every", t.log_every), save_every=pick("save_every", t.save_every),
         stop_at=pick("stop_at", t.stop_at), device=pick("device", t.device), precision=pick("precision", t.precision),
-        compile=pick("compile", t.compile), ebt_grad=pick("ebt_grad", t.ebt_grad),
+        compile=pick("compile", t.compile), ebt_grad=pick("ebt_grad", t.ebt_grad), fsdp=pick("fsdp", t.fsdp),
         cuda_graph=pick("cuda_graph", t.cuda_graph), tensorboard=pick("tensorboard", t.tensorboard), wandb=pick("wandb", t.wandb),
         wandb_project=pick("wandb_project", t.wandb_project), progress=not args.no_progress,
     )
@@ -212,6 +215,16 @@ def cmd_train(args, parser=None):
     final = train(run, resume=args.resume)
     if "val" in final:
         print(json.dumps({k: v for k, v in final.items() if k != "history"}, indent=2))
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # every rank done, then leave the group
+        dist.barrier()
+        dist.destroy_process_group()
+        # Everything is written. On CPU/gloo a rank sometimes aborts in C++ teardown at interpreter exit
+        # ("terminate called without an active exception"), which torchrun reports as a failed job: skip it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def cmd_eval(args):
@@ -360,6 +373,57 @@ def cmd_data_images(args):
     print(f"train with: ebt train --data images:{args.name} --model ebt  (or --model dit)")
 
 
+SCALE_EXAMPLES = """examples:
+  ebt scale --axis size --values 2x32x2 2x64x2 2x96x2 4xs --steps 200 --out runs/scale_size   # CPU mini-study
+  ebt scale --config study.toml                      # the same, declared in a file (flags override it)
+  ebt scale --config study.toml --dry-run            # the plan: runs, parameters, FLOPs per token
+  ebt scale --axis tokens --values 2e5 4e5 8e5 1.6e6 --size 3xs --seeds 0 1 2 --out runs/scale_data
+  ebt scale --axis depth --values 2 4 8 --size xs --launcher torchrun --nproc-per-node 8 --out runs/depth
+  ebt scale --config study.toml --shard 1/4          # job 1 of 4 sharing one output directory
+  ebt scale --config study.toml --report-only        # fit and plot the finished runs
+a study.toml holds StudyConfig fields (ebt/scale.py), e.g.:
+  axis = "size"
+  values = ["2x32x2", "2x64x2", "2x96x2", "4xs"]
+  steps = 200
+  out_dir = "runs/scale_size"
+"""
+
+
+def cmd_scale(args):
+    import shlex
+
+    from ebt.scale import load_study, plan, report, run_study, study_from_dict
+
+    flags = {"axis": args.axis, "values": args.values, "models": args.models, "seeds": args.seeds,
+             "out_dir": args.out, "data_dir": args.data, "size": args.size, "n_layer": args.n_layer,
+             "d_model": args.d_model, "n_head": args.n_head, "recipe": args.recipe,
+             "context_length": args.context_length, "steps": args.steps, "batch_size": args.batch_size,
+             "lr": args.lr, "warmup_steps": args.warmup_steps, "eval_windows": args.eval_windows,
+             "eval_batch_size": args.eval_batch_size, "metric": args.metric, "device": args.device,
+             "precision": args.precision, "fsdp": args.fsdp or None, "launcher": args.launcher,
+             "nproc_per_node": args.nproc_per_node, "shard": args.shard,
+             "torchrun_args": shlex.split(args.torchrun_args) if args.torchrun_args is not None else None}
+    given = {k: v for k, v in flags.items() if v is not None}
+    study = load_study(args.config, **given) if args.config else study_from_dict(given)
+    if args.dry_run:
+        from ebt.flops import non_embedding_params, train_flops_per_token
+
+        runs = plan(study)
+        print(f"{len(runs)} runs into {study.out_dir}:")
+        for r in runs:
+            m, t = r.run.model, r.run.train
+            fpt = train_flops_per_token(m)
+            tokens = t.steps * t.batch_size * m.context_length
+            print(f"  {r.model:<11} {study.axis}={r.value:<8} seed {r.seed}: {m.n_layer} layers, d {m.d_model}, "
+                  f"{non_embedding_params(m):,} non-emb. params, {t.steps} steps x {t.batch_size}, "
+                  f"{fpt:.3g} FLOPs/token, {fpt * tokens:.3g} FLOPs -> {r.out_dir}")
+        return
+    if args.report_only:
+        report(study)
+    else:
+        run_study(study)
+
+
 def cmd_demo(args):
     from ebt.demo import demo
 
@@ -495,6 +559,52 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--data", default="data/default")
     mp.add_argument("--steps", type=int, default=300, help="training steps for each model")
     mp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("scale", help="scaling study: sweep one axis for the EBT and the Transformer++, fit, plot",
+                        formatter_class=FMT, epilog=SCALE_EXAMPLES,
+                        description="Train the EBT and the Transformer++ along one axis (size, depth, width, "
+                        "training tokens, batch size) with everything else fixed, then fit log validation "
+                        "perplexity against log resource and log training FLOPs per model and report the scaling "
+                        "rate |slope_EBT| / |slope_T++| - 1 (out/scaling.png, summary.json, summary.md). "
+                        "Finished runs are skipped and interrupted ones resumed when run again. Flags override "
+                        "the --config file; unset ones keep StudyConfig's defaults (ebt/scale.py).")
+    sp.add_argument("--config", help="a TOML study file (top-level keys: StudyConfig fields)")
+    sp.add_argument("--axis", choices=["size", "depth", "width", "tokens", "batch"],
+                    help="what varies (default size)")
+    sp.add_argument("--values", nargs="+", help="size: names or LAYERSxWIDTHxHEADS (2x64x2); depth: layers; "
+                    "width: d_model; tokens: training tokens per run (2e5); batch: sequences per step")
+    sp.add_argument("--models", nargs="+", choices=["transformer", "ebt"], help="default: both")
+    sp.add_argument("--seeds", nargs="+", type=int, help="several seeds give intervals over seeds (default 0)")
+    sp.add_argument("--out", help="study directory (default runs/scale)")
+    sp.add_argument("--data", help="prepared data directory (default data/default)")
+    g = sp.add_argument_group("what stays fixed")
+    g.add_argument("--size", choices=list(SIZES), help="base size for what the axis does not set (default 4xs)")
+    g.add_argument("--n-layer", type=int, help="override the base size's layers")
+    g.add_argument("--d-model", type=int, help="override the base size's width")
+    g.add_argument("--n-head", type=int, help="override the base size's heads")
+    from ebt.config import RECIPES
+
+    g.add_argument("--recipe", choices=[r for r in RECIPES if not r.endswith("_image")], help="the EBT's recipe (default s1)")
+    g.add_argument("--context-length", type=int, help="tokens per window (default 64)")
+    g.add_argument("--steps", type=int, help="optimizer steps per run (default 300; the tokens axis sets them)")
+    g.add_argument("--batch-size", type=int, help="sequences per step (default 16)")
+    g.add_argument("--lr", type=float, help="learning rate for every run (default: each size's)")
+    g.add_argument("--warmup-steps", type=int, help="default 30, capped at a fifth of a run's steps")
+    g.add_argument("--eval-windows", type=int, help="validation windows per run (default 128; 0: all)")
+    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--metric", choices=["ppl", "loss"], help="fit log perplexity (default) or log loss")
+    g.add_argument("--device", help="auto | cpu | cuda")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"])
+    g = sp.add_argument_group("execution")
+    g.add_argument("--launcher", choices=["local", "torchrun"], help="local (default): runs in this process; "
+                   "torchrun: each run as a torchrun job")
+    g.add_argument("--nproc-per-node", type=int, help="torchrun processes per node")
+    g.add_argument("--torchrun-args", help="extra torchrun arguments, quoted: '--nnodes 2 --rdzv-endpoint h:29500'")
+    g.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP in each torchrun job")
+    g.add_argument("--shard", help="k/n: run only this job's share of the runs (default 0/1)")
+    g.add_argument("--dry-run", action="store_true", help="print the runs and their FLOPs, train nothing")
+    g.add_argument("--report-only", action="store_true", help="fit and plot the finished runs, train nothing")
+    sp.set_defaults(func=cmd_scale)
     return p
 
 

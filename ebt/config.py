@@ -193,6 +193,7 @@ class TrainConfig:
     compile: bool = False
     cuda_graph: bool = False  # EBT on CUDA: capture the training step once as a CUDA graph, then replay it
     ebt_grad: str = "auto"  # EBT weight gradients: auto (the model's default, double) | double | jvp | full
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state with FSDP2 instead of DDP
     tensorboard: bool = False
     wandb: bool = False  # credentials come only from the environment (WANDB_API_KEY)
     wandb_project: str = "ebt"

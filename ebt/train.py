@@ -304,6 +304,11 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = build_model(mcfg).to(device=device, dtype=_dtype(cfg.precision))
+    if cfg.fsdp:  # FSDP2 (ebt/fsdp.py): sharded before the optimizer sees the parameters
+        from ebt.fsdp import check_fsdp, shard_model
+
+        check_fsdp(world, cfg)
+        model = shard_model(model, device)
     lr = cfg.lr if cfg.lr is not None else mcfg.default_lr
     optimizer, scheduler = make_optimizer(model, cfg, lr, device)
     start_step, tokens_seen = 0, 0
@@ -312,9 +317,14 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
         if saved["model"] != to_dict(mcfg):
             raise CheckpointError(f"{ckpt_dir} was trained with model config {saved['model']}, not {to_dict(mcfg)}: "
                                   f"resume with the same model flags or use a new --out directory")
-        load_weights(model, {k: v.to(device) for k, v in load_state(ckpt_dir).items()}, str(ckpt_dir))
         state = load_training_state(ckpt_dir)
-        optimizer.load_state_dict(state["optimizer"])
+        if cfg.fsdp:
+            from ebt.fsdp import load_full_state
+
+            load_full_state(model, optimizer, load_state(ckpt_dir), state["optimizer"])
+        else:
+            load_weights(model, {k: v.to(device) for k, v in load_state(ckpt_dir).items()}, str(ckpt_dir))
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start_step, tokens_seen = state["trainer"]["step"], state["trainer"]["tokens_seen"]
@@ -337,7 +347,9 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     fwd = torch.compile(model) if cfg.compile else model
     # an EBT runs forward and backward itself, one unroll step's graph at a time (EBT.train_step);
     # its gradients are then averaged across ranks here rather than by DDP's per-backward hooks
-    own_step = getattr(model, "train_step", None)
+    # Under FSDP it takes the plain forward + backward (FSDP's hooks wrap forward calls and reduce-scatter
+    # in the loss's backward; train_step's own backward would bypass them).
+    own_step = None if cfg.fsdp else getattr(model, "train_step", None)
     if own_step is not None and cfg.ebt_grad != "auto":
         if cfg.ebt_grad not in GRAD_METHODS:
             raise ConfigError(f"unknown ebt_grad {cfg.ebt_grad!r}; choose auto or one of {GRAD_METHODS}")
@@ -351,7 +363,7 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     if world > 1 and own_step is not None:
         for p in model.parameters():  # what DDP's constructor does: every rank starts from rank 0's weights
             dist.broadcast(p.data, 0)
-    elif world > 1:
+    elif world > 1 and not cfg.fsdp:
         fwd = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
     metrics = MetricsLog(out_dir, cfg, run_dict, enabled=is_main)
@@ -361,8 +373,14 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     replay = getattr(model, "replay", None)
 
     def checkpoint(step):
+        if cfg.fsdp:  # full tensors, gathered by every process
+            from ebt.fsdp import full_state
+
+            saved_model, saved_optimizer = full_state(model, optimizer)
+        else:
+            saved_model, saved_optimizer = model, optimizer
         if is_main:
-            save_checkpoint(ckpt_dir, model, run_dict, optimizer, scheduler,
+            save_checkpoint(ckpt_dir, saved_model, run_dict, saved_optimizer, scheduler,
                             {"step": step, "tokens_seen": tokens_seen, "world_size": world,
                              "data_position": {"step": step, "seed": cfg.seed}},
                             extra_dirs=extra, publish=False)
@@ -429,6 +447,7 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
             average_gradients(model, world)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP: a DTensor
         finite = torch.isfinite(step_loss) & torch.isfinite(gnorm)
         for v in extras.values():
             finite &= torch.isfinite(v).all()
