@@ -209,22 +209,13 @@ def run_config_from_args(args, parser=None) -> RunConfig:
 
 
 def cmd_train(args, parser=None):
-    from ebt.train import train
+    from ebt.train import leave_process_group, train
 
     run = run_config_from_args(args, parser)
     final = train(run, resume=args.resume)
     if "val" in final:
         print(json.dumps({k: v for k, v in final.items() if k != "history"}, indent=2))
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # every rank done, then leave the group
-        dist.barrier()
-        dist.destroy_process_group()
-        # Everything is written. On CPU/gloo a rank sometimes aborts in C++ teardown at interpreter exit
-        # ("terminate called without an active exception"), which torchrun reports as a failed job: skip it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    leave_process_group()
 
 
 def cmd_eval(args):

@@ -146,7 +146,7 @@ def test_ddp_two_processes_match_single_process(tiny_data, tmp_path):
 DDP_SCRIPT = """
 import sys
 from ebt.config import DataConfig, ModelConfig, RunConfig, TrainConfig, recipe
-from ebt.train import train
+from ebt.train import leave_process_group, train
 data, out, vocab, pad = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 train(RunConfig(
     model=ModelConfig(model="ebt", size="4xs", n_layer=1, d_model=32, n_head=2, vocab_size=vocab, context_length=16,
@@ -155,6 +155,7 @@ train(RunConfig(
     train=TrainConfig(out_dir=out, steps=3, batch_size=4, warmup_steps=1, eval_every=0, eval_windows=2,
                       eval_batch_size=2, device="cpu", precision="fp64", progress=False, seed=3, ebt_grad="jvp")),
     log=lambda *a: None)
+leave_process_group()
 """
 
 
