@@ -110,6 +110,7 @@ def train_item(it, a, dev):
         ebt_step = CapturedStep(model, model.train_step)
     times = []
     for i in range(a.warmup + a.steps):
+        torch.manual_seed(1000 + i)  # every path draws the same S2 step counts, alphas and noise
         _sync(dev)
         t = time.perf_counter()
         with autocast(dev, a.precision):

@@ -21,6 +21,8 @@ TRAIN_EXAMPLES = """examples:
   ebt train --data images:fashion_mnist --model ebt --size 4xs --lr 1e-4 --steps 2000 --out runs/img_ebt
   ebt train --data images:fashion_mnist --model dit --size 4xs --steps 2000 --out runs/img_dit
   ebt train --out runs/tpp --steps 600 --resume      # continue (the schedule now spans 600 steps)
+  ebt train --model ebt --recipe s1 --size xxs --device cuda --cuda-graph --out runs/s1   # the step as a CUDA graph
+  ebt train --model ebt --recipe s2 --ebt-grad jvp --out runs/s2_jvp   # second-order term by forward mode
   torchrun --nproc-per-node 4 -m ebt.cli train --size small --batch-size 256 --out runs/small
   torchrun --nnodes 2 --node-rank $RANK --master-addr $HOST --nproc-per-node 8 -m ebt.cli train ...
 """
@@ -310,7 +312,7 @@ def cmd_generate(args):
     think_cfg = ThinkConfig(steps=args.steps, candidates=args.candidates, noise=args.noise, score_final=False) \
         if model.cfg.model == "ebt" else None
     gcfg = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          seed=args.seed, eos_id=tok.eos_id, think=think_cfg)
+                          seed=args.seed, eos_id=tok.eos_id, think=think_cfg, cuda_graph=args.cuda_graph)
     for prompt, new in zip(prompts, generate(model, ids, gcfg)):
         print(f"--- {prompt!r}\n{prompt}{tok.decode(new, skip_special=True)}")
 
@@ -474,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--steps", type=int, help="EBT: thinking steps per token (default: trained)")
     gp.add_argument("--candidates", type=int, default=1, help="EBT: candidates per token (min energy kept)")
     gp.add_argument("--noise", type=float, default=0.0, help="EBT: Langevin noise std while thinking (0: none)")
+    gp.add_argument("--cuda-graph", action="store_true", help="EBT on CUDA: decode with a static-shape step "
+                    "captured once as a CUDA graph (removes per-kernel launch costs; see benchmarks/RESULTS.md)")
     gp.add_argument("--data", help="data directory, if the checkpoint holds no tokenizer")
     gp.add_argument("--device", default="auto")
     gp.set_defaults(func=cmd_generate)
