@@ -174,11 +174,11 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, step_
                 E = model.energy_from(ctx, p)
                 if method == "double":
                     (g,) = torch.autograd.grad(E.sum(), p, create_graph=True)
-                    z_next = p.detach() - alpha * g
-                    loss = step_loss(k, z_next)
-                    # inputs=: only what training needs (not the candidate p, a leaf here)
-                    torch.autograd.backward(loss * scale, inputs=wanted + ([alpha] if alpha.requires_grad else []))
-                    loss = loss.detach()
+                    z_next = torch.addcmul(p.detach(), alpha, g, value=-1)
+                    # the loss's gradient at z_next in closed form, then one backward from z_next; inputs=:
+                    # only what training needs (not the candidate's logits, a leaf here)
+                    loss, v = loss_grad(k, z_next.detach(), scale)
+                    torch.autograd.backward(z_next, v, inputs=wanted + ([alpha] if alpha.requires_grad else []))
                 else:
                     (g,) = torch.autograd.grad(E.sum(), p)
                     z_next = torch.addcmul(p.detach(), alpha.detach(), g, value=-1)
