@@ -226,6 +226,24 @@ def check_item(it, a, dev):
         for path in ("double", "jvp", "official"):
             res[f"{rec} {path}"] = max(float((grads[path][n] - g).norm() / g.norm().clamp_min(1e-300))
                                        for n, g in grads["full"].items())
+    # the S1 step captured as a CUDA graph against the eager step, over three replays (a deterministic
+    # start, init_scale 0: a graph draws its random numbers from its own offsets)
+    from ebt.train import CapturedStep
+
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(model="ebt", size="4xs", vocab_size=512, context_length=32,
+                                ebt=recipe("s1", init_scale=0.0))).to(dev, torch.float64).train()
+    step = CapturedStep(m, m.train_step)
+    worst = 0.0
+    for rep in range(3):
+        x = torch.randint(0, 512, (4, 33), device=dev)
+        m.zero_grad(set_to_none=True)
+        m.train_step(x)
+        eager = {n: p.grad.clone() for n, p in m.named_parameters()}
+        m.zero_grad(set_to_none=True)
+        step(x)
+        worst = max(worst, max(float((p.grad - eager[n]).norm() / eager[n].norm()) for n, p in m.named_parameters()))
+    res["s1 cuda graph vs eager"] = worst
     return res
 
 

@@ -131,7 +131,9 @@ def _train_args(p):
                    "second-order training step is not compilable)")
     g.add_argument("--cuda-graph", action="store_true",
                    help="EBT on CUDA: capture the training step once as a CUDA graph and replay it (removes the "
-                   "CPU's kernel-launch bottleneck; fixed-step recipes only, e.g. s1; --grad-accum 1)")
+                   "CPU's kernel-launch bottleneck; fixed-step recipes only, e.g. s1; --grad-accum 1). "
+                   "Experimental: its speed was measured on an H200, its gradients not yet compared there "
+                   "(benchmarks/speed.py --device cuda --only check does)")
     g.add_argument("--ebt-grad", default=d.ebt_grad, choices=["auto", "jvp", "double", "full"],
                    help="how an EBT's weight gradients are taken (all exact, ebt-method.md 2.6): double "
                    "(default: double backward, one unroll step's graph at a time), jvp (first-order steps "
