@@ -8,6 +8,7 @@ Transformer++ use this exact code; only what goes in (embeddings) and comes out 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,9 +66,16 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
+class RopeTables(NamedTuple):
+    """The rotations for some positions: cos and sin (T, hd/2), and the same as unit complex numbers."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cis: torch.Tensor
+
+
 class Rope:
-    """cos/sin tables for rotary embeddings up to max_len positions, built in float64 once per
-    (device, dtype) and then only indexed (no host synchronisation in the forward pass).
+    """Rotary-embedding tables up to max_len positions, built in float64 once per (device, dtype) and
+    then only indexed (no host synchronisation in the forward pass).
 
     Not a buffer: `model.to(bfloat16)` must not round the tables.
     """
@@ -75,24 +83,30 @@ class Rope:
     def __init__(self, head_dim: int, theta: float, max_len: int):
         self.head_dim, self.theta, self.max_len, self._cache = head_dim, theta, max_len, {}
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
         key = (positions.device, dtype)
         if key not in self._cache:
             freqs = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
             ang = torch.outer(torch.arange(self.max_len, dtype=torch.float64), freqs)
-            self._cache[key] = (ang.cos().to(positions.device, dtype), ang.sin().to(positions.device, dtype))
-        cos, sin = self._cache[key]
-        return cos[positions], sin[positions]
+            cdtype = {torch.float32: torch.complex64, torch.float64: torch.complex128}[dtype]
+            cis = torch.polar(torch.ones_like(ang), ang).to(positions.device, cdtype)
+            self._cache[key] = RopeTables(ang.cos().to(positions.device, dtype), ang.sin().to(positions.device, dtype),
+                                          cis)
+        return RopeTables(*(t[positions] for t in self._cache[key]))
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
     """Rotate adjacent pairs (2j, 2j+1) of each head, i.e. complex multiplication by e^{i pos f_j}.
 
-    x: (B, H, T, hd); cos/sin: (T, hd/2) or (B, 1, T, hd/2).
+    x: (B, H, T, hd); tables for (T,) positions. Eager code multiplies complex numbers (a third of the
+    kernels of the real form, which matters where an EBT step is launch-bound); under torch.compile the
+    real form is kept, which the compiler fuses.
     """
-    xf = x.to(cos.dtype).unflatten(-1, (-1, 2))
+    xf = x.to(rope.cos.dtype).unflatten(-1, (-1, 2))
+    if not torch.compiler.is_compiling():
+        return torch.view_as_real(torch.view_as_complex(xf) * rope.cis).flatten(-2).type_as(x)
     x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    out = torch.stack((x0 * rope.cos - x1 * rope.sin, x0 * rope.sin + x1 * rope.cos), dim=-1)
     return out.flatten(-2).type_as(x)
 
 
@@ -218,16 +232,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d, d, bias=False)
         self.wo = nn.Linear(d, d, bias=False)
 
-    def qkv(self, x, cos, sin):
+    def qkv(self, x, rope):
         heads = lambda t: t.unflatten(-1, (self.n_head, self.head_dim)).transpose(1, 2)  # noqa: E731
-        return apply_rope(heads(self.wq(x)), cos, sin), apply_rope(heads(self.wk(x)), cos, sin), heads(self.wv(x))
+        return apply_rope(heads(self.wq(x)), rope), apply_rope(heads(self.wk(x)), rope), heads(self.wv(x))
 
     def out(self, y):
         return self.wo(y.transpose(1, 2).flatten(-2))
 
-    def forward(self, x, cos, sin, mask=None, causal=True, fused=True, cache=None, layer=0, pos=0):
+    def forward(self, x, rope, mask=None, causal=True, fused=True, cache=None, layer=0, pos=0):
         """cache: a KVCache to write this call's keys/values into at `pos` and attend over."""
-        q, k, v = self.qkv(x, cos, sin)
+        q, k, v = self.qkv(x, rope)
         if cache is not None:
             k, v = cache.write(layer, k, v, pos)
         return self.out(attend(q, k, v, mask=mask, causal=causal, fused=fused))
@@ -252,13 +266,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.d_model)  # hidden = D: the official models use no 8/3 factor
 
-    def forward(self, x, cos, sin, **attn_kw):
-        x = x + self.attn(self.attn_norm(x), cos, sin, **attn_kw)
+    def forward(self, x, rope, **attn_kw):
+        x = x + self.attn(self.attn_norm(x), rope, **attn_kw)
         return x + self.ffn(self.ffn_norm(x))
 
-    def forward_candidates(self, y, cos, sin, kc, vc, prefix: int, offset: int = 0, allowed=None):
+    def forward_candidates(self, y, rope, kc, vc, prefix: int, offset: int = 0, allowed=None):
         """The same block on the EBT's candidate stream, attending to cached context keys/values."""
-        qy, ky, vy = self.attn.qkv(self.attn_norm(y), cos, sin)
+        qy, ky, vy = self.attn.qkv(self.attn_norm(y), rope)
         y = y + self.attn.out(candidate_attend(qy, ky, vy, kc, vc, prefix, offset, allowed))
         return y + self.ffn(self.ffn_norm(y))
 
@@ -276,16 +290,16 @@ class Backbone(nn.Module):
     def forward(self, h, positions, cache: KVCache | None = None, pos: int = 0, **attn_kw):
         """A causal stream (attn_kw: mask / causal / fused). With a cache, each layer's keys and values
         are written at `pos` and attended over (prefill when pos = 0, decoding after)."""
-        cos, sin = self.rope.tables(positions, compute_dtype(h.dtype))
+        rope = self.rope.tables(positions, compute_dtype(h.dtype))
         for i, block in enumerate(self.blocks):
-            h = block(h, cos, sin, cache=cache, layer=i, pos=pos, **attn_kw)
+            h = block(h, rope, cache=cache, layer=i, pos=pos, **attn_kw)
         return self.norm(h)
 
     def candidates(self, y, positions, cache: KVCache, prefix: int, offset: int = 0, allowed=None):
         """The EBT's candidate stream given the context stream's per-layer keys/values in `cache`."""
-        cos, sin = self.rope.tables(positions, compute_dtype(y.dtype))
+        rope = self.rope.tables(positions, compute_dtype(y.dtype))
         for i, block in enumerate(self.blocks):
-            y = block.forward_candidates(y, cos, sin, cache.k[i], cache.v[i], prefix, offset, allowed)
+            y = block.forward_candidates(y, rope, cache.k[i], cache.v[i], prefix, offset, allowed)
         return self.norm(y)
 
 

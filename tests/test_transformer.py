@@ -5,7 +5,7 @@ from ebt.compat.official import check_reference, convert_state_dict, load_refere
 from ebt.config import SIZES, ModelConfig
 from ebt.errors import CheckpointError, ConfigError
 from ebt.models import build_model
-from ebt.nn import apply_rope
+from ebt.nn import Rope, apply_rope
 
 
 def test_reference_transformer_small_matches_official(reference_dir):
@@ -39,7 +39,12 @@ def test_rope_is_complex_multiplication_of_adjacent_pairs():
     ang = pos[:, None].double() * freqs
     z = torch.view_as_complex(x.reshape(1, 1, 5, 4, 2).contiguous()) * torch.polar(torch.ones_like(ang), ang)
     ref = torch.view_as_real(z).flatten(-2)
-    assert torch.allclose(apply_rope(x, ang.cos(), ang.sin()), ref, atol=1e-14)
+    tables = Rope(8, 10000.0, 16).tables(pos, torch.float64)
+    assert torch.allclose(apply_rope(x, tables), ref, atol=1e-14)  # eager: complex multiplication
+    import unittest.mock
+
+    with unittest.mock.patch("torch.compiler.is_compiling", return_value=True):  # the real form compile sees
+        assert torch.allclose(apply_rope(x, tables), ref, atol=1e-14)
 
 
 def test_causality_no_leak_from_future_tokens():
