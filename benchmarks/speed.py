@@ -363,7 +363,7 @@ def main():
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=3, help="timed training steps per item")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps per item")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", default="auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--methods", nargs="+", default=["jvp", "double"], help="fast EBT gradient methods")
