@@ -369,6 +369,9 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
             raise ConfigError(f"unknown ebt_grad {cfg.ebt_grad!r}; choose auto or one of {GRAD_METHODS}")
         model.grad_method = cfg.ebt_grad
     if cfg.cuda_graph:
+        if device.type != "cuda":
+            raise ConfigError(f"--cuda-graph needs a CUDA device, and this run is on {device}: drop --cuda-graph "
+                              f"or train with --device cuda")
         if own_step is None:
             raise ConfigError("--cuda-graph applies to EBT training steps (Transformer++: use --compile)")
         if cfg.grad_accum != 1:
