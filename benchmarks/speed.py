@@ -144,15 +144,10 @@ def think_item(it, a, dev):
     cfg = ThinkConfig(steps=it["steps"], score_final=False)  # N steps = N energy evaluations, as official
     run = lambda: think(model, x, cfg)  # noqa: E731
     if it["path"] == "graph":  # the whole thinking call captured once as a CUDA graph, then replayed
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        cast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-        with torch.cuda.stream(side), cast:
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), cast:
-            run()
+        from ebt.nn import capture_cuda_graph
+
+        with autocast(dev, a.precision):
+            graph, _ = capture_cuda_graph(run, warmup=1)
         run = graph.replay
     with autocast(dev, a.precision):
         run()  # warm-up

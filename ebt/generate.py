@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ebt.errors import ConfigError
-from ebt.nn import KVCache
+from ebt.nn import KVCache, capture_cuda_graph
 from ebt.think import ThinkConfig, think
 
 
@@ -124,20 +124,8 @@ class Decoder:
     def _capture(self, tokens: torch.Tensor) -> None:
         self.static_tok = tokens.clone()
         self.static_pos = torch.tensor([self.length], device=tokens.device)
-        # autocast's weight-cast cache must stay off while capturing (its copies would be freed under
-        # the graph); warm-up runs on a side stream, as torch.cuda.graph requires. Both write this
-        # token's keys/values at this position, as the replay will.
-        cast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
-                              enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with cast, torch.cuda.stream(side):
-            for _ in range(2):
-                self._static_step(self.static_tok, self.static_pos)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with cast, torch.cuda.graph(self.graph):
-            self.static_out = self._static_step(self.static_tok, self.static_pos)
+        # the warm-up calls write this token's keys/values at this position, as the replay will
+        self.graph, self.static_out = capture_cuda_graph(lambda: self._static_step(self.static_tok, self.static_pos))
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append tokens (B, T) at positions length..length+T-1; return logits (B, V) for the last one."""

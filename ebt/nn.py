@@ -67,10 +67,11 @@ class RMSNorm(nn.Module):
 
 
 class RopeTables(NamedTuple):
-    """The rotations for some positions: cos and sin (T, hd/2), and the same as unit complex numbers."""
-    cos: torch.Tensor
-    sin: torch.Tensor
-    cis: torch.Tensor
+    """The rotations for some positions, (T, hd/2): unit complex numbers for eager code, or cos and sin
+    under torch.compile (which fuses the real form); only the form in use is gathered."""
+    cis: torch.Tensor | None
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
 
 
 class Rope:
@@ -89,10 +90,12 @@ class Rope:
             freqs = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
             ang = torch.outer(torch.arange(self.max_len, dtype=torch.float64), freqs)
             cdtype = {torch.float32: torch.complex64, torch.float64: torch.complex128}[dtype]
-            cis = torch.polar(torch.ones_like(ang), ang).to(positions.device, cdtype)
-            self._cache[key] = RopeTables(ang.cos().to(positions.device, dtype), ang.sin().to(positions.device, dtype),
-                                          cis)
-        return RopeTables(*(t[positions] for t in self._cache[key]))
+            self._cache[key] = RopeTables(torch.polar(torch.ones_like(ang), ang).to(positions.device, cdtype),
+                                          ang.cos().to(positions.device, dtype), ang.sin().to(positions.device, dtype))
+        cis, cos, sin = self._cache[key]
+        if torch.compiler.is_compiling():
+            return RopeTables(None, cos[positions], sin[positions])
+        return RopeTables(cis[positions], None, None)
 
 
 def apply_rope(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
@@ -100,11 +103,12 @@ def apply_rope(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
 
     x: (B, H, T, hd); tables for (T,) positions. Eager code multiplies complex numbers (a third of the
     kernels of the real form, which matters where an EBT step is launch-bound); under torch.compile the
-    real form is kept, which the compiler fuses.
+    real form is used, which the compiler fuses.
     """
-    xf = x.to(rope.cos.dtype).unflatten(-1, (-1, 2))
-    if not torch.compiler.is_compiling():
+    if rope.cis is not None:
+        xf = x.to(rope.cis.real.dtype).unflatten(-1, (-1, 2))
         return torch.view_as_real(torch.view_as_complex(xf) * rope.cis).flatten(-2).type_as(x)
+    xf = x.to(rope.cos.dtype).unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack((x0 * rope.cos - x1 * rope.sin, x0 * rope.sin + x1 * rope.cos), dim=-1)
     return out.flatten(-2).type_as(x)
@@ -220,6 +224,24 @@ class KVCache:
         out.k = [t.index_select(0, index) if t is not None else None for t in self.k]
         out.v = [t.index_select(0, index) if t is not None else None for t in self.v]
         return out
+
+
+def capture_cuda_graph(fn, warmup: int = 2):
+    """Run fn() `warmup` times on a side stream, then capture one call as a CUDA graph: returns (graph,
+    its output). A replay reruns every kernel on the same memory without the CPU launching them one by
+    one. autocast's weight-cast cache stays off meanwhile (its copies would be freed under the graph)."""
+    cast = lambda: torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),  # noqa: E731
+                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), cast():
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), cast():
+        out = fn()
+    return graph, out
 
 
 class Attention(nn.Module):

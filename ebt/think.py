@@ -118,18 +118,19 @@ def _graph_leaves(ctx):
     return walk(ctx), pairs
 
 
-def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, step_loss, loss_steps,
-                    scale: float = 1.0, method: str = "jvp", loss_grad=None, on_step=None):
+def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_grad, loss_steps,
+                    scale: float = 1.0, method: str = "double", on_step=None):
     """The training unroll and its backward in one pass, one step's graph alive at a time.
 
     Accumulates scale * dLoss/dtheta into the parameters' .grad, where Loss = sum over k in
-    loss_steps of step_loss(k, z_k), z_k the output of step k. Exact (the same gradients as `unroll`
-    + backward) when `stepwise_ok(cfg)`. Optional: loss_grad(k, z_k, scale) -> (loss, d(scale *
-    loss)/dz_k) in closed form (used by "jvp"); on_step(k, z_k) sees every step's output (metrics).
-    Returns the last candidate (detached), the energy fed into the first step and the step losses.
+    loss_steps of loss_k(z_k), z_k the output of step k, and loss_grad(k, z_k, scale) returns
+    (loss_k, d(scale * loss_k)/dz_k) without a graph (`autograd_loss_grad` builds one from a plain
+    loss). Exact (the same gradients as `unroll` + backward) when `stepwise_ok(cfg)`. on_step(k, z_k)
+    sees every step's output (metrics). Returns the last candidate (detached), the energy fed into the
+    first step and the step losses.
 
-    method "double": each loss term is backpropagated through that step's first-order gradient graph
-    (reverse-over-reverse), then freed. "jvp" (ebt-method.md 2.6): the step runs first-order only;
+    method "double": each loss gradient is backpropagated from the step's output through that step's
+    first-order gradient graph (reverse-over-reverse), then the graph is freed. "jvp" (ebt-method.md 2.6): the step runs first-order only;
     with v = dLoss/dz_next the weights receive -d/dtheta <alpha v, dE/dp>, the inner product being
     the energy's forward-mode derivative along alpha v (reverse-over-forward). For a model whose
     candidate enters through a bias-free linear map (`vocab_to_embed`, V -> D) that map is handled
@@ -146,8 +147,6 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, step_
     graph_keys = {model.landscape_key(k) for k in graph_steps}
     weights = [p for p in model.parameters() if p.requires_grad]
     linear_map = method == "jvp" and isinstance(getattr(model, "vocab_to_embed", None), torch.nn.Linear)
-    if loss_grad is None:
-        loss_grad = lambda k, z_k, s: _autograd_loss_grad(lambda x: step_loss(k, x), z_k, s)  # noqa: E731
     contexts = {}  # landscape key -> (context for the steps, [(graph tensor, leaf)])
     energy0, losses = None, []
     for k in range(n_steps):
@@ -166,29 +165,24 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, step_
         elif linear_map:
             z, E, loss = _jvp_step(model, ctx, z, alpha, lambda zn: loss_grad(k, zn, scale), wanted)
             losses.append(loss)
-        else:
-            with torch.enable_grad():
-                leaf = z.detach().requires_grad_()  # not p: see energy_and_grad (autocast's cache)
-                p = model.candidate_input(leaf)
-                p = p.view_as(p) if p is leaf else p
-                E = model.energy_from(ctx, p)
-                if method == "double":
-                    (g,) = torch.autograd.grad(E.sum(), p, create_graph=True)
-                    z_next = torch.addcmul(p.detach(), alpha, g, value=-1)
-                    # the loss's gradient at z_next in closed form, then one backward from z_next; inputs=:
-                    # only what training needs (not the candidate's logits, a leaf here)
-                    loss, v = loss_grad(k, z_next.detach(), scale)
-                    torch.autograd.backward(z_next, v, inputs=wanted + ([alpha] if alpha.requires_grad else []))
-                else:
-                    (g,) = torch.autograd.grad(E.sum(), p)
-                    z_next = torch.addcmul(p.detach(), alpha.detach(), g, value=-1)
-                    loss, v = loss_grad(k, z_next, scale)
-                    with fwAD.dual_level():
-                        dual = fwAD.make_dual(p.detach(), alpha.detach() * v)
-                        directional = fwAD.unpack_dual(model.energy_from(ctx, dual)).tangent.sum()
-                    directional.neg().backward(inputs=wanted)  # d/dtheta of -<alpha v, dE/dp>
-                    _alpha_grad(alpha, _rowdot(g, v))
+        elif method == "double":
+            p, E, g = energy_and_grad(model, ctx, z, create_graph=True)
+            z_next = torch.addcmul(p.detach(), alpha, g, value=-1)
+            # the loss's gradient at z_next, then one backward from z_next; inputs=: only what training
+            # needs (not the candidate's logits, a leaf here)
+            loss, v = loss_grad(k, z_next.detach(), scale)
+            torch.autograd.backward(z_next, v, inputs=wanted + ([alpha] if alpha.requires_grad else []))
             z = z_next.detach()
+            losses.append(loss)
+        else:
+            p, E, g = energy_and_grad(model, ctx, z)
+            z = torch.addcmul(p.detach(), alpha.detach(), g, value=-1)
+            loss, v = loss_grad(k, z, scale)
+            with torch.enable_grad(), fwAD.dual_level():
+                dual = fwAD.make_dual(p.detach(), alpha.detach() * v)
+                directional = fwAD.unpack_dual(model.energy_from(ctx, dual)).tangent.sum()
+            directional.neg().backward(inputs=wanted)  # d/dtheta of -<alpha v, dE/dp>
+            _alpha_grad(alpha, _rowdot(g, v))
             losses.append(loss)
         if on_step is not None:
             on_step(k, z)
@@ -201,7 +195,8 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, step_
     return z, energy0, losses
 
 
-def _autograd_loss_grad(loss_fn, z, scale):
+def autograd_loss_grad(loss_fn, z, scale):
+    """(loss_fn(z), d(scale * loss)/dz) by autograd, for losses without a closed-form gradient."""
     with torch.enable_grad():
         z = z.detach().requires_grad_()
         loss = loss_fn(z)
@@ -219,8 +214,7 @@ def _alpha_grad(alpha, gv):
     """z_next = p - alpha * g, so dLoss/dalpha = -<g, v> (gv, per position), summed to alpha's shape
     (a scalar, or one value per row and position)."""
     if alpha.requires_grad:
-        grad = -gv.sum_to_size(alpha.shape).to(alpha.dtype)
-        alpha.grad = grad if alpha.grad is None else alpha.grad + grad
+        _accumulate([alpha], [-gv.sum_to_size(alpha.shape).to(alpha.dtype)])
 
 
 def _accumulate(tensors, grads):

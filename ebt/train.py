@@ -28,6 +28,7 @@ from ebt.errors import CheckpointError, ConfigError, EBTError
 from ebt.evaluate import autocast, evaluate_lm, fmt_ppl
 from ebt.think import GRAD_METHODS
 from ebt.models import build_model
+from ebt.nn import capture_cuda_graph
 
 
 class TrainingError(EBTError):
@@ -60,46 +61,38 @@ class CapturedStep:
     """One training micro-step (forward and backward, e.g. EBT.train_step) captured once as a CUDA graph
     and replayed. An EBT step launches thousands of small kernels (every layer, every unroll step, the
     second-order terms) and the CPU cannot issue them as fast as the GPU runs them; a replay issues them
-    all at once. Needs what a graph needs: the same shapes every call, no host synchronisation and no
-    host-side randomness (a random step count or a replay buffer change the work from step to step)."""
+    all at once. Needs what a graph needs: a CUDA model, the same shapes every call, no host
+    synchronisation and no host-side randomness (a random step count or a replay buffer change the work
+    from step to step)."""
 
     def __init__(self, model: torch.nn.Module, step, warmup: int = 2):
         e = getattr(getattr(model, "cfg", None), "ebt", None)
         if e is not None and (e.rand_steps or e.replay_buffer):
             raise ConfigError("--cuda-graph needs the same work at every step: this recipe draws a random number "
                               "of unroll steps or replays rows from a buffer (System 2); drop --cuda-graph")
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ConfigError(f"--cuda-graph needs a CUDA device, and the model is on {device}: drop --cuda-graph "
+                              f"or train with --device cuda")
         self.model, self.step, self.warmup, self.graph = model, step, warmup, None
 
     def __call__(self, batch: torch.Tensor, **kw) -> dict:
-        if batch.device.type != "cuda":
-            raise ConfigError("--cuda-graph needs a CUDA device")
         if self.graph is None:
-            self._capture(batch, kw)
+            self.static_batch = batch.clone()
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+            def run():
+                for p in self.params:  # captured from no gradient: each replay writes fresh ones, never adds
+                    p.grad = None
+                return self.step(self.static_batch, **kw)
+
+            self.graph, self.static_out = capture_cuda_graph(run, self.warmup)
+            self.grads = [p.grad for p in self.params]
         self.static_batch.copy_(batch)
         self.graph.replay()
         for p, g in zip(self.params, self.grads):  # the optimizer may have unbound them (set_to_none)
             p.grad = g
         return self.static_out
-
-    def _capture(self, batch, kw):
-        self.static_batch = batch.clone()
-        # autocast's weight-cast cache must stay off while capturing (its copies would be freed under
-        # the graph); warm-up runs on a side stream, as torch.cuda.graph requires
-        cast = lambda: torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),  # noqa: E731
-                                      enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), cast():
-            for _ in range(self.warmup):
-                self.step(self.static_batch, **kw)
-        torch.cuda.current_stream().wait_stream(side)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in self.params:  # captured from None: each replay writes fresh gradients, never adds
-            p.grad = None
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), cast():
-            self.static_out = self.step(self.static_batch, **kw)
-        self.grads = [p.grad for p in self.params]
 
 
 def leave_process_group() -> None:
@@ -369,9 +362,6 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
             raise ConfigError(f"unknown ebt_grad {cfg.ebt_grad!r}; choose auto or one of {GRAD_METHODS}")
         model.grad_method = cfg.ebt_grad
     if cfg.cuda_graph:
-        if device.type != "cuda":
-            raise ConfigError(f"--cuda-graph needs a CUDA device, and this run is on {device}: drop --cuda-graph "
-                              f"or train with --device cuda")
         if own_step is None:
             raise ConfigError("--cuda-graph applies to EBT training steps (Transformer++: use --compile)")
         if cfg.grad_accum != 1:

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import tiny_data  # noqa: F401  (the fixture)
 
 from ebt.config import ModelConfig, recipe
 from ebt.errors import ConfigError, DataError
@@ -105,17 +106,8 @@ def test_fit_refuses_what_cannot_be_fitted():
 # ---------------------------------------------------------------------------------------- a study
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from test_train import TEXT
-
-    from ebt.data.shards import write_shards
-    from ebt.data.tokenizers import get_tokenizer
-
-    root = tmp_path_factory.mktemp("data")
-    tok = get_tokenizer("bpe", root / "cache", texts=TEXT[:40], vocab_size=300)
-    write_shards(TEXT[:40], tok, root, "train")
-    write_shards(TEXT[40:44], tok, root, "val")
-    return root
+def data_dir(tiny_data):  # the tiny corpus of test_train.py
+    return tiny_data[0]
 
 
 def tiny_study(data_dir, out, **kw) -> StudyConfig:
@@ -126,10 +118,10 @@ def tiny_study(data_dir, out, **kw) -> StudyConfig:
     return study_from_dict(d)
 
 
-def test_study_end_to_end_skips_finished_and_resumes_interrupted(tiny_data, tmp_path, monkeypatch):
+def test_study_end_to_end_skips_finished_and_resumes_interrupted(data_dir, tmp_path, monkeypatch):
     from ebt.train import train
 
-    study = tiny_study(tiny_data, tmp_path / "study")
+    study = tiny_study(data_dir, tmp_path / "study")
     # interrupt one run half-way, as a killed job would leave it
     ebt_small = next(r for r in plan(study) if r.model == "ebt" and r.value == "1x32x2")
     ebt_small.run.train.stop_at = 2
@@ -148,7 +140,7 @@ def test_study_end_to_end_skips_finished_and_resumes_interrupted(tiny_data, tmp_
     assert r0["flops"] == pytest.approx(r0["flops_per_token"] * 4 * 4 * 16)
 
     # the resumed run equals one trained without interruption
-    fresh = next(r for r in plan(tiny_study(tiny_data, tmp_path / "fresh")) if r.model == "ebt" and r.value == "1x32x2")
+    fresh = next(r for r in plan(tiny_study(data_dir, tmp_path / "fresh")) if r.model == "ebt" and r.value == "1x32x2")
     train(fresh.run, log=lambda *a: None)
     a = load_file(str(fresh.out_dir / "checkpoint" / "model.safetensors"))
     b = load_file(str(ebt_small.out_dir / "checkpoint" / "model.safetensors"))
@@ -163,19 +155,19 @@ def test_study_end_to_end_skips_finished_and_resumes_interrupted(tiny_data, tmp_
     assert sum("skipped" in x for x in logs) == 4
 
 
-def test_study_bad_input(tiny_data, tmp_path):
+def test_study_bad_input(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="unknown scaling axis 'params'"):
-        tiny_study(tiny_data, tmp_path, axis="params")
+        tiny_study(data_dir, tmp_path, axis="params")
     with pytest.raises(ConfigError, match="at least 2 values"):
-        tiny_study(tiny_data, tmp_path, values=["4xs"])
+        tiny_study(data_dir, tmp_path, values=["4xs"])
     with pytest.raises(ConfigError, match="unknown model"):
-        tiny_study(tiny_data, tmp_path, models=["dit"])
+        tiny_study(data_dir, tmp_path, models=["dit"])
     with pytest.raises(ConfigError, match="LAYERSxWIDTHxHEADS"):
-        plan(tiny_study(tiny_data, tmp_path, values=["huge", "4xs"]))
+        plan(tiny_study(data_dir, tmp_path, values=["huge", "4xs"]))
     with pytest.raises(ConfigError, match="less than one step"):
-        plan(tiny_study(tiny_data, tmp_path, axis="tokens", values=["10", "1000"]))
+        plan(tiny_study(data_dir, tmp_path, axis="tokens", values=["10", "1000"]))
     with pytest.raises(ConfigError, match="launcher='torchrun'"):
-        tiny_study(tiny_data, tmp_path, fsdp=True)
+        tiny_study(data_dir, tmp_path, fsdp=True)
     with pytest.raises(DataError, match="ebt data prepare"):
         plan(tiny_study(tmp_path / "nope", tmp_path))
     toml = tmp_path / "s.toml"
@@ -183,7 +175,7 @@ def test_study_bad_input(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match=r"unknown study keys \['step'\]"):
         load_study(toml)
     toml.write_text('axis = "depth"\nvalues = [1, 2]\nsteps = 3\n')
-    s = load_study(toml, out_dir=str(tmp_path / "d"), data_dir=str(tiny_data), context_length=16)
+    s = load_study(toml, out_dir=str(tmp_path / "d"), data_dir=str(data_dir), context_length=16)
     assert s.values == ["1", "2"] and s.steps == 3
     assert [r.run.model.n_layer for r in plan(s)] == [1, 1, 2, 2]
     # a study directory keeps its fixed settings
@@ -194,22 +186,22 @@ def test_study_bad_input(tiny_data, tmp_path):
         check_study_dir(study_from_dict({**s.__dict__, "steps": 5}))
 
 
-def test_axes_set_what_they_vary(tiny_data, tmp_path):
-    runs = plan(tiny_study(tiny_data, tmp_path, axis="tokens", values=["128", "256"], models=["ebt"]))
+def test_axes_set_what_they_vary(data_dir, tmp_path):
+    runs = plan(tiny_study(data_dir, tmp_path, axis="tokens", values=["128", "256"], models=["ebt"]))
     assert [r.run.train.steps for r in runs] == [2, 4]
-    runs = plan(tiny_study(tiny_data, tmp_path, axis="batch", values=["2", "8"], models=["transformer"]))
+    runs = plan(tiny_study(data_dir, tmp_path, axis="batch", values=["2", "8"], models=["transformer"]))
     assert [r.run.train.batch_size for r in runs] == [2, 8]
-    runs = plan(tiny_study(tiny_data, tmp_path, axis="width", values=["16", "32"], models=["transformer"],
+    runs = plan(tiny_study(data_dir, tmp_path, axis="width", values=["16", "32"], models=["transformer"],
                            n_head=2, seeds=[0, 1]))
     assert [(r.run.model.d_model, r.seed) for r in runs] == [(16, 0), (16, 1), (32, 0), (32, 1)]
 
 
 @pytest.mark.slow
-def test_study_torchrun_launcher_matches_local(tiny_data, tmp_path):
+def test_study_torchrun_launcher_matches_local(data_dir, tmp_path):
     """launcher='torchrun' runs each run as a 2-process gloo job (DDP): the Transformer++ runs end with
     the weights of the in-process study, and the report is the same."""
-    local = run_study(tiny_study(tiny_data, tmp_path / "local", models=["transformer"]), log=lambda *a: None)
-    dist = run_study(tiny_study(tiny_data, tmp_path / "dist", models=["transformer"], launcher="torchrun",
+    local = run_study(tiny_study(data_dir, tmp_path / "local", models=["transformer"]), log=lambda *a: None)
+    dist = run_study(tiny_study(data_dir, tmp_path / "dist", models=["transformer"], launcher="torchrun",
                                 nproc_per_node=2, torchrun_args=["--standalone"]), log=lambda *a: None)
     for a, b in zip(local["runs"], dist["runs"]):
         wa = load_file(str(tmp_path / "local" / a["out_dir"].split("local/")[1] / "checkpoint" / "model.safetensors"))

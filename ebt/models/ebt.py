@@ -17,7 +17,8 @@ from ebt.config import EBTConfig, ModelConfig
 from ebt.errors import ConfigError
 from ebt.models.transformer import check_window, make_input_embedding, prediction_loss, token_loss_grad
 from ebt.nn import Backbone, KVCache, init_weights, vocab_in
-from ebt.think import GRAD_METHODS, alpha_param_groups, draw_steps, recipe_alpha, stepwise_ok, unroll, unroll_backward
+from ebt.think import (GRAD_METHODS, alpha_param_groups, autograd_loss_grad, draw_steps, recipe_alpha,
+                       stepwise_ok, unroll, unroll_backward)
 
 
 class ReplayBuffer:
@@ -131,7 +132,7 @@ class EBT(nn.Module):
         (ebt.think.unroll_backward) handles the linear V -> D map itself and calls this."""
         # ctx: (cache, prefix), or (cache, prefix, offset[, allowed]) in generation, where static-shape
         # decoding gives the offset as a tensor and the (S, C) mask of written context positions
-        cache, prefix, offset, allowed = (*ctx, 0, None, None)[:4] if len(ctx) == 2 else (*ctx, None)[:4]
+        cache, prefix, offset, allowed = (*ctx, *(0, None)[len(ctx) - 2:])
         S = y.shape[1]
         # candidate i sits at the position of the token it predicts, after the step token
         positions = torch.arange(S, device=y.device) + prefix + 1 + offset
@@ -176,17 +177,18 @@ class EBT(nn.Module):
                 z = torch.cat([z, z_old.to(z.dtype)])
         return window, tokens, targets, z
 
-    def _finish(self, window, tokens, fresh, n_steps, loss, first, last, logits, energies) -> dict:
+    def _finish(self, window, tokens, fresh, n_steps, loss, first, last, z_last, e_first) -> dict:
+        """The metrics dict; the final energy is measured and System 2's replay buffer fed here."""
         e = self.cfg.ebt
         out = {"loss": loss, "nll_sum": last["nll_sum"], "n_tokens": last["n_tokens"],
                "ce_first": first["loss"].detach(), "ce_last": last["loss"].detach(),
                "alpha": self.alpha.detach().clamp(min=e.alpha_min), "steps": torch.tensor(float(n_steps))}
         if self.training and self.measure_final_energy:
             with torch.no_grad():
-                e_final = self.energy(tokens, self.candidate_input(logits[-1].detach()), n_steps - 1)
-            out["energy_gap"] = (energies[0] - e_final).mean()
+                e_final = self.energy(tokens, self.candidate_input(z_last.detach()), n_steps - 1)
+            out["energy_gap"] = (e_first - e_final).mean()
         if self.training and self.replay is not None:
-            self.replay.push(window[:fresh], logits[-1][:fresh])
+            self.replay.push(window[:fresh], z_last[:fresh])
             out["replay_rows"] = torch.tensor(float(window.shape[0] - fresh))
         return out
 
@@ -208,7 +210,7 @@ class EBT(nn.Module):
         else:  # S1: the mean over steps of each step's loss
             middle = [prediction_loss(z_k, targets, self.cfg) for z_k in logits[1:-1]]
             loss = torch.stack([c["loss"] for c in [first, *middle, last][: n_steps]]).mean()
-        return self._finish(window, tokens, fresh, n_steps, loss, first, last, logits, energies)
+        return self._finish(window, tokens, fresh, n_steps, loss, first, last, logits[-1], energies[0])
 
     def train_step(self, window: torch.Tensor, init: torch.Tensor | None = None, scale: float = 1.0,
                    method: str | None = None) -> dict:
@@ -217,8 +219,9 @@ class EBT(nn.Module):
 
         The fast path (ebt.think.unroll_backward) keeps one step's graph at a time and computes each
         context stream once per landscape; method "double" (the default: the fastest measured, see
-        benchmarks/RESULTS.md) or "jvp" chooses how the second-order term is taken. "full", or a recipe where stepping is not exact (no detach and no
-        truncation), runs `forward` and one backward through the whole unroll."""
+        benchmarks/RESULTS.md) or "jvp" chooses how the second-order term is taken. "full", or a recipe
+        where stepping is not exact (no detach and no truncation), runs `forward` and one backward
+        through the whole unroll."""
         method = method or self.grad_method
         if method not in GRAD_METHODS:
             raise ConfigError(f"unknown gradient method {method!r}; choose one of {GRAD_METHODS}")
@@ -234,23 +237,23 @@ class EBT(nn.Module):
         weight = 1.0 / len(loss_steps)  # S1: the mean over steps
         ce = {}  # each step's loss dict (cross-entropy or Smooth L1, with counts), kept for the metrics
 
-        def step_loss(k, z_k):  # differentiable (the "double" method)
-            ce[k] = prediction_loss(z_k, targets, self.cfg)
-            return ce[k]["loss"] * weight
+        def loss_grad(k, z_k, s):  # the step's loss and its gradient at z_k (closed form for tokens)
+            if self.cfg.candidate == "tokens":
+                ce[k], v = token_loss_grad(z_k, targets, self.cfg.pad_token_id, s * weight)
+                return ce[k]["loss"] * weight, v
 
-        def loss_grad(k, z_k, s):  # the loss and its gradient in closed form (the "jvp" method)
-            ce[k], v = token_loss_grad(z_k, targets, self.cfg.pad_token_id, s * weight)
-            return ce[k]["loss"] * weight, v
+            def loss(x):
+                ce[k] = prediction_loss(x, targets, self.cfg)
+                return ce[k]["loss"] * weight
+
+            return autograd_loss_grad(loss, z_k, s)
 
         def on_step(k, z_k):  # the first step's loss is logged even when it is not trained on
             if k == 0 and k not in ce:
                 with torch.no_grad():
                     ce[0] = prediction_loss(z_k, targets, self.cfg)
 
-        z_last, e_first, losses = unroll_backward(
-            self, tokens, z, n_steps, self.training, e, step_loss, loss_steps, scale, method,
-            loss_grad if self.cfg.candidate == "tokens" else None, on_step)
-        del z
+        z_last, e_first, losses = unroll_backward(self, tokens, z, n_steps, self.training, e, loss_grad, loss_steps,
+                                                  scale, method, on_step)
         last = {k: v.detach() for k, v in ce[n_steps - 1].items()}
-        return self._finish(window, tokens, fresh, n_steps, torch.stack(losses).sum(), ce[0], last, [z_last],
-                            [e_first])
+        return self._finish(window, tokens, fresh, n_steps, torch.stack(losses).sum(), ce[0], last, z_last, e_first)
