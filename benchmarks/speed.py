@@ -102,9 +102,13 @@ def train_item(it, a, dev):
         model.fused_attention = True
         step_fn = torch.compile(model) if path == "compiled" else model
     x = torch.randint(0, a.vocab, (a.batch, a.context + 1), device=dev)
-    method = {"official": "full", "graph": "double"}.get(path, path)
+    # "compiled": the written-out gradient (method "explicit") through torch.compile; "graph_compiled":
+    # that, captured as a CUDA graph
+    method = {"official": "full", "graph": "double", "compiled": "explicit", "graph_compiled": "explicit"}.get(path, path)
+    if it["kind"] == "ebt" and path in ("compiled", "graph_compiled"):
+        model.compile_grad = True
     ebt_step = getattr(model, "train_step", None)
-    if path == "graph":
+    if path in ("graph", "graph_compiled"):
         from ebt.train import CapturedStep
 
         ebt_step = CapturedStep(model, model.train_step)
@@ -140,10 +144,12 @@ def think_item(it, a, dev):
     model = build("ebt", "s2", it["size"], a.vocab, a.context, dev).eval()
     if it["path"] == "official":
         model = OfficialAlgorithmEBT.from_model(model)
+    if it["path"] in ("compiled", "graph_compiled"):  # the written-out gradient, compiled: one forward
+        model.explicit_grad = model.compile_grad = True
     x = torch.randint(0, a.vocab, (a.batch, a.context), device=dev)
     cfg = ThinkConfig(steps=it["steps"], score_final=False)  # N steps = N energy evaluations, as official
     run = lambda: think(model, x, cfg)  # noqa: E731
-    if it["path"] == "graph":  # the whole thinking call captured once as a CUDA graph, then replayed
+    if it["path"] in ("graph", "graph_compiled"):  # the whole thinking call captured once as a CUDA graph, then replayed
         from ebt.nn import capture_cuda_graph
 
         with autocast(dev, a.precision):
@@ -211,34 +217,43 @@ def check_item(it, a, dev):
         m = m.to(dev, torch.float64).train()
         x = torch.randint(0, 512, (4, 33), device=dev)
         grads = {}
-        for path in ("full", "double", "jvp", "official"):
+        paths = ("double", "jvp", "explicit", "compiled", "official")
+        for path in ("full", *paths):
             mm = OfficialAlgorithmEBT.from_model(m) if path == "official" else copy.deepcopy(m)
+            mm.compile_grad = path == "compiled"
+            method = {"official": "full", "compiled": "explicit"}.get(path, path)
             for rep in range(2):  # the second call replays rows (S2)
                 torch.manual_seed(1 + rep)
                 mm.zero_grad()
-                mm.train_step(x, method="full" if path == "official" else path)
+                mm.train_step(x, method=method)
             grads[path] = {n: p.grad.clone() for n, p in mm.named_parameters() if p.grad is not None}
-        for path in ("double", "jvp", "official"):
+        for path in paths:
             res[f"{rec} {path}"] = max(float((grads[path][n] - g).norm() / g.norm().clamp_min(1e-300))
                                        for n, g in grads["full"].items())
     # the S1 step captured as a CUDA graph against the eager step, over three replays (a deterministic
-    # start, init_scale 0: a graph draws its random numbers from its own offsets)
+    # start, init_scale 0: a graph draws its random numbers from its own offsets). The captured model is
+    # a copy that has run no eager step (as in `ebt train --cuda-graph`); each part reports on its own.
     from ebt.train import CapturedStep
 
     torch.manual_seed(0)
     m = build_model(ModelConfig(model="ebt", size="4xs", vocab_size=512, context_length=32,
                                 ebt=recipe("s1", init_scale=0.0))).to(dev, torch.float64).train()
-    step = CapturedStep(m, m.train_step)
-    worst = 0.0
-    for rep in range(3):
-        x = torch.randint(0, 512, (4, 33), device=dev)
-        m.zero_grad(set_to_none=True)
-        m.train_step(x)
-        eager = {n: p.grad.clone() for n, p in m.named_parameters()}
-        m.zero_grad(set_to_none=True)
-        step(x)
-        worst = max(worst, max(float((p.grad - eager[n]).norm() / eager[n].norm()) for n, p in m.named_parameters()))
-    res["s1 cuda graph vs eager"] = worst
+    for name, method, compiled in (("", "double", False), (" (compiled explicit)", "explicit", True)):
+        try:
+            mg = copy.deepcopy(m)
+            mg.compile_grad = compiled
+            step = CapturedStep(mg, mg.train_step)
+            worst = 0.0
+            for rep in range(3):
+                x = torch.randint(0, 512, (4, 33), device=dev)
+                m.zero_grad(set_to_none=True)
+                m.train_step(x, method="double")
+                step(x, method=method)
+                worst = max(worst, max(float((p.grad - q.grad).norm() / p.grad.norm())
+                                       for p, q in zip(m.parameters(), mg.parameters())))
+            res[f"s1 cuda graph{name} vs eager"] = worst
+        except Exception as e:  # noqa: BLE001 (report, keep the other figures)
+            res[f"s1 cuda graph{name} vs eager"] = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
     return res
 
 
@@ -281,7 +296,9 @@ def plan(a, dev):
     def training(size, recipes):
         out = [{"section": "train", "kind": "transformer", "size": size, "path": "eager"}]
         for rec, variant in recipes:
-            graph = ["graph"] if dev.type == "cuda" and rec == "s1" else []  # fixed-step recipes only
+            graph = []
+            if dev.type == "cuda" and rec == "s1":  # fixed-step recipes only
+                graph = ["graph"] + (["graph_compiled"] if "compiled" in a.methods else [])
             for path in [*a.methods, *graph, "official"]:
                 out.append({"section": "train", "kind": "ebt", "recipe": rec, "variant": variant, "size": size,
                             "path": path})
@@ -289,7 +306,10 @@ def plan(a, dev):
 
     items += training(first, [("s1", None), ("s1", "default"), ("s2", None)])
     for steps in a.think_steps:
-        for path in ("fast", "graph", "official") if dev.type == "cuda" else ("fast", "official"):
+        paths = ["fast", "graph"] if dev.type == "cuda" else ["fast"]
+        if "compiled" in a.methods:
+            paths += ["compiled", "graph_compiled"] if dev.type == "cuda" else ["compiled"]
+        for path in paths + ["official"]:
             items.append({"section": "think", "size": first, "steps": steps, "path": path})
     for b in a.gen_batch:
         items += [{"section": "generate", "size": first, "batch": b, "path": path} for path in ("fast", "official")]
@@ -344,7 +364,8 @@ def report(results, a):
     for r in results:
         if r["section"] == "check":
             lines.append("\n## float64 gradients on the device, max relative error against the full graph\n")
-            lines += [f"- {k}: {v:.2e}" for k, v in r.items() if k not in ("section",) and isinstance(v, float)]
+            lines += [f"- {k}: {v:.2e}" if isinstance(v, float) else f"- {k}: {v}"
+                      for k, v in r.items() if k not in ("section", "error")]
             if "error" in r:
                 lines.append(f"- error: {r['error']}")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ TRAIN_EXAMPLES = """examples:
   ebt train --data images:fashion_mnist --model ebt --size 4xs --lr 1e-4 --steps 2000 --out runs/img_ebt
   ebt train --data images:fashion_mnist --model dit --size 4xs --steps 2000 --out runs/img_dit
   ebt train --out runs/tpp --steps 600 --resume      # continue (the schedule now spans 600 steps)
-  ebt train --model ebt --recipe s1 --size xxs --device cuda --cuda-graph --out runs/s1   # the step as a CUDA graph
+  ebt train --model ebt --recipe s1 --size xxs --device cuda --compile --cuda-graph --out runs/s1   # fastest
   ebt train --model ebt --recipe s2 --ebt-grad jvp --out runs/s2_jvp   # second-order term by forward mode
   torchrun --nproc-per-node 4 -m ebt.cli train --size small --batch-size 256 --out runs/small
   torchrun --nnodes 2 --node-rank $RANK --master-addr $HOST --nproc-per-node 8 -m ebt.cli train ...
@@ -127,18 +127,21 @@ def _train_args(p):
     g.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp64"],
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (Transformer++/DiT; an EBT's "
-                   "second-order training step is not compilable)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (Transformer++/DiT); for an EBT, "
+                   "its written-out energy gradient and the loss gradient (--ebt-grad explicit, which --compile "
+                   "implies under auto), for training and validation")
     g.add_argument("--cuda-graph", action="store_true",
                    help="EBT on CUDA: capture the training step once as a CUDA graph and replay it (removes the "
                    "CPU's kernel-launch bottleneck; fixed-step recipes only, e.g. s1; --grad-accum 1). "
                    "Experimental: its speed was measured on an H200, its gradients not yet compared there "
                    "(benchmarks/speed.py --device cuda --only check does)")
-    g.add_argument("--ebt-grad", default=d.ebt_grad, choices=["auto", "jvp", "double", "full"],
-                   help="how an EBT's weight gradients are taken (all exact, ebt-method.md 2.6): double "
-                   "(default: double backward, one unroll step's graph at a time), jvp (first-order steps "
-                   "plus a forward-mode derivative, one step at a time), full (the whole unroll's graph, "
-                   "as the official code)")
+    g.add_argument("--ebt-grad", default=d.ebt_grad, choices=["auto", "explicit", "double", "jvp", "full"],
+                   help="how an EBT's weight gradients are taken (all exact, ebt-method.md 2.6): explicit (dE/dp "
+                   "written out, then one first-order backward per unroll step; compilable), double (double "
+                   "backward, one unroll step's graph at a time), jvp (forward-mode derivative, one step at a "
+                   "time), full (the whole unroll's graph, as the official code). auto: explicit on CPU or "
+                   "with --compile, double on CUDA without --compile (the fastest measured, "
+                   "benchmarks/RESULTS.md)")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 instead of DDP (shards parameters, "
                    "gradients and optimizer state; an EBT then trains with --ebt-grad full; README 'Scaling studies')")
     g.add_argument("--tensorboard", action="store_true", help="also log to out/tensorboard")

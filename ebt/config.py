@@ -192,7 +192,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp64
     compile: bool = False
     cuda_graph: bool = False  # EBT on CUDA: capture the training step once as a CUDA graph, then replay it
-    ebt_grad: str = "auto"  # EBT weight gradients: auto (the model's default, double) | double | jvp | full
+    # EBT weight gradients: auto (explicit on CPU or with compile, else double) | explicit | double | jvp | full
+    ebt_grad: str = "auto"
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state with FSDP2 instead of DDP
     tensorboard: bool = False
     wandb: bool = False  # credentials come only from the environment (WANDB_API_KEY)

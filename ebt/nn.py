@@ -54,6 +54,16 @@ def vocab_out(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(h, F.pad(weight, (0, 0, 0, pad)))[..., : weight.shape[0]]
 
 
+def vocab_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (.., D)^T @ b (.., V) summed over all positions: (D, V), a V-sized map's weight gradient
+    (V padded with zeros on the padding devices, as in vocab_in)."""
+    a, b = a.flatten(0, -2), b.flatten(0, -2)
+    pad, dt = _vocab_pad(b, -1)
+    if not pad:
+        return a.t() @ b.to(a.dtype)
+    return (a.t().to(dt) @ F.pad(b.to(dt), (0, pad)))[:, : b.shape[-1]]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -84,7 +94,8 @@ class Rope:
     def __init__(self, head_dim: int, theta: float, max_len: int):
         self.head_dim, self.theta, self.max_len, self._cache = head_dim, theta, max_len, {}
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype, real: bool | None = None) -> RopeTables:
+        """real: the cos/sin form (default: under torch.compile), else the complex one."""
         key = (positions.device, dtype)
         if key not in self._cache:
             freqs = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
@@ -93,7 +104,7 @@ class Rope:
             self._cache[key] = RopeTables(torch.polar(torch.ones_like(ang), ang).to(positions.device, cdtype),
                                           ang.cos().to(positions.device, dtype), ang.sin().to(positions.device, dtype))
         cis, cos, sin = self._cache[key]
-        if torch.compiler.is_compiling():
+        if real or real is None and torch.compiler.is_compiling():
             return RopeTables(None, cos[positions], sin[positions])
         return RopeTables(cis[positions], None, None)
 

@@ -12,6 +12,9 @@ a candidate is (vocabulary logits, a frame's features, an image):
     model.step_alpha(shape, random)   -> alpha   the step size (a scalar or per row and position)
     model.init_candidate(inputs)      -> z0      a random start
     model.default_think_steps()       -> int     the trained number of steps
+    model.energy_grad(ctx, p)         -> E, dE/dp   optional, used when model.explicit_grad: the
+                                                 gradient by plain operations (ebt.energy_grad), so a
+                                                 training step needs first-order autograd only
 
 One step is   p = candidate_input(z + noise);  E = energy(p);  z_next = p - alpha * dE/dp.
 `unroll` is what training (and the official validation) runs; `think` is inference-time System 2
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad as fwAD
 
 from ebt.errors import ConfigError
+from ebt.nn import vocab_in, vocab_out, vocab_t
 
 
 class ContextCache(dict):
@@ -45,10 +49,16 @@ class ContextCache(dict):
         return self[key]
 
 
-def energy_and_grad(model, ctx, z, noise: float = 0.0, create_graph: bool = False):
-    """(p, E, dE/dp) at candidate z. Works under torch.no_grad() too (inference)."""
+def energy_and_grad(model, ctx, z, noise: float = 0.0, create_graph: bool = False, explicit: bool | None = None):
+    """(p, E, dE/dp) at candidate z. Works under torch.no_grad() too (inference). explicit: use the
+    model's written-out gradient (model.energy_grad) rather than autograd; None: model.explicit_grad."""
     if noise > 0:
         z = z + noise * torch.randn_like(z)
+    if explicit or explicit is None and getattr(model, "explicit_grad", False):  # written out: no autograd
+        with torch.set_grad_enabled(create_graph):
+            p = model.candidate_input(z)
+            E, g = model.energy_grad(ctx, p)
+        return p, E, g
     with torch.enable_grad():
         if not z.requires_grad:
             # the leaf is z, not p: autocast caches its casts of leaves that require grad until the
@@ -84,7 +94,7 @@ def unroll(model, inputs, z, n_steps: int, stochastic: bool, build_graph: bool, 
     return logits, energies
 
 
-GRAD_METHODS = ("jvp", "double", "full")
+GRAD_METHODS = ("jvp", "double", "explicit", "full")
 
 
 def stepwise_ok(cfg) -> bool:
@@ -122,6 +132,8 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
                     scale: float = 1.0, method: str = "double", on_step=None):
     """The training unroll and its backward in one pass, one step's graph alive at a time.
 
+    z: the starting candidate, or a one-element list holding it, which is emptied so that no caller
+    keeps a (B, S, V) start alive through the unroll.
     Accumulates scale * dLoss/dtheta into the parameters' .grad, where Loss = sum over k in
     loss_steps of loss_k(z_k), z_k the output of step k, and loss_grad(k, z_k, scale) returns
     (loss_k, d(scale * loss_k)/dz_k) without a graph (`autograd_loss_grad` builds one from a plain
@@ -130,15 +142,23 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
     first step and the step losses.
 
     method "double": each loss gradient is backpropagated from the step's output through that step's
-    first-order gradient graph (reverse-over-reverse), then the graph is freed. "jvp" (ebt-method.md 2.6): the step runs first-order only;
-    with v = dLoss/dz_next the weights receive -d/dtheta <alpha v, dE/dp>, the inner product being
-    the energy's forward-mode derivative along alpha v (reverse-over-forward). For a model whose
-    candidate enters through a bias-free linear map (`vocab_to_embed`, V -> D) that map is handled
-    in closed form, so the forward-mode pass runs through the backbone only (see `_jvp_step`).
-    Either way each context stream (and alpha's random draw) is backpropagated once, at the end.
+    first-order gradient graph (reverse-over-reverse), then the graph is freed. "explicit": the same,
+    with the first-order gradient written out by plain operations (model.energy_grad, ebt.energy_grad),
+    so the backward is an ordinary first-order one (and compilable). "jvp" (ebt-method.md 2.6): the
+    step runs first-order only; with v = dLoss/dz_next the weights receive -d/dtheta <alpha v, dE/dp>,
+    the inner product being the energy's forward-mode derivative along alpha v (reverse-over-forward).
+    For a model whose candidate enters through a bias-free linear map (`vocab_to_embed`, V -> D),
+    "jvp" and "explicit" handle that map in closed form, so the second-order work runs through the
+    backbone only and the (B, S, V) tensors see first-order work alone (see `_linear_map_step`).
+    Every method backpropagates each context stream (and alpha's random draw) once, at the end.
     """
-    if method not in ("jvp", "double"):
-        raise ConfigError(f"unknown gradient method {method!r}; choose 'jvp' or 'double'")
+    if isinstance(z, list):  # handed over in a list, emptied here: the start is freed after the first step
+        z = z.pop()
+    if method not in ("jvp", "double", "explicit"):
+        raise ConfigError(f"unknown gradient method {method!r}; choose 'jvp', 'double' or 'explicit'")
+    if method == "explicit" and not hasattr(model, "energy_grad"):
+        raise ConfigError(f"{type(model).__name__} has no written-out energy gradient: use method 'double'")
+    explicit = method == "explicit" or None  # "explicit": "double" with the written-out dE/dp
     # alpha is drawn once, before the steps, as in `unroll`; like the contexts it is used through a leaf
     alpha_graph = model.step_alpha(z.shape, stochastic)
     alpha = alpha_graph.detach().requires_grad_(alpha_graph.requires_grad)
@@ -146,7 +166,7 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
     graph_steps = {k for k in loss_steps if not cfg.truncate or k == n_steps - 1}
     graph_keys = {model.landscape_key(k) for k in graph_steps}
     weights = [p for p in model.parameters() if p.requires_grad]
-    linear_map = method == "jvp" and isinstance(getattr(model, "vocab_to_embed", None), torch.nn.Linear)
+    linear_map = method in ("jvp", "explicit") and isinstance(getattr(model, "vocab_to_embed", None), torch.nn.Linear)
     contexts = {}  # landscape key -> (context for the steps, [(graph tensor, leaf)])
     energy0, losses = None, []
     for k in range(n_steps):
@@ -160,13 +180,14 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
             z = z + noise * torch.randn_like(z)
         wanted = weights + [leaf for _, leaf in leaves]
         if k not in graph_steps:
-            p, E, g = energy_and_grad(model, ctx, z)
+            p, E, g = energy_and_grad(model, ctx, z, explicit=explicit)
             z = torch.addcmul(p.detach(), alpha.detach(), g, value=-1)
         elif linear_map:
-            z, E, loss = _jvp_step(model, ctx, z, alpha, lambda zn: loss_grad(k, zn, scale), wanted)
+            z, E, loss = _linear_map_step(model, ctx, z, alpha, lambda zn: loss_grad(k, zn, scale), wanted,
+                                          explicit=method == "explicit")
             losses.append(loss)
-        elif method == "double":
-            p, E, g = energy_and_grad(model, ctx, z, create_graph=True)
+        elif method in ("double", "explicit"):
+            p, E, g = energy_and_grad(model, ctx, z, create_graph=True, explicit=explicit)
             z_next = torch.addcmul(p.detach(), alpha, g, value=-1)
             # the loss's gradient at z_next, then one backward from z_next; inputs=: only what training
             # needs (not the candidate's logits, a leaf here)
@@ -184,10 +205,12 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
             directional.neg().backward(inputs=wanted)  # d/dtheta of -<alpha v, dE/dp>
             _alpha_grad(alpha, _rowdot(g, v))
             losses.append(loss)
+        # drop this step's tensors before the next: their graphs lead back to the step's input candidate
+        E, p, g, z_next, v, dual, directional = E.detach(), None, None, None, None, None, None
         if on_step is not None:
             on_step(k, z)
         if k == 0:
-            energy0 = E.detach()
+            energy0 = E
     pairs = [pair for _, ps in contexts.values() for pair in ps] + [(alpha_graph, alpha)]
     pairs = [(t, leaf.grad) for t, leaf in pairs if leaf.grad is not None]
     if pairs:  # each context stream and alpha's draw: one backward with their leaves' gradients
@@ -223,42 +246,51 @@ def _accumulate(tensors, grads):
             t.grad = g if t.grad is None else t.grad + g
 
 
-def _jvp_step(model, ctx, z, alpha, loss_grad, wanted):
-    """One graph-building step of the "jvp" method with the candidate's linear map W (D x V) in closed
-    form. With y = W p, u = dE/dy, the step is z_next = p - alpha * W^T u. For the loss gradient v at
-    z_next and the direction d = alpha v:
-        backbone and context weights: -d/dtheta <u, W d>   (forward-mode tangent of E along W d)
-        W:     -(u^T d) + h^T p,  h = -d/dy <u, W d>         (the same backward gives h)
-        alpha: -<W^T u, v>
-    so the (B, S, V) tensors meet only matrix products and first-order elementwise work, and at most
-    four of them (p, g, z_next, v) are alive at once."""
+def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool):
+    """One graph-building step of the "jvp" or "explicit" method with the candidate's linear map W
+    (D x V) in closed form. With y = W p, u = dE/dy, the step is z_next = p - alpha * W^T u. For the
+    loss gradient v at z_next:
+        backbone and context weights: -d/dtheta <u, y_dot>,  y_dot = alpha W v
+        W:     h^T p - (alpha u)^T v,  h = -d/dy <u, y_dot>   (the same backward gives h)
+        alpha: -<W^T u, v> = -<u, W v>
+    "jvp" takes <u, y_dot> as the forward-mode tangent of E along y_dot, then backpropagates it;
+    "explicit" computes u by plain operations (model.energy_grad_embedding) and backpropagates u
+    with the cotangent -y_dot: an ordinary first-order backward, which torch.compile can compile.
+    Either way the (B, S, V) tensors meet only matrix products and first-order elementwise work:
+    p, z_next and v are the only ones made (and W^T u under autocast, see below)."""
     W = model.vocab_to_embed.weight
     with torch.enable_grad():
         p = model.candidate_input(z).detach()
         del z
-        y = F.linear(p, W).detach().requires_grad_()
-        E = model.energy_from_embedding(ctx, y)
-        (u,) = torch.autograd.grad(E.sum(), y)
+        y = vocab_in(p, W).detach().requires_grad_()
+        if explicit:
+            E, u = model.energy_grad_embedding(ctx, y)
+        else:
+            E = model.energy_from_embedding(ctx, y)
+            (u,) = torch.autograd.grad(E.sum(), y)
     with torch.no_grad():  # first-order work on (B, S, V) tensors: nothing here is recorded
-        g = F.linear(u, W.t())
-        z_next = torch.addcmul(p, alpha.detach(), g, value=-1)
+        a = alpha.detach()
+        ua = u.detach() * a  # the step in the width: z_next = p - W^T (alpha u)
+        if torch.is_autocast_enabled(p.device.type):  # keep z_next in float: a low-precision W^T u, then
+            z_next = torch.addcmul(p, a, vocab_out(u, W.t()), value=-1)  # a float update
+        else:  # the update inside the matrix product: no (B, S, V) temporary, one pass fewer
+            z_next = torch.addmm(p.flatten(0, -2), ua.flatten(0, -2).to(W.dtype), W, alpha=-1).view_as(p)
         loss, v = loss_grad(z_next)
-        _alpha_grad(alpha, _rowdot(g, v))
-        del g
-        d = v.mul_(alpha.detach()) if v.dtype == torch.promote_types(v.dtype, alpha.dtype) else v * alpha.detach()
-        del v
-        y_dot = F.linear(d, W)
+        wv = vocab_in(v, W)  # W v (B, S, D): alpha's gradient and the direction, without (B, S, V) products
+        _alpha_grad(alpha, _rowdot(u.detach(), wv))
+        y_dot = wv * a
     others = [t for t in wanted if t is not W]
     with torch.enable_grad():
-        with fwAD.dual_level():
-            e_dot = fwAD.unpack_dual(model.energy_from_embedding(ctx, fwAD.make_dual(y, y_dot))).tangent
-        grads = torch.autograd.grad(-e_dot.sum(), [y] + others, allow_unused=True)
+        if explicit:  # d/d(y, theta) of -<u, y_dot>
+            grads = torch.autograd.grad(u, [y] + others, grad_outputs=-y_dot.to(u.dtype), allow_unused=True)
+        else:
+            with fwAD.dual_level():
+                e_dot = fwAD.unpack_dual(model.energy_from_embedding(ctx, fwAD.make_dual(y, y_dot))).tangent
+            grads = torch.autograd.grad(-e_dot.sum(), [y] + others, allow_unused=True)
     _accumulate(others, grads[1:])
     if W.requires_grad:  # two (D x V) products over all positions; no (2N, V) concatenation
         with torch.no_grad():
-            h = grads[0]
-            dW = h.flatten(0, -2).t() @ p.flatten(0, -2).to(h.dtype)
-            dW.addmm_(u.flatten(0, -2).t(), d.flatten(0, -2).to(u.dtype), alpha=-1)
+            dW = vocab_t(grads[0], p).sub_(vocab_t(ua, v))
         _accumulate([W], [dW.to(W.dtype)])
     return z_next, E.detach(), loss
 

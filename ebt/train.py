@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ebt.checkpoint import (load_state, load_training_state, load_weights, publish_checkpoint, read_config,
                             save_checkpoint, set_rng_state, staging_dir, unwrap)
-from ebt.config import RunConfig, to_dict
+from ebt.config import RunConfig, TrainConfig, to_dict
 from ebt.errors import CheckpointError, ConfigError, EBTError
 from ebt.evaluate import autocast, evaluate_lm, fmt_ppl
 from ebt.think import GRAD_METHODS
@@ -55,6 +55,13 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def auto_grad_method(cfg: TrainConfig, device: torch.device) -> str:
+    """--ebt-grad auto: the fastest path measured (benchmarks/RESULTS.md). The written-out gradient
+    ("explicit") on CPU and whenever it is compiled; on CUDA without compiling, double backward (the
+    eager explicit path was not measured on a GPU)."""
+    return "explicit" if cfg.compile or device.type != "cuda" else "double"
 
 
 class CapturedStep:
@@ -351,16 +358,22 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(run_dict, indent=2, sort_keys=True) + "\n")
     n_params = sum(p.numel() for p in model.parameters())
-    fwd = torch.compile(model) if cfg.compile else model
+    own_step = None if cfg.fsdp else getattr(model, "train_step", None)
+    if own_step is not None and cfg.compile and hasattr(model, "compile_grad"):
+        # an EBT's second-order step is not compilable as a whole: its written-out energy gradient is
+        # (ebt.energy_grad), for training and for validation's thinking
+        model.compile_grad = model.explicit_grad = True
+        fwd = model
+    else:
+        fwd = torch.compile(model) if cfg.compile else model
     # an EBT runs forward and backward itself, one unroll step's graph at a time (EBT.train_step);
     # its gradients are then averaged across ranks here rather than by DDP's per-backward hooks
     # Under FSDP it takes the plain forward + backward (FSDP's hooks wrap forward calls and reduce-scatter
     # in the loss's backward; train_step's own backward would bypass them).
-    own_step = None if cfg.fsdp else getattr(model, "train_step", None)
-    if own_step is not None and cfg.ebt_grad != "auto":
-        if cfg.ebt_grad not in GRAD_METHODS:
+    if own_step is not None:
+        if cfg.ebt_grad not in ("auto", *GRAD_METHODS):
             raise ConfigError(f"unknown ebt_grad {cfg.ebt_grad!r}; choose auto or one of {GRAD_METHODS}")
-        model.grad_method = cfg.ebt_grad
+        model.grad_method = auto_grad_method(cfg, device) if cfg.ebt_grad == "auto" else cfg.ebt_grad
     if cfg.cuda_graph:
         if own_step is None:
             raise ConfigError("--cuda-graph applies to EBT training steps (Transformer++: use --compile)")

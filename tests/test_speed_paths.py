@@ -1,6 +1,6 @@
 """The fast paths compute exactly what the straightforward ones do (float64), and keep memory bounded.
 
-- EBT.train_step with "double" and "jvp" (one unroll step's graph at a time) against "full" (the whole
+- EBT.train_step with "double", "jvp" and "explicit" (one unroll step's graph at a time) against "full" (the whole
   unroll's graph), for S1, S1 "default", S2 (random steps, alpha, Langevin noise, replay), and frames;
 - the official algorithm (ebt.compat.official_algorithm: doubled sequence, explicit mask) against ours;
 - closed-form cross-entropy gradient, vocabulary padding, static-shape decoding, autocast caching.
@@ -67,7 +67,7 @@ def test_stepwise_methods_match_the_full_graph(rec, variant, candidate, kw):
     x = window(model)
     full, out_full = grads_after(model, x, "full")
     assert "alpha" in full or not model.cfg.ebt.alpha_learnable  # alpha's gradient is checked too
-    for method in ("double", "jvp"):
+    for method in ("double", "jvp", "explicit"):
         g, out = grads_after(model, x, method)
         assert max_rel(g, full) < 1e-10, method
         assert float(out["loss"]) == pytest.approx(float(out_full["loss"]), rel=1e-10)
@@ -98,7 +98,7 @@ def test_doubled_mask_blocks_future_tokens_and_other_candidates():
 
 def test_reference_cases_pass_for_every_training_path(reference_dir):
     rows = dict(check_reference(reference_dir / "official_ebt_s1_small.safetensors"))
-    for tag in ("double", "jvp", "official"):
+    for tag in ("double", "jvp", "explicit", "official"):
         grads = {k: v for k, v in rows.items() if k.startswith("grad.") and k.endswith(f" [{tag}]")}
         assert len(grads) == len([k for k in rows if k.startswith("grad.") and "[" not in k])  # every gradient
         assert max(grads.values()) < 1e-10 and rows[f"loss [{tag}]"] < 1e-12, tag
@@ -122,14 +122,19 @@ def test_vocabulary_padding_changes_no_result(monkeypatch):
     monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", {"cpu"})  # what CUDA does, here
     model = tiny("s1")
     x = window(model)
-    g_pad, out_pad = grads_after(model, x, "double")
-    monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", set())
-    g, out = grads_after(model, x, "double")
-    assert max_rel(g_pad, g) < 1e-12 and float(out_pad["loss"]) == pytest.approx(float(out["loss"]), rel=1e-12)
+    for method in ("double", "jvp", "explicit"):
+        monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", {"cpu"})
+        g_pad, out_pad = grads_after(model, x, method)
+        monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", set())
+        g, out = grads_after(model, x, method)
+        assert max_rel(g_pad, g) < 1e-12 and float(out_pad["loss"]) == pytest.approx(float(out["loss"]), rel=1e-12)
     h, w = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(97, 8, dtype=torch.float64)
+    p = torch.randn(2, 3, 97, dtype=torch.float64)
     monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", {"cpu"})
     assert ebt_nn.vocab_out(h, w).shape == (2, 3, 97)
     assert torch.allclose(ebt_nn.vocab_out(h, w), h @ w.T)
+    assert ebt_nn.vocab_t(h, p).shape == (8, 97)
+    assert torch.allclose(ebt_nn.vocab_t(h, p), h.flatten(0, 1).T @ p.flatten(0, 1))
 
 
 def test_autocast_does_not_keep_old_candidates_alive():

@@ -184,7 +184,7 @@ def test_ebt_ddp_two_processes_match_single_process(tiny_data, tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-10
 
 
-@pytest.mark.parametrize("method", ["double", "jvp", "full"])
+@pytest.mark.parametrize("method", ["double", "jvp", "explicit", "auto"])
 def test_ebt_gradient_methods_train_to_the_same_weights(tiny_data, tmp_path, method):
     data_dir, _ = tiny_data
     run = ebt_config(data_dir, tmp_path / method, steps=2, eval_every=0, precision="fp64", ebt_grad=method)
@@ -193,6 +193,16 @@ def test_ebt_gradient_methods_train_to_the_same_weights(tiny_data, tmp_path, met
     train(ref, log=lambda *a: None)
     a, b = weights(tmp_path / method), weights(tmp_path / "ref")
     assert all(torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-12) for k in a)
+
+
+def test_auto_gradient_method_is_the_fastest_measured():
+    from ebt.config import TrainConfig
+    from ebt.train import auto_grad_method
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert auto_grad_method(TrainConfig(), cpu) == "explicit"
+    assert auto_grad_method(TrainConfig(), cuda) == "double"
+    assert auto_grad_method(TrainConfig(compile=True), cuda) == "explicit"
 
 
 def test_cuda_graph_and_gradient_method_options_are_checked(tiny_data, tmp_path):

@@ -111,13 +111,14 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
 
 
-def check_reference(path: str | Path, methods=("full", "double", "jvp", "official")) -> list[tuple[str, float]]:
+def check_reference(path: str | Path, methods=("full", "double", "jvp", "explicit", "official")) -> list[tuple[str, float]]:
     """Rebuild a reference case with our code in float64: same weights, same window, same starting
     candidate, the official validation settings with the training graph. Returns (tensor, relative
     error) rows for the logits (per step for an EBT), energies, losses and every parameter gradient.
 
     For an EBT the loss and every gradient are checked for each training path in `methods`
-    (EBT.train_step: "full" keeps the whole unroll's graph, "double" and "jvp" one step at a time;
+    (EBT.train_step: "full" keeps the whole unroll's graph, "double", "jvp" and "explicit" one step at a
+    time;
     "official": the official algorithm, ebt.compat.official_algorithm); rows other than "full" carry
     the method in brackets, e.g. "grad.alpha [jvp]"."""
     from ebt.compat.official_algorithm import OfficialAlgorithmEBT

@@ -15,8 +15,10 @@ from torch import nn
 
 from ebt.config import EBTConfig, ModelConfig
 from ebt.errors import ConfigError
-from ebt.models.transformer import check_window, make_input_embedding, prediction_loss, token_loss_grad
-from ebt.nn import Backbone, KVCache, init_weights, vocab_in
+from ebt.models.transformer import (check_window, compiled_token_loss_grad, make_input_embedding, prediction_loss,
+                                   token_loss_grad)
+from ebt.energy_grad import energy_grad
+from ebt.nn import Backbone, KVCache, init_weights, vocab_in, vocab_out
 from ebt.think import (GRAD_METHODS, alpha_param_groups, autograd_loss_grad, draw_steps, recipe_alpha,
                        stepwise_ok, unroll, unroll_backward)
 
@@ -87,6 +89,10 @@ class EBT(nn.Module):
         self.fused_attention = False  # the second-order graph needs attention with double backward
         self.measure_final_energy = True  # training logs E(initial) - E(final): one extra no-grad forward
         self.grad_method = "double"  # how train_step takes the second-order term (see train_step)
+        # dE/dp written out (ebt.energy_grad) instead of taken by autograd: the training step is then
+        # first-order and, with compile_grad, compiled; thinking steps become one forward function
+        self.explicit_grad = False
+        self.compile_grad = False
 
     @property
     def candidate_size(self) -> int:
@@ -138,6 +144,17 @@ class EBT(nn.Module):
         positions = torch.arange(S, device=y.device) + prefix + 1 + offset
         h = self.backbone.candidates(y, positions, cache, prefix, offset, allowed)
         return self.energy_head(h).squeeze(-1)
+
+    def energy_grad(self, ctx: tuple, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E, dE/dp) by plain tensor operations (ebt.energy_grad): the same numbers as autograd on
+        energy_from, and a graph that an ordinary backward differentiates once more."""
+        W = self.vocab_to_embed.weight  # (D, V): dE/dp = dE/dy W
+        E, u = self.energy_grad_embedding(ctx, vocab_in(p, W))
+        return E, vocab_out(u, W.t())
+
+    def energy_grad_embedding(self, ctx: tuple, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E, dE/dy) of embedded candidates y (B, S, D), by plain operations (compiled if compile_grad)."""
+        return energy_grad(self, ctx, y, compiled=self.compile_grad)
 
     def energy(self, tokens: torch.Tensor, p: torch.Tensor, landscape: int) -> torch.Tensor:
         """E (B, S) of candidate distributions p (B, S, V) given context tokens (B, S) on a landscape."""
@@ -239,7 +256,8 @@ class EBT(nn.Module):
 
         def loss_grad(k, z_k, s):  # the step's loss and its gradient at z_k (closed form for tokens)
             if self.cfg.candidate == "tokens":
-                ce[k], v = token_loss_grad(z_k, targets, self.cfg.pad_token_id, s * weight)
+                fn = compiled_token_loss_grad() if self.compile_grad else token_loss_grad
+                ce[k], v = fn(z_k, targets, self.cfg.pad_token_id, s * weight)
                 return ce[k]["loss"] * weight, v
 
             def loss(x):
@@ -253,7 +271,9 @@ class EBT(nn.Module):
                 with torch.no_grad():
                     ce[0] = prediction_loss(z_k, targets, self.cfg)
 
-        z_last, e_first, losses = unroll_backward(self, tokens, z, n_steps, self.training, e, loss_grad, loss_steps,
-                                                  scale, method, on_step)
+        start = [z]  # handed over: nothing here keeps the (B, S, V) start alive through the unroll
+        del z, init
+        z_last, e_first, losses = unroll_backward(self, tokens, start, n_steps, self.training, e, loss_grad,
+                                                  loss_steps, scale, method, on_step)
         last = {k: v.detach() for k, v in ce[n_steps - 1].items()}
         return self._finish(window, tokens, fresh, n_steps, torch.stack(losses).sum(), ce[0], last, z_last, e_first)

@@ -58,6 +58,18 @@ def token_loss_grad(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | N
     return out, grad.to(logits.dtype)
 
 
+_COMPILED_LOSS_GRAD = None
+
+
+def compiled_token_loss_grad():
+    """token_loss_grad through torch.compile: its (log-)softmax, gather and scatter fuse into a couple
+    of passes over the (B, S, V) logits instead of six, with no (B, S, V) temporaries."""
+    global _COMPILED_LOSS_GRAD
+    if _COMPILED_LOSS_GRAD is None:
+        _COMPILED_LOSS_GRAD = torch.compile(token_loss_grad, fullgraph=True)
+    return _COMPILED_LOSS_GRAD
+
+
 def frame_loss(pred: torch.Tensor, target: torch.Tensor) -> dict:
     """Smooth L1 (beta 1) to the next frame's features: the mean over frames of each frame's mean over
     features, plus the sum and the count of frames for frame-weighted averages."""

@@ -1,0 +1,171 @@
+"""The written-out energy gradient (ebt.energy_grad) is the energy's gradient, and its own gradient.
+
+It must give autograd's dE/dy (first order) and autograd's d/dtheta <dE/dy, r> (the second-order term
+training backpropagates), for both step-token variants, for the decoding contexts (offset, mask), for
+both RoPE forms, compiled or not; thinking with it gives the same candidates; the training step frees
+its starting candidate; autocast (bf16) keeps the update in float.
+"""
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+
+from ebt.energy_grad import energy_grad
+from ebt.errors import ConfigError
+from ebt.models.ebt import EBT
+from ebt.nn import KVCache, Rope, vocab_in
+from ebt.think import ThinkConfig, think, unroll_backward
+
+from test_speed_paths import grads_after, max_rel, tiny, window
+
+
+def autograd_energy_grad(model, ctx, y):
+    y = y.detach().requires_grad_()
+    E = model.energy_from_embedding(ctx, y)
+    (u,) = torch.autograd.grad(E.sum(), y, create_graph=True)
+    return E, u
+
+
+def embedded(model, B=3, S=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(B, S, model.cfg.vocab_size, dtype=torch.float64, generator=g)
+    return vocab_in(torch.softmax(z, -1), model.vocab_to_embed.weight).detach()
+
+
+def second_order(model, fn, ctx_fn, y, r):
+    """d/dtheta <u, r> for every weight the energy reads."""
+    weights = [p for p in model.parameters() if p.requires_grad and p is not model.alpha]
+    _, u = fn(model, ctx_fn(), y)
+    return torch.autograd.grad((u * r).sum(), weights, allow_unused=True)
+
+
+@pytest.mark.parametrize("variant", ["time_embed", "default"])
+def test_energy_and_gradient_equal_autograd(variant):
+    model = tiny("s1", variant)
+    x = window(model)[:, :-1]
+    y = embedded(model)
+    for k in range(2):  # both landscapes (different step tokens in time_embed)
+        ctx = model.context(x, k)
+        E_ref, u_ref = autograd_energy_grad(model, ctx, y)
+        E, u = energy_grad(model, ctx, y)
+        assert torch.allclose(E, E_ref, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(u, u_ref, rtol=1e-11, atol=1e-13)
+    r = torch.randn_like(y)
+    ref = second_order(model, autograd_energy_grad, lambda: model.context(x, 1), y, r)
+    ours = second_order(model, lambda m, c, yy: energy_grad(m, c, yy), lambda: model.context(x, 1), y, r)
+    for a, b in zip(ours, ref):
+        assert (a is None) == (b is None)
+        if b is not None:
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_real_rope_form_gives_the_same_gradient(monkeypatch):
+    """Eager code rotates by complex multiplication, compiled code by cos/sin: both give one gradient."""
+    model = tiny("s1")
+    x = window(model)[:, :-1]
+    ctx = model.context(x, 0)
+    y = embedded(model)
+    E, u = energy_grad(model, ctx, y)
+    assert model.backbone.rope.tables(torch.arange(3), torch.float64).cis is not None  # complex so far
+    tables = Rope.tables
+    monkeypatch.setattr(Rope, "tables", lambda self, pos, dtype, real=None: tables(self, pos, dtype, real=True))
+    E2, u2 = energy_grad(model, ctx, y)
+    assert torch.allclose(E, E2, rtol=1e-12) and torch.allclose(u, u2, rtol=1e-11, atol=1e-13)
+
+
+def test_decoding_context_with_offset_and_mask():
+    """Generation scores the candidate of one position against a static KV cache (offset, mask)."""
+    model = tiny("s2").eval()
+    x = window(model)[:, :-1]
+    prefix = 1
+    full, _ = model.context(x, 0)
+    C = full.k[0].shape[-2]
+    pos = 5  # the candidate after x_0..x_5
+    cache = KVCache(len(full.k))
+    cache.k, cache.v = full.k, full.v
+    allowed = torch.zeros(1, C, dtype=torch.bool)
+    allowed[0, : prefix + pos + 1] = True
+    ctx = (cache, prefix, pos, allowed)
+    y = embedded(model, S=1)
+    E_ref, u_ref = autograd_energy_grad(model, ctx, y)
+    E, u = energy_grad(model, ctx, y)
+    assert torch.allclose(E, E_ref, rtol=1e-12) and torch.allclose(u, u_ref, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("rec", ["s1", "s2"])
+def test_thinking_with_the_written_out_gradient(rec):
+    model = tiny(rec).eval()
+    x = window(model)[:, :-1]
+    z0 = model.init_candidate(x)
+    cfg = ThinkConfig(steps=3, candidates=1, accept_lower=True, trace=True)
+    a = think(model, x, cfg, init=z0)
+    model.explicit_grad = True
+    b = think(model, x, cfg, init=z0)
+    assert torch.allclose(a.z, b.z, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(a.trace, b.trace, rtol=1e-10, atol=1e-12)
+
+
+def test_explicit_needs_a_model_with_a_written_out_gradient(monkeypatch):
+    model = tiny("s1")
+    monkeypatch.delattr(EBT, "energy_grad")
+    with pytest.raises(ConfigError, match="no written-out energy gradient"):
+        model.train_step(window(model), method="explicit")
+
+
+@pytest.mark.parametrize("method", ["double", "explicit", "jvp"])
+def test_training_step_frees_its_starting_candidate(method):
+    """The (B, S, V) start is not kept alive through the unroll (1.65 GB at the paper's xxs)."""
+    model = tiny("s1")
+    x = window(model)[:, :-1]
+    z0 = model.init_candidate(x)
+    ref = weakref.ref(z0.untyped_storage())  # the memory itself, not one tensor object over it
+    seen = []
+
+    def on_step(k, z):
+        gc.collect()
+        seen.append(ref() is None)
+
+    def loss_grad(k, z, s):
+        return z.sum() * 0, torch.zeros_like(z)
+
+    start = [z0]
+    del z0
+    unroll_backward(model, x, start, 2, False, model.cfg.ebt, loss_grad, [0, 1], method=method, on_step=on_step)
+    assert start == [] and seen == [True, True]
+
+
+def test_explicit_under_autocast_is_as_accurate_as_double_backward():
+    """bf16 autocast (CPU here, CUDA in use): the candidate update stays in float32, and the weight
+    gradients are as close to the float32 ones as double backward's are (bf16 rounding alone)."""
+    model = tiny("s1").float()
+    x = window(model)
+
+    def grads(method, bf16):
+        m = copy.deepcopy(model).train()
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = m.train_step(x, method=method)
+        assert out["ce_last"].dtype == torch.float32
+        return {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    ref = grads("double", False)
+    err_double, err_explicit = max_rel(grads("double", True), ref), max_rel(grads("explicit", True), ref)
+    assert max_rel(grads("explicit", False), ref) < 1e-4  # float32: the same gradients
+    assert err_explicit < 1.3 * err_double, (err_explicit, err_double)
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager():
+    """torch.compile (inductor on CPU) of the written-out gradient and the loss gradient: the same
+    weight gradients in float64. S2 runs both compiled graphs (first-order steps without a graph, the
+    last step with one) and two batch shapes (the second call appends replayed rows)."""
+    model = tiny("s2", replay_buffer=8)
+    x = window(model)
+    eager, out = grads_after(model, x, "explicit")
+    model.compile_grad = True
+    compiled, out_c = grads_after(model, x, "explicit")
+    assert max_rel(compiled, eager) < 1e-10
+    assert float(out_c["loss"]) == pytest.approx(float(out["loss"]), rel=1e-10)
