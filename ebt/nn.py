@@ -54,14 +54,24 @@ def vocab_out(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(h, F.pad(weight, (0, 0, 0, pad)))[..., : weight.shape[0]]
 
 
-def vocab_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (.., D)^T @ b (.., V) summed over all positions: (D, V), a V-sized map's weight gradient
-    (V padded with zeros on the padding devices, as in vocab_in)."""
+def vocab_t(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+    """a (.., D)^T @ b (.., V) summed over all positions: (D, V), a V-sized map's weight gradient (V
+    padded with zeros on the padding devices, as in vocab_in). acc: add alpha times the product into
+    this (D, V) tensor instead of returning a new one (in place inside the matrix product where it can)."""
     a, b = a.flatten(0, -2), b.flatten(0, -2)
     pad, dt = _vocab_pad(b, -1)
+    if torch.is_autocast_enabled(b.device.type):  # the product's dtype under autocast, never an upcast
+        low = torch.get_autocast_dtype(b.device.type)
+        a, b = a.to(low), b.to(low)
+    else:
+        b = b.to(a.dtype)
     if not pad:
-        return a.t() @ b.to(a.dtype)
-    return (a.t().to(dt) @ F.pad(b.to(dt), (0, pad)))[:, : b.shape[-1]]
+        if acc is not None and acc.dtype == a.dtype:
+            return acc.addmm_(a.t(), b, alpha=alpha)
+        out = a.t() @ b
+    else:
+        out = (a.t() @ F.pad(b, (0, pad)))[:, : b.shape[-1]]
+    return out if acc is None else acc.add_(out, alpha=alpha)
 
 
 class RMSNorm(nn.Module):

@@ -97,6 +97,13 @@ def unroll(model, inputs, z, n_steps: int, stochastic: bool, build_graph: bool, 
 GRAD_METHODS = ("jvp", "double", "explicit", "full")
 
 
+def auto_grad_method(device: torch.device, compiled: bool) -> str:
+    """The gradient method "auto" stands for: the fastest measured (benchmarks/RESULTS.md). The
+    written-out gradient ("explicit") on CPU and whenever it is compiled; on CUDA without compiling,
+    double backward (the eager explicit path has not been timed on a GPU)."""
+    return "explicit" if compiled or device.type != "cuda" else "double"
+
+
 def stepwise_ok(cfg) -> bool:
     """Whether the weights' gradient can be taken one step at a time (ebt-method.md 2.6): every step
     that builds a graph must start from a candidate that does not depend on the weights. True with
@@ -257,7 +264,8 @@ def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool):
     "explicit" computes u by plain operations (model.energy_grad_embedding) and backpropagates u
     with the cotangent -y_dot: an ordinary first-order backward, which torch.compile can compile.
     Either way the (B, S, V) tensors meet only matrix products and first-order elementwise work:
-    p, z_next and v are the only ones made (and W^T u under autocast, see below)."""
+    p, z_next and v are the only ones made (and W^T u under autocast, where p and v are then held in
+    the autocast dtype)."""
     W = model.vocab_to_embed.weight
     with torch.enable_grad():
         p = model.candidate_input(z).detach()
@@ -271,11 +279,15 @@ def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool):
     with torch.no_grad():  # first-order work on (B, S, V) tensors: nothing here is recorded
         a = alpha.detach()
         ua = u.detach() * a  # the step in the width: z_next = p - W^T (alpha u)
-        if torch.is_autocast_enabled(p.device.type):  # keep z_next in float: a low-precision W^T u, then
-            z_next = torch.addcmul(p, a, vocab_out(u, W.t()), value=-1)  # a float update
+        low = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else None
+        if low is not None:  # keep z_next in float: a low-precision W^T u, then a float update
+            z_next = torch.addcmul(p, a, vocab_out(u, W.t()), value=-1)
+            p = p.to(low)  # from here p and v only enter matrix products, which would cast them anyway:
         else:  # the update inside the matrix product: no (B, S, V) temporary, one pass fewer
             z_next = torch.addmm(p.flatten(0, -2), ua.flatten(0, -2).to(W.dtype), W, alpha=-1).view_as(p)
         loss, v = loss_grad(z_next)
+        if low is not None:
+            v = v.to(low)  # cast once, and half the memory held
         wv = vocab_in(v, W)  # W v (B, S, D): alpha's gradient and the direction, without (B, S, V) products
         _alpha_grad(alpha, _rowdot(u.detach(), wv))
         y_dot = wv * a
@@ -290,7 +302,8 @@ def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool):
     _accumulate(others, grads[1:])
     if W.requires_grad:  # two (D x V) products over all positions; no (2N, V) concatenation
         with torch.no_grad():
-            dW = vocab_t(grads[0], p).sub_(vocab_t(ua, v))
+            dW = vocab_t(grads[0], p).to(W.dtype)  # summed in W's dtype, as autograd accumulates
+            vocab_t(ua, v, acc=dW, alpha=-1)
         _accumulate([W], [dW.to(W.dtype)])
     return z_next, E.detach(), loss
 

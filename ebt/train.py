@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ebt.checkpoint import (load_state, load_training_state, load_weights, publish_checkpoint, read_config,
                             save_checkpoint, set_rng_state, staging_dir, unwrap)
-from ebt.config import RunConfig, TrainConfig, to_dict
+from ebt.config import RunConfig, to_dict
 from ebt.errors import CheckpointError, ConfigError, EBTError
 from ebt.evaluate import autocast, evaluate_lm, fmt_ppl
 from ebt.think import GRAD_METHODS
@@ -55,13 +55,6 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
-
-
-def auto_grad_method(cfg: TrainConfig, device: torch.device) -> str:
-    """--ebt-grad auto: the fastest path measured (benchmarks/RESULTS.md). The written-out gradient
-    ("explicit") on CPU and whenever it is compiled; on CUDA without compiling, double backward (the
-    eager explicit path was not measured on a GPU)."""
-    return "explicit" if cfg.compile or device.type != "cuda" else "double"
 
 
 class CapturedStep:
@@ -373,7 +366,7 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     if own_step is not None:
         if cfg.ebt_grad not in ("auto", *GRAD_METHODS):
             raise ConfigError(f"unknown ebt_grad {cfg.ebt_grad!r}; choose auto or one of {GRAD_METHODS}")
-        model.grad_method = auto_grad_method(cfg, device) if cfg.ebt_grad == "auto" else cfg.ebt_grad
+        model.grad_method = cfg.ebt_grad  # auto: chosen per device and compilation (ebt.think.auto_grad_method)
     if cfg.cuda_graph:
         if own_step is None:
             raise ConfigError("--cuda-graph applies to EBT training steps (Transformer++: use --compile)")

@@ -196,13 +196,11 @@ def test_ebt_gradient_methods_train_to_the_same_weights(tiny_data, tmp_path, met
 
 
 def test_auto_gradient_method_is_the_fastest_measured():
-    from ebt.config import TrainConfig
-    from ebt.train import auto_grad_method
+    from ebt.think import auto_grad_method
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert auto_grad_method(TrainConfig(), cpu) == "explicit"
-    assert auto_grad_method(TrainConfig(), cuda) == "double"
-    assert auto_grad_method(TrainConfig(compile=True), cuda) == "explicit"
+    assert auto_grad_method(cpu, False) == "explicit" and auto_grad_method(cuda, False) == "double"
+    assert auto_grad_method(cuda, True) == "explicit"
 
 
 def test_cuda_graph_and_gradient_method_options_are_checked(tiny_data, tmp_path):

@@ -19,8 +19,8 @@ from ebt.models.transformer import (check_window, compiled_token_loss_grad, make
                                    token_loss_grad)
 from ebt.energy_grad import energy_grad
 from ebt.nn import Backbone, KVCache, init_weights, vocab_in, vocab_out
-from ebt.think import (GRAD_METHODS, alpha_param_groups, autograd_loss_grad, draw_steps, recipe_alpha,
-                       stepwise_ok, unroll, unroll_backward)
+from ebt.think import (GRAD_METHODS, alpha_param_groups, auto_grad_method, autograd_loss_grad, draw_steps,
+                       recipe_alpha, stepwise_ok, unroll, unroll_backward)
 
 
 class ReplayBuffer:
@@ -88,7 +88,7 @@ class EBT(nn.Module):
         self.replay = ReplayBuffer(e.replay_buffer) if e.replay_buffer else None
         self.fused_attention = False  # the second-order graph needs attention with double backward
         self.measure_final_energy = True  # training logs E(initial) - E(final): one extra no-grad forward
-        self.grad_method = "double"  # how train_step takes the second-order term (see train_step)
+        self.grad_method = "auto"  # how train_step takes the second-order term (see train_step)
         # dE/dp written out (ebt.energy_grad) instead of taken by autograd: the training step is then
         # first-order and, with compile_grad, compiled; thinking steps become one forward function
         self.explicit_grad = False
@@ -165,8 +165,8 @@ class EBT(nn.Module):
 
     def init_candidate(self, tokens: torch.Tensor) -> torch.Tensor:
         """A random starting candidate ~ N(0, init_scale^2): logits (B, S, V) or features (B, S, F)."""
-        return self.cfg.ebt.init_scale * torch.randn(*tokens.shape[:2], self.candidate_size, device=tokens.device,
-                                                     dtype=self.tok_emb.weight.dtype)
+        z = torch.randn(*tokens.shape[:2], self.candidate_size, device=tokens.device, dtype=self.tok_emb.weight.dtype)
+        return z.mul_(self.cfg.ebt.init_scale)  # in place: no second (B, S, V) tensor
 
     def default_think_steps(self) -> int:
         return self.cfg.ebt.eval_steps
@@ -235,11 +235,14 @@ class EBT(nn.Module):
         and returns `forward`'s metrics with the loss detached.
 
         The fast path (ebt.think.unroll_backward) keeps one step's graph at a time and computes each
-        context stream once per landscape; method "double" (the default: the fastest measured, see
-        benchmarks/RESULTS.md) or "jvp" chooses how the second-order term is taken. "full", or a recipe
-        where stepping is not exact (no detach and no truncation), runs `forward` and one backward
-        through the whole unroll."""
+        context stream once per landscape; method "explicit" (the gradient written out, ebt.energy_grad;
+        compiled when self.compile_grad), "double" (double backward) or "jvp" (forward mode) chooses how
+        the second-order term is taken, and "auto" (the default) the fastest measured for the device
+        (ebt.think.auto_grad_method, benchmarks/RESULTS.md). "full", or a recipe where stepping is not
+        exact (no detach and no truncation), runs `forward` and one backward through the whole unroll."""
         method = method or self.grad_method
+        if method == "auto":
+            method = auto_grad_method(self.alpha.device, self.compile_grad)
         if method not in GRAD_METHODS:
             raise ConfigError(f"unknown gradient method {method!r}; choose one of {GRAD_METHODS}")
         e = self.cfg.ebt
