@@ -103,3 +103,24 @@ def test_thinking_eval_generate_and_inspect(tmp_path):
                                       "spearman_energy_nll"}
     r = ebt("generate", run, "--prompt", "x " * 40, "--device", "cpu")
     assert r.returncode == 2 and "context_length" in r.stderr
+
+
+@pytest.mark.slow
+def test_eval_compiled_thinking_gives_the_same_perplexities(tmp_path):
+    tiny_dataset(tmp_path)
+    run = tmp_path / "run"
+    r = ebt("train", "--model", "ebt", "--recipe", "s1", "--data", tmp_path / "data", "--size", "4xs", "--n-layer",
+            "1", "--d-model", "32", "--n-head", "2", "--context-length", "16", "--steps", "2", "--batch-size", "4",
+            "--eval-every", "0", "--device", "cpu", "--no-progress", "--out", run)
+    assert r.returncode == 0, r.stderr
+    grids = []
+    for extra in ([], ["--compile"]):
+        r = ebt("eval", run, "--think", "--think-steps", "3", "--candidates", "1", "2", "--tol", "0", "--splits",
+                "val", "--windows", "5", "--batch-size", "2", "--device", "cpu", "--json", tmp_path / "g.json", *extra)
+        assert r.returncode == 0, r.stderr
+        assert ("compiled written-out energy gradient" in r.stdout) == bool(extra)
+        grids.append(json.loads((tmp_path / "g.json").read_text())["rows"])
+    for eager, compiled in zip(*grids):
+        a, b = eager["results"]["val"]["ppl"], compiled["results"]["val"]["ppl"]
+        assert b == pytest.approx(a, rel=1e-4), (eager, compiled)
+
