@@ -357,6 +357,9 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
         # (ebt.energy_grad), for training and for validation's thinking
         model.compile_grad = model.explicit_grad = True
         fwd = model
+        if is_main:
+            log("EBT --compile: the written-out energy gradient and the loss gradient run through torch.compile "
+                "(ebt/energy_grad.py; the first steps pay the compilation)")
     else:
         fwd = torch.compile(model) if cfg.compile else model
     # an EBT runs forward and backward itself, one unroll step's graph at a time (EBT.train_step);

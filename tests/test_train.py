@@ -195,6 +195,26 @@ def test_ebt_gradient_methods_train_to_the_same_weights(tiny_data, tmp_path, met
     assert all(torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-12) for k in a)
 
 
+@pytest.mark.slow
+def test_compiled_ebt_training_gives_the_same_weights(tiny_data, tmp_path):
+    """--compile for an EBT: the written-out energy gradient and the loss gradient through torch.compile
+    (training and validation), against the uncompiled whole-graph path."""
+    data_dir, _ = tiny_data
+    run = ebt_config(data_dir, tmp_path / "c", steps=2, eval_every=2, eval_windows=2, precision="fp64", compile=True)
+    logs = []
+    train(run, log=logs.append)
+    assert any("written-out energy gradient" in line for line in logs)
+    ref = ebt_config(data_dir, tmp_path / "ref", steps=2, eval_every=2, eval_windows=2, precision="fp64",
+                     ebt_grad="full")
+    train(ref, log=lambda *a: None)
+    a, b = weights(tmp_path / "c"), weights(tmp_path / "ref")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-12) for k in a)
+    val = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    val_ref = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    loss = [r["loss"] for r in val if r["split"] == "val"]
+    assert loss and loss == pytest.approx([r["loss"] for r in val_ref if r["split"] == "val"], rel=1e-9)
+
+
 def test_auto_gradient_method_is_the_fastest_measured():
     from ebt.think import auto_grad_method
 
