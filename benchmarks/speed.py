@@ -184,13 +184,14 @@ def gen_item(it, a, dev):
     new = a.new_tokens if it["path"] != "official" else min(a.new_tokens, a.official_gen_tokens)
     prompts = torch.randint(0, a.vocab, (it["batch"], a.prompt)).tolist()
     think_cfg = ThinkConfig(steps=2, score_final=False)
-    graphs = it["path"] == "cuda_graph"
+    graphs = it["path"] in ("cuda_graph", "graph_compiled")
+    comp = it["path"] in ("compiled", "graph_compiled")  # the written-out gradient, compiled
     with autocast(dev, a.precision):
-        fn(model, prompts, GenerateConfig(max_new_tokens=4, think=think_cfg, cuda_graph=graphs))  # warm-up
+        fn(model, prompts, GenerateConfig(max_new_tokens=4, think=think_cfg, cuda_graph=graphs, compile=comp))
         base = _reset(dev)
         _sync(dev)
         t = time.perf_counter()
-        out = fn(model, prompts, GenerateConfig(max_new_tokens=new, think=think_cfg, cuda_graph=graphs))
+        out = fn(model, prompts, GenerateConfig(max_new_tokens=new, think=think_cfg, cuda_graph=graphs, compile=comp))
         _sync(dev)
         dt = time.perf_counter() - t
     return {"tokens_per_s": it["batch"] * new / dt, "new_tokens": new, "peak_gib": _peak_gib(dev, base),
@@ -312,12 +313,15 @@ def plan(a, dev):
         for path in paths + ["official"]:
             items.append({"section": "think", "size": first, "steps": steps, "path": path})
     for b in a.gen_batch:
-        items += [{"section": "generate", "size": first, "batch": b, "path": path} for path in ("fast", "official")]
+        paths = ["fast"] + (["compiled"] if "compiled" in a.methods and dev.type == "cpu" else []) + ["official"]
+        items += [{"section": "generate", "size": first, "batch": b, "path": path} for path in paths]
     for size in rest:
         items += training(size, [("s1", None)])
     if dev.type == "cuda":  # a failed graph capture can spoil the CUDA context: these come last
         items.append({"section": "train", "kind": "transformer", "size": first, "path": "compiled"})
         items += [{"section": "generate", "size": first, "batch": b, "path": "cuda_graph"} for b in a.gen_batch]
+        if "compiled" in a.methods:
+            items += [{"section": "generate", "size": first, "batch": b, "path": "graph_compiled"} for b in a.gen_batch]
         items += [{"section": "train", "kind": "transformer", "size": s, "path": "compiled"} for s in rest]
     return items
 

@@ -320,7 +320,8 @@ def cmd_generate(args):
     think_cfg = ThinkConfig(steps=args.steps, candidates=args.candidates, noise=args.noise, score_final=False) \
         if model.cfg.model == "ebt" else None
     gcfg = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          seed=args.seed, eos_id=tok.eos_id, think=think_cfg, cuda_graph=args.cuda_graph)
+                          seed=args.seed, eos_id=tok.eos_id, think=think_cfg, cuda_graph=args.cuda_graph,
+                          compile=args.compile)
     for prompt, new in zip(prompts, generate(model, ids, gcfg)):
         print(f"--- {prompt!r}\n{prompt}{tok.decode(new, skip_special=True)}")
 
@@ -489,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--noise", type=float, default=0.0, help="EBT: Langevin noise std while thinking (0: none)")
     gp.add_argument("--cuda-graph", action="store_true", help="EBT on CUDA: decode with a static-shape step "
                     "captured once as a CUDA graph (removes per-kernel launch costs; see benchmarks/RESULTS.md)")
+    gp.add_argument("--compile", action="store_true", help="EBT: think through the written-out energy gradient "
+                    "under torch.compile (best with --cuda-graph: one shape, one compilation). Not yet timed on a GPU")
     gp.add_argument("--data", help="data directory, if the checkpoint holds no tokenizer")
     gp.add_argument("--device", default="auto")
     gp.set_defaults(func=cmd_generate)

@@ -12,6 +12,7 @@ their own next prompt token ("forced") while the others take the model's choice.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,8 @@ class GenerateConfig:
     cuda_graph: bool = False  # EBT: decode with static shapes, the one-token step captured as a CUDA graph
     # (on CUDA; elsewhere the same static-shape step runs eagerly)
     think: ThinkConfig | None = None  # EBT thinking per token (None: the trained steps, final pass not scored)
+    compile: bool = False  # EBT: think through the written-out energy gradient under torch.compile
+    # (ebt/energy_grad.py); with cuda_graph every decode step has one shape, so it compiles once
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
@@ -211,7 +214,22 @@ def generate(model, prompts: list[list[int]], cfg: GenerateConfig | None = None,
             return state["dec"].feed(seq[:, :t])
         return state["dec"].feed(seq[:, t - 1:t])
 
-    return _decode(model, prompts, cfg, next_logits, return_logits)
+    with compiled_thinking(model, cfg.compile):
+        return _decode(model, prompts, cfg, next_logits, return_logits)
+
+
+@contextlib.contextmanager
+def compiled_thinking(model, on: bool):
+    """An EBT thinks through its compiled written-out energy gradient inside this block (if on)."""
+    if not on or not hasattr(model, "compile_grad"):
+        yield
+        return
+    before = model.explicit_grad, model.compile_grad
+    model.explicit_grad = model.compile_grad = True
+    try:
+        yield
+    finally:
+        model.explicit_grad, model.compile_grad = before
 
 
 @torch.no_grad()

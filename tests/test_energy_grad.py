@@ -158,14 +158,44 @@ def test_explicit_under_autocast_is_as_accurate_as_double_backward():
 
 
 @pytest.mark.slow
-def test_compiled_step_matches_eager():
+def test_compiled_step_matches_eager(monkeypatch):
     """torch.compile (inductor on CPU) of the written-out gradient and the loss gradient: the same
     weight gradients in float64. S2 runs both compiled graphs (first-order steps without a graph, the
     last step with one) and two batch shapes (the second call appends replayed rows)."""
+    import ebt.energy_grad as eg
+    import ebt.models.ebt as ebt_model
+
+    calls, compiled_fn, loss_fn = [], eg._compiled, ebt_model.compiled_token_loss_grad
+    monkeypatch.setattr(eg, "_compiled", lambda: calls.append("E") or compiled_fn())
+    monkeypatch.setattr(ebt_model, "compiled_token_loss_grad", lambda: calls.append("loss") or loss_fn())
     model = tiny("s2", replay_buffer=8)
     x = window(model)
     eager, out = grads_after(model, x, "explicit")
+    assert not calls
     model.compile_grad = True
     compiled, out_c = grads_after(model, x, "explicit")
+    assert {"E", "loss"} <= set(calls)
     assert max_rel(compiled, eager) < 1e-10
     assert float(out_c["loss"]) == pytest.approx(float(out["loss"]), rel=1e-10)
+
+
+@pytest.mark.slow
+def test_compiled_generation_chooses_the_same_tokens(monkeypatch):
+    """GenerateConfig(compile=True): decoding thinks through the compiled written-out gradient, with
+    static shapes (cuda_graph; eager here on CPU) and with a growing cache; same greedy tokens."""
+    import ebt.energy_grad as eg
+    from ebt.generate import GenerateConfig, generate
+
+    calls, compiled = [], eg._compiled
+    monkeypatch.setattr(eg, "_compiled", lambda: calls.append(1) or compiled())
+    model = tiny("s2", S=24).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    cfg = dict(max_new_tokens=6, think=ThinkConfig(steps=2, score_final=False))
+    a, la = generate(model, prompts, GenerateConfig(**cfg), return_logits=True)
+    assert not calls
+    for static in (True, False):
+        b, lb = generate(model, prompts, GenerateConfig(**cfg, cuda_graph=static, compile=True), return_logits=True)
+        assert a == b and torch.allclose(la, lb, rtol=1e-9, atol=1e-9), static
+        assert len(calls) >= 6 * 2  # every token's thinking steps went through the compiled function
+        calls.clear()
+    assert not model.explicit_grad and not model.compile_grad  # restored after generation
