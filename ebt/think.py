@@ -12,7 +12,7 @@ a candidate is (vocabulary logits, a frame's features, an image):
     model.step_alpha(shape, random)   -> alpha   the step size (a scalar or per row and position)
     model.init_candidate(inputs)      -> z0      a random start
     model.default_think_steps()       -> int     the trained number of steps
-    model.energy_grad(ctx, p)         -> E, dE/dp   optional, used when model.explicit_grad: the
+    model.energy_grad(ctx, p)         -> E, dE/dp   optional, used per model.explicit_grad: the
                                                  gradient by plain operations (ebt.energy_grad), so a
                                                  training step needs first-order autograd only
 
@@ -51,10 +51,11 @@ class ContextCache(dict):
 
 def energy_and_grad(model, ctx, z, noise: float = 0.0, create_graph: bool = False, explicit: bool | None = None):
     """(p, E, dE/dp) at candidate z. Works under torch.no_grad() too (inference). explicit: use the
-    model's written-out gradient (model.energy_grad) rather than autograd; None: model.explicit_grad."""
+    model's written-out gradient (model.energy_grad) rather than autograd; None: model.explicit_grad,
+    where None in turn means: written out on CPU or when model.compile_grad, autograd on CUDA eager."""
     if noise > 0:
         z = z + noise * torch.randn_like(z)
-    if explicit or explicit is None and getattr(model, "explicit_grad", False):  # written out: no autograd
+    if explicit if explicit is not None else explicit_for(model, z.device):  # written out: no autograd
         with torch.set_grad_enabled(create_graph):
             p = model.candidate_input(z)
             E, g = model.energy_grad(ctx, p)
@@ -70,6 +71,15 @@ def energy_and_grad(model, ctx, z, noise: float = 0.0, create_graph: bool = Fals
         E = model.energy_from(ctx, p)
         (g,) = torch.autograd.grad(E.sum(), p, create_graph=create_graph)
     return p, E, g
+
+
+def explicit_for(model, device: torch.device) -> bool:
+    """Whether model.explicit_grad asks for the written-out gradient on this device; None (auto): on
+    CPU, or when it is compiled (the fastest measured there), and not on CUDA eager."""
+    explicit = getattr(model, "explicit_grad", False)
+    if explicit is None:
+        return bool(model.compile_grad or device.type != "cuda")
+    return bool(explicit)
 
 
 def unroll(model, inputs, z, n_steps: int, stochastic: bool, build_graph: bool, cfg=None):

@@ -101,6 +101,7 @@ def test_thinking_with_the_written_out_gradient(rec):
     x = window(model)[:, :-1]
     z0 = model.init_candidate(x)
     cfg = ThinkConfig(steps=3, candidates=1, accept_lower=True, trace=True)
+    model.explicit_grad = False
     a = think(model, x, cfg, init=z0)
     model.explicit_grad = True
     b = think(model, x, cfg, init=z0)
@@ -198,4 +199,24 @@ def test_compiled_generation_chooses_the_same_tokens(monkeypatch):
         assert a == b and torch.allclose(la, lb, rtol=1e-9, atol=1e-9), static
         assert len(calls) >= 6 * 2  # every token's thinking steps went through the compiled function
         calls.clear()
-    assert not model.explicit_grad and not model.compile_grad  # restored after generation
+    assert model.explicit_grad is None and not model.compile_grad  # restored after generation
+
+
+def test_inference_default_is_written_out_on_cpu_and_autograd_on_cuda():
+    """explicit_grad None (auto): the written-out gradient on CPU (the faster there) or when compiled,
+    autograd on CUDA eager; the official algorithm always takes autograd."""
+    from ebt.compat.official_algorithm import OfficialAlgorithmEBT
+    from ebt.think import ContextCache, energy_and_grad, explicit_for
+
+    model = tiny("s2").eval()
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert model.explicit_grad is None and explicit_for(model, cpu) and not explicit_for(model, cuda)
+    model.compile_grad = True
+    assert explicit_for(model, cuda)
+    model.compile_grad = False
+    assert not explicit_for(OfficialAlgorithmEBT.from_model(model), cpu)
+    x = window(model)[:, :-1]
+    calls, real = [], model.energy_grad
+    model.energy_grad = lambda ctx, p: calls.append(1) or real(ctx, p)
+    energy_and_grad(model, ContextCache(model, x).get_ctx(0, False), model.init_candidate(x))
+    assert calls == [1]  # on CPU the default took the written-out gradient

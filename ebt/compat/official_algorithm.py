@@ -28,6 +28,11 @@ class OfficialAlgorithmEBT(EBT):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.grad_method = "full"  # every step's graph kept, one backward at the end
+        self.explicit_grad = False  # dE/dp by autograd through the doubled sequence, as the official code
+
+    def energy_grad(self, ctx, p):
+        raise ConfigError("the official algorithm takes dE/dp by autograd through its doubled sequence: "
+                          "it has no written-out gradient (use ebt.models.EBT for that)")
 
     @classmethod
     def from_model(cls, model: EBT) -> "OfficialAlgorithmEBT":
