@@ -95,7 +95,10 @@ def unroll(model, inputs, z, n_steps: int, stochastic: bool, build_graph: bool, 
         if cfg.detach or not build_graph:
             z = z.detach()
         graph = build_graph and (not cfg.truncate or k == n_steps - 1)
-        p, E, g = energy_and_grad(model, contexts.get_ctx(k, graph), z, noise, create_graph=graph)
+        # training ("full"): autograd, as the official code (an early truncated step's p keeps its graph
+        # to earlier steps, e.g. to a learnable alpha); validation: the model's inference default
+        p, E, g = energy_and_grad(model, contexts.get_ctx(k, graph), z, noise, create_graph=graph,
+                                  explicit=False if build_graph else None)
         z = p - alpha * g
         if not build_graph:
             z = z.detach()
@@ -175,7 +178,7 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
         raise ConfigError(f"unknown gradient method {method!r}; choose 'jvp', 'double' or 'explicit'")
     if method == "explicit" and not hasattr(model, "energy_grad"):
         raise ConfigError(f"{type(model).__name__} has no written-out energy gradient: use method 'double'")
-    explicit = method == "explicit" or None  # "explicit": "double" with the written-out dE/dp
+    explicit = method == "explicit"  # "explicit": "double" with the written-out dE/dp; the others autograd
     # alpha is drawn once, before the steps, as in `unroll`; like the contexts it is used through a leaf
     alpha_graph = model.step_alpha(z.shape, stochastic)
     alpha = alpha_graph.detach().requires_grad_(alpha_graph.requires_grad)

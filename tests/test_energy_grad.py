@@ -220,3 +220,20 @@ def test_inference_default_is_written_out_on_cpu_and_autograd_on_cuda():
     model.energy_grad = lambda ctx, p: calls.append(1) or real(ctx, p)
     energy_and_grad(model, ContextCache(model, x).get_ctx(0, False), model.init_candidate(x))
     assert calls == [1]  # on CPU the default took the written-out gradient
+
+
+@pytest.mark.parametrize("rec", ["s1", "s2"])
+def test_each_training_method_takes_the_gradient_it_names(rec):
+    """Only "explicit" uses the written-out gradient; "double", "jvp" and "full" stay with autograd,
+    whatever the inference default on this device."""
+    model = tiny(rec, replay_buffer=8 if rec == "s2" else 0).train()
+    x = window(model)
+    calls = []
+    real, real_y = model.energy_grad, model.energy_grad_embedding
+    model.energy_grad = lambda ctx, p: calls.append(1) or real(ctx, p)
+    model.energy_grad_embedding = lambda ctx, y: calls.append(1) or real_y(ctx, y)
+    for method in ("double", "jvp", "full", "explicit"):
+        calls.clear()
+        model.measure_final_energy = False  # the logging pass is inference (the device default)
+        model.train_step(x, method=method)
+        assert bool(calls) == (method == "explicit"), method
