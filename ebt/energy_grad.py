@@ -145,7 +145,9 @@ def _compiled():
     if _COMPILED is None:
         # one entry per model shape, grad mode and dtype: a process that builds several models (a
         # benchmark, a test session) needs more than dynamo's default of 8
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
+        setattr(cfg, name, max(getattr(cfg, name), 64))
         _COMPILED = torch.compile(_energy_grad, fullgraph=True)  # a second shape (e.g. S2's batch) goes dynamic
     return _COMPILED
 
