@@ -145,7 +145,7 @@ def think_item(it, a, dev):
     if it["path"] == "official":
         model = OfficialAlgorithmEBT.from_model(model)
     if it["path"] in ("compiled", "graph_compiled"):  # the written-out gradient, compiled: one forward
-        model.explicit_grad = model.compile_grad = True
+        model.compile_grad = True
     x = torch.randint(0, a.vocab, (a.batch, a.context), device=dev)
     cfg = ThinkConfig(steps=it["steps"], score_final=False)  # N steps = N energy evaluations, as official
     run = lambda: think(model, x, cfg)  # noqa: E731

@@ -260,7 +260,7 @@ def cmd_eval(args):
         return
     model = load_model(path, device=device)
     if args.compile and hasattr(model, "compile_grad"):  # an EBT: every thinking step one compiled function
-        model.explicit_grad = model.compile_grad = True
+        model.compile_grad = True
         print("thinking through the compiled written-out energy gradient (ebt/energy_grad.py)")
     splits = list(args.splits)
     if args.reasoning:

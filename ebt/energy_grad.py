@@ -19,14 +19,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ebt.nn import RopeTables, apply_rope, compute_dtype
+from ebt.nn import RopeTables, apply_rope, candidate_frame, candidate_probs, compute_dtype, rms_normalize
 
 
 def _rms(x, weight, eps):
     """RMSNorm forward, returning what its backward needs."""
-    xf = x.to(compute_dtype(x.dtype))
-    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    n = xf * r
+    n, r = rms_normalize(x, eps)
     return n.type_as(x) * weight, (n, r)
 
 
@@ -54,10 +52,7 @@ def _merge(t):
 
 def _attend(q, k, v, kc, vc, allowed):
     """candidate_attend's forward; returns the output and the float softmax for the backward."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    s_ctx = ((q @ kc.transpose(-2, -1)) * scale).masked_fill(~allowed, float("-inf"))
-    s_self = (q * k).sum(-1, keepdim=True) * scale
-    pf = torch.softmax(torch.cat([s_ctx, s_self], -1).to(compute_dtype(q.dtype)), dim=-1)
+    pf = candidate_probs(q, k, kc, allowed)
     probs = pf.type_as(q)
     return probs[..., :-1] @ vc + probs[..., -1:] * v, pf
 
@@ -125,13 +120,9 @@ def energy_grad(model, ctx, y, compiled: bool = False):
     ctx as for energy_from_embedding: (cache, prefix) or (cache, prefix, offset[, allowed]).
     compiled: run it through torch.compile (one compilation per shape and grad mode; its backward is
     compiled too)."""
-    cache, prefix, offset, allowed = (*ctx, *(0, None)[len(ctx) - 2:])
+    cache, positions, allowed = candidate_frame(ctx, y.shape[1], y.device)
     bb, cfg = model.backbone, model.cfg
-    S, C = y.shape[1], cache.k[0].shape[-2]
-    positions = torch.arange(S, device=y.device) + prefix + 1 + offset
     rope = bb.rope.tables(positions, compute_dtype(y.dtype), real=compiled)  # compile fuses the real form
-    if allowed is None:
-        allowed = torch.ones(S, C, dtype=torch.bool, device=y.device).tril(prefix + offset)
     blocks, norm, head = _weights(model)
     fn = _compiled() if compiled else _energy_grad
     return fn(blocks, norm, head, cfg.n_head, cfg.norm_eps, y, rope, cache.k, cache.v, allowed)

@@ -121,9 +121,6 @@ def count_train_flops(model, window, n_steps: int | None = None) -> float:
         model.candidate_input = lambda z: torch.softmax(z.detach().requires_grad_(), dim=-1)
         if n_steps is not None:
             model.train_steps = lambda: n_steps
-    explicit = getattr(model, "explicit_grad", None)
-    if hasattr(model, "explicit_grad"):
-        model.explicit_grad = False  # the formula counts autograd's double backward through the unroll
     try:
         with FlopCounterMode(display=False) as counter:
             model(window)["loss"].backward()
@@ -133,7 +130,5 @@ def count_train_flops(model, window, n_steps: int | None = None) -> float:
                 model.__dict__.pop(k, None)
             else:
                 model.__dict__[k] = v
-        if hasattr(model, "explicit_grad"):
-            model.explicit_grad = explicit
     predicted = window.shape[0] * (window.shape[1] - 1)
     return counter.get_total_flops() / predicted

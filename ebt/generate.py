@@ -224,12 +224,11 @@ def compiled_thinking(model, on: bool):
     if not on or not hasattr(model, "compile_grad"):
         yield
         return
-    before = model.explicit_grad, model.compile_grad
-    model.explicit_grad = model.compile_grad = True
+    before, model.compile_grad = model.compile_grad, True
     try:
         yield
     finally:
-        model.explicit_grad, model.compile_grad = before
+        model.compile_grad = before
 
 
 @torch.no_grad()

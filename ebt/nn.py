@@ -81,9 +81,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(compute_dtype(x.dtype))
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        n, _ = rms_normalize(x, self.eps)
+        return n.type_as(x) * self.weight
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x / rms(x) in the compute dtype, and 1 / rms(x) (which the written-out backward reuses)."""
+    xf = x.to(compute_dtype(x.dtype))
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf * r, r
 
 
 class RopeTables(NamedTuple):
@@ -172,22 +178,37 @@ def _softmax(s: torch.Tensor) -> torch.Tensor:
     return e / e.sum(-1, keepdim=True)
 
 
-def candidate_attend(qy, ky, vy, kc, vc, prefix: int, offset: int = 0, allowed=None) -> torch.Tensor:
+def candidate_frame(ctx: tuple, S: int, device) -> tuple["KVCache", torch.Tensor, torch.Tensor]:
+    """Unpack an EBT context for S candidates: ctx is (cache, prefix) from EBT.context, or (cache,
+    prefix, offset[, allowed]) in generation, where static-shape decoding gives the offset as a tensor
+    and the (S, C) mask of written context positions. Returns the cache, the candidates' RoPE positions
+    (candidate i sits at the position of the token it predicts, after the step token) and the (S, C)
+    mask of the context each candidate sees (the step tokens and x_0..x_{offset+i})."""
+    cache, prefix, offset, allowed = (*ctx, *(0, None)[len(ctx) - 2:])
+    positions = torch.arange(S, device=device) + prefix + 1 + offset
+    if allowed is None:
+        allowed = torch.ones(S, cache.k[0].shape[-2], dtype=torch.bool, device=device).tril(prefix + offset)
+    return cache, positions, allowed
+
+
+def candidate_probs(qy, ky, kc, allowed) -> torch.Tensor:
+    """The candidate stream's attention weights in the compute dtype, (B, H, S, C + 1): one softmax
+    over the allowed context scores and, last, the candidate's score with itself."""
+    scale = 1.0 / math.sqrt(qy.shape[-1])
+    s_ctx = ((qy @ kc.transpose(-2, -1)) * scale).masked_fill(~allowed, float("-inf"))  # (B, H, S, C)
+    s_self = (qy * ky).sum(-1, keepdim=True) * scale  # (B, H, S, 1)
+    return _softmax(torch.cat([s_ctx, s_self], -1).to(compute_dtype(qy.dtype)))
+
+
+def candidate_attend(qy, ky, vy, kc, vc, allowed) -> torch.Tensor:
     """The EBT's candidate stream (ebt-method.md 2.2), against the context stream's keys and values.
 
-    qy, ky, vy: (B, H, S, hd) for candidates offset..offset+S-1; kc, vc: (B, H, C, hd) for the context
-    (`prefix` step tokens, then x_0, x_1, ...). Candidate i attends to context tokens 0..prefix+offset+i and to
-    itself only: never to x_{i+1} (its target) nor to another candidate. One softmax runs over the
-    allowed context scores plus the self score. Explicit scores, so double backward works; no
-    (C+S)^2 matrix as in the official code.
+    qy, ky, vy: (B, H, S, hd) for the candidates; kc, vc: (B, H, C, hd) for the context (the step
+    tokens, then x_0, x_1, ...); allowed: the (S, C) mask from `candidate_frame`. Candidate i attends to
+    the context it is allowed and to itself only: never to x_{i+1} (its target) nor to another
+    candidate. Explicit scores, so double backward works; no (C+S)^2 matrix as in the official code.
     """
-    scale = 1.0 / math.sqrt(qy.shape[-1])
-    s_ctx = (qy @ kc.transpose(-2, -1)) * scale  # (B, H, S, C)
-    if allowed is None:  # given (S, C) by static-shape decoding, where offsets are tensors
-        allowed = torch.ones(qy.shape[-2], kc.shape[-2], dtype=torch.bool, device=qy.device).tril(prefix + offset)
-    s_ctx = s_ctx.masked_fill(~allowed, float("-inf"))
-    s_self = (qy * ky).sum(-1, keepdim=True) * scale  # (B, H, S, 1)
-    probs = _softmax(torch.cat([s_ctx, s_self], -1).to(compute_dtype(qy.dtype))).type_as(qy)
+    probs = candidate_probs(qy, ky, kc, allowed).type_as(qy)
     return probs[..., :-1] @ vc + probs[..., -1:] * vy
 
 
@@ -313,10 +334,10 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), rope, **attn_kw)
         return x + self.ffn(self.ffn_norm(x))
 
-    def forward_candidates(self, y, rope, kc, vc, prefix: int, offset: int = 0, allowed=None):
+    def forward_candidates(self, y, rope, kc, vc, allowed):
         """The same block on the EBT's candidate stream, attending to cached context keys/values."""
         qy, ky, vy = self.attn.qkv(self.attn_norm(y), rope)
-        y = y + self.attn.out(candidate_attend(qy, ky, vy, kc, vc, prefix, offset, allowed))
+        y = y + self.attn.out(candidate_attend(qy, ky, vy, kc, vc, allowed))
         return y + self.ffn(self.ffn_norm(y))
 
 
@@ -338,11 +359,12 @@ class Backbone(nn.Module):
             h = block(h, rope, cache=cache, layer=i, pos=pos, **attn_kw)
         return self.norm(h)
 
-    def candidates(self, y, positions, cache: KVCache, prefix: int, offset: int = 0, allowed=None):
-        """The EBT's candidate stream given the context stream's per-layer keys/values in `cache`."""
+    def candidates(self, y, positions, cache: KVCache, allowed):
+        """The EBT's candidate stream given the context stream's per-layer keys/values in `cache` (positions
+        and allowed from `candidate_frame`)."""
         rope = self.rope.tables(positions, compute_dtype(y.dtype))
         for i, block in enumerate(self.blocks):
-            y = block.forward_candidates(y, rope, cache.k[i], cache.v[i], prefix, offset, allowed)
+            y = block.forward_candidates(y, rope, cache.k[i], cache.v[i], allowed)
         return self.norm(y)
 
 

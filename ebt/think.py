@@ -74,12 +74,13 @@ def energy_and_grad(model, ctx, z, noise: float = 0.0, create_graph: bool = Fals
 
 
 def explicit_for(model, device: torch.device) -> bool:
-    """Whether model.explicit_grad asks for the written-out gradient on this device; None (auto): on
-    CPU, or when it is compiled (the fastest measured there), and not on CUDA eager."""
+    """Whether the model's inference takes the written-out gradient on this device: always when it is
+    compiled (model.compile_grad compiles nothing else), else per model.explicit_grad, whose None (auto)
+    is the rule of `auto_grad_method`."""
+    if getattr(model, "compile_grad", False):
+        return True
     explicit = getattr(model, "explicit_grad", False)
-    if explicit is None:
-        return bool(model.compile_grad or device.type != "cuda")
-    return bool(explicit)
+    return auto_grad_method(device, False) == "explicit" if explicit is None else bool(explicit)
 
 
 def unroll(model, inputs, z, n_steps: int, stochastic: bool, build_graph: bool, cfg=None):

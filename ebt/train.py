@@ -355,7 +355,7 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     if own_step is not None and cfg.compile and hasattr(model, "compile_grad"):
         # an EBT's second-order step is not compilable as a whole: its written-out energy gradient is
         # (ebt.energy_grad), for training and for validation's thinking
-        model.compile_grad = model.explicit_grad = True
+        model.compile_grad = True
         fwd = model
         if is_main:
             log("EBT --compile: the written-out energy gradient and the loss gradient run through torch.compile "

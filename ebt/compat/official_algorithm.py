@@ -30,7 +30,7 @@ class OfficialAlgorithmEBT(EBT):
         self.grad_method = "full"  # every step's graph kept, one backward at the end
         self.explicit_grad = False  # dE/dp by autograd through the doubled sequence, as the official code
 
-    def energy_grad(self, ctx, p):
+    def energy_grad_embedding(self, ctx, y):  # EBT.energy_grad and the explicit training step come here
         raise ConfigError("the official algorithm takes dE/dp by autograd through its doubled sequence: "
                           "it has no written-out gradient (use ebt.models.EBT for that)")
 

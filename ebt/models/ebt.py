@@ -18,7 +18,7 @@ from ebt.errors import ConfigError
 from ebt.models.transformer import (check_window, compiled_token_loss_grad, make_input_embedding, prediction_loss,
                                    token_loss_grad)
 from ebt.energy_grad import energy_grad
-from ebt.nn import Backbone, KVCache, init_weights, vocab_in, vocab_out
+from ebt.nn import Backbone, KVCache, candidate_frame, init_weights, vocab_in, vocab_out
 from ebt.think import (GRAD_METHODS, alpha_param_groups, auto_grad_method, autograd_loss_grad, draw_steps,
                        recipe_alpha, stepwise_ok, unroll, unroll_backward)
 
@@ -89,10 +89,11 @@ class EBT(nn.Module):
         self.fused_attention = False  # the second-order graph needs attention with double backward
         self.measure_final_energy = True  # training logs E(initial) - E(final): one extra no-grad forward
         self.grad_method = "auto"  # how train_step takes the second-order term (see train_step)
-        # dE/dp written out (ebt.energy_grad) instead of taken by autograd: the training step is then
-        # first-order and, with compile_grad, compiled; thinking steps become one forward function
-        # None (auto): written out on CPU or when compiled, autograd on CUDA eager (the fastest measured)
+        # inference: dE/dp written out (ebt.energy_grad) or by autograd; None (auto): written out on CPU,
+        # autograd on CUDA eager (the fastest measured, ebt.think.explicit_for)
         self.explicit_grad: bool | None = None
+        # torch.compile the written-out gradient (and the loss gradient): implies it for inference and
+        # for training under grad_method "auto"; thinking steps become one compiled forward function
         self.compile_grad = False
 
     @property
@@ -137,13 +138,8 @@ class EBT(nn.Module):
     def energy_from_embedding(self, ctx: tuple, y: torch.Tensor) -> torch.Tensor:
         """E (B, S) of embedded candidates y = vocab_to_embed(p) (B, S, D). The fast training path
         (ebt.think.unroll_backward) handles the linear V -> D map itself and calls this."""
-        # ctx: (cache, prefix), or (cache, prefix, offset[, allowed]) in generation, where static-shape
-        # decoding gives the offset as a tensor and the (S, C) mask of written context positions
-        cache, prefix, offset, allowed = (*ctx, *(0, None)[len(ctx) - 2:])
-        S = y.shape[1]
-        # candidate i sits at the position of the token it predicts, after the step token
-        positions = torch.arange(S, device=y.device) + prefix + 1 + offset
-        h = self.backbone.candidates(y, positions, cache, prefix, offset, allowed)
+        cache, positions, allowed = candidate_frame(ctx, y.shape[1], y.device)
+        h = self.backbone.candidates(y, positions, cache, allowed)
         return self.energy_head(h).squeeze(-1)
 
     def energy_grad(self, ctx: tuple, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
