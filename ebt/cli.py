@@ -33,6 +33,7 @@ EVAL_EXAMPLES = """examples:
   ebt eval runs/video_ebt --baseline runs/video_tpp --think-steps 2 4 8 --out-dir runs/video_eval   # video
   ebt eval runs/img_ebt --baseline runs/img_dit --windows 2000 --out-dir runs/denoise   # images (--task denoise)
   ebt eval runs/tpp/checkpoint --splits val ood --windows 0 --json runs/tpp/eval.json
+  ebt eval runs/ebt_s2 --think --think-steps 2 8 --candidates 1 --compile   # thinking through a compiled gradient
 """
 
 
@@ -477,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     gp = sub.add_parser("generate", help="continue prompts (Transformer++ or EBT, KV-cached)", formatter_class=FMT,
                         description="Generate text with a static KV cache; an EBT thinks about each new token.",
                         epilog="examples:\n  ebt generate runs/demo/ebt --prompt 'To be, or not' --max-new-tokens 40\n"
-                               "  ebt generate runs/tpp --prompts-file prompts.txt --temperature 0.8 --top-p 0.9\n")
+                               "  ebt generate runs/tpp --prompts-file prompts.txt --temperature 0.8 --top-p 0.9\n"
+                               "  ebt generate runs/demo/ebt --prompt 'To be' --compile   # EBT: compiled thinking\n")
     gp.add_argument("checkpoint")
     gp.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     gp.add_argument("--prompts-file", help="one prompt per line")
