@@ -199,7 +199,8 @@ def gen_item(it, a, dev):
 
 
 def check_item(it, a, dev):
-    """float64 on the device: each fast path's gradients against the full-graph path (max relative)."""
+    """float64 on the device: each fast path's gradients against the full-graph path (max relative). V 500:
+    on CUDA the compiled step then runs its padded, fused (B, S, V) side."""
     import copy
 
     import torch
@@ -214,9 +215,9 @@ def check_item(it, a, dev):
         e = recipe(rec)
         if rec == "s2":
             e.replay_buffer = 8
-        m = build_model(ModelConfig(model="ebt", size="4xs", vocab_size=512, context_length=32, ebt=e))
+        m = build_model(ModelConfig(model="ebt", size="4xs", vocab_size=500, context_length=32, ebt=e))
         m = m.to(dev, torch.float64).train()
-        x = torch.randint(0, 512, (4, 33), device=dev)
+        x = torch.randint(0, 500, (4, 33), device=dev)
         grads = {}
         paths = ("double", "jvp", "explicit", "compiled", "official")
         for path in ("full", *paths):
@@ -237,7 +238,7 @@ def check_item(it, a, dev):
     from ebt.train import CapturedStep
 
     torch.manual_seed(0)
-    m = build_model(ModelConfig(model="ebt", size="4xs", vocab_size=512, context_length=32,
+    m = build_model(ModelConfig(model="ebt", size="4xs", vocab_size=500, context_length=32,
                                 ebt=recipe("s1", init_scale=0.0))).to(dev, torch.float64).train()
     for name, method, compiled in (("", "double", False), (" (compiled explicit)", "explicit", True)):
         try:
@@ -246,7 +247,7 @@ def check_item(it, a, dev):
             step = CapturedStep(mg, mg.train_step)
             worst = 0.0
             for rep in range(3):
-                x = torch.randint(0, 512, (4, 33), device=dev)
+                x = torch.randint(0, 500, (4, 33), device=dev)
                 m.zero_grad(set_to_none=True)
                 m.train_step(x, method="double")
                 step(x, method=method)
@@ -258,31 +259,79 @@ def check_item(it, a, dev):
     return res
 
 
-def profile_step(a, dev, method="double"):
-    """Where one EBT S1 training step (forward, backward; no optimizer) spends device time."""
+def profile_step(a, dev, path="double"):
+    """Where one EBT S1 training step (forward, backward; no optimizer) spends device time: the kernels,
+    and the step's named parts (ebt.context, ebt.step.*, ebt.context_backward). path: a gradient method,
+    or "compiled" (the written-out gradient under torch.compile)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from ebt.evaluate import autocast
 
     model = build("ebt", "s1", a.sizes[0], a.vocab, a.context, dev).train()
+    method = "explicit" if path == "compiled" else path
+    model.compile_grad = path == "compiled"
     x = torch.randint(0, a.vocab, (a.batch, a.context + 1), device=dev)
-    for _ in range(2):
+    for _ in range(3):
         with autocast(dev, a.precision):
             model.train_step(x, method=method)
         model.zero_grad(set_to_none=True)
     _sync(dev)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=acts, record_shapes=True) as prof:
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
         with autocast(dev, a.precision):
             model.train_step(x, method=method)
         _sync(dev)
-    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=40, max_name_column_width=50,
-                                                                max_shapes_column_width=70)
+        wall = time.perf_counter() - t
+    cuda = dev.type == "cuda"
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    avgs = prof.key_averages()
+    table = avgs.table(sort_by=key, row_limit=45, max_name_column_width=90)
+    dev_time = lambda e: (e.device_time_total if cuda else e.cpu_time_total) / 1e3  # noqa: E731  (ms)
+    parts = sorted((e for e in avgs if e.key.startswith("ebt.")), key=lambda e: -dev_time(e))
+    lines = [f"- {e.key}: {dev_time(e):.1f} ms device time over {e.count} calls" for e in parts]
+    total = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in avgs) / 1e3
+    head = (f"## profile: one EBT S1 step ({path}); wall {wall * 1e3:.1f} ms (under the profiler), "
+            f"kernel time {total:.1f} ms\n\n" + "\n".join(lines) + "\n\n")
     if a.json:
-        Path(a.json).with_suffix(".profile.txt").write_text(table)
-    return f"## profile: one EBT S1 step ({method})\n" + table
+        Path(a.json).with_suffix(f".profile_{path}.txt").write_text(head + table)
+        if cuda:
+            prof.export_chrome_trace(str(Path(a.json).with_suffix(f".trace_{path}.json")))
+    return head + table
+
+
+def profile_generation(a, dev, batch=1, tokens=16):
+    """Where greedy decoding (graph_compiled: the decode step captured as a CUDA graph, the written-out
+    gradient compiled) spends device time: kernels per token, by name."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ebt.evaluate import autocast
+    from ebt.generate import GenerateConfig, generate
+    from ebt.think import ThinkConfig
+
+    model = build("ebt", "s2", a.sizes[0], a.vocab, a.prompt + a.new_tokens, dev).eval()
+    prompts = torch.randint(0, a.vocab, (batch, a.prompt)).tolist()
+    cfg = GenerateConfig(max_new_tokens=tokens, think=ThinkConfig(steps=2, score_final=False),
+                         cuda_graph=dev.type == "cuda", compile=True)
+    with autocast(dev, a.precision):
+        generate(model, prompts, cfg)
+        _sync(dev)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            t = time.perf_counter()
+            generate(model, prompts, cfg)
+            _sync(dev)
+            wall = time.perf_counter() - t
+    key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=90)
+    head = f"## profile: generation, batch {batch}, {tokens} new tokens (graph_compiled); wall {wall * 1e3:.1f} ms\n"
+    if a.json:
+        Path(a.json).with_suffix(f".profile_gen_b{batch}.txt").write_text(head + table)
+        if dev.type == "cuda":
+            prof.export_chrome_trace(str(Path(a.json).with_suffix(f".trace_gen_b{batch}.json")))
+    return head + table
 
 
 RUNNERS = {"train": train_item, "think": think_item, "generate": gen_item, "check": check_item}
@@ -396,7 +445,11 @@ def main():
                    help="new tokens for the (slow) straightforward generation")
     p.add_argument("--only", nargs="+", choices=list(RUNNERS), help="run only these sections")
     p.add_argument("--match", nargs="+", help="run only items whose 'section label path' contains one of these")
-    p.add_argument("--profile", action="store_true", help="also profile one EBT S1 training step (CUDA kernels)")
+    p.add_argument("--profile", nargs="*", metavar="PATH",
+                   help="also profile one EBT S1 training step per path (double, jvp, explicit, compiled; "
+                        "none named: double)")
+    p.add_argument("--profile-generate", type=int, nargs="*", metavar="BATCH",
+                   help="also profile compiled greedy decoding at these batch sizes (none named: 1)")
     p.add_argument("--budget-s", type=float, default=0, help="skip the remaining items after this many seconds")
     p.add_argument("--json", help="write every result here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one item (JSON), in its own process
@@ -431,8 +484,10 @@ def main():
             res = run_item(it, a, dev)
         results.append({**it, **res})
         print(json.dumps(results[-1]), flush=True)
-    if a.profile:
-        print(profile_step(a, dev), flush=True)
+    for path in (a.profile or ["double"]) if a.profile is not None else []:
+        print(profile_step(a, dev, path), flush=True)
+    for b in (a.profile_generate or [1]) if a.profile_generate is not None else []:
+        print(profile_generation(a, dev, b), flush=True)
     text = report(results, a)
     print(head + "\n" + text)
     if a.json:

@@ -19,7 +19,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ebt.nn import RopeTables, apply_rope, candidate_frame, candidate_probs, compute_dtype, rms_normalize
+from ebt.nn import (KVCache, RopeTables, apply_rope, candidate_frame, candidate_probs_split, compute_dtype,
+                    rms_normalize)
+from ebt import nn as ebt_nn
+from ebt.nn import compiled as compile_fn
 
 
 def _rms(x, weight, eps):
@@ -51,22 +54,25 @@ def _merge(t):
 
 
 def _attend(q, k, v, kc, vc, allowed):
-    """candidate_attend's forward; returns the output and the float softmax for the backward."""
-    pf = candidate_probs(q, k, kc, allowed)
-    probs = pf.type_as(q)
-    return probs[..., :-1] @ vc + probs[..., -1:] * v, pf
+    """candidate_attend's forward; returns the output and the float weights (context part, self part)
+    for the backward. The softmax is taken in its two parts (ebt.nn.candidate_probs_split), so the
+    products over the context keep an aligned width."""
+    pc, ps = candidate_probs_split(q, k, kc, allowed)
+    return pc.type_as(q) @ vc + ps.type_as(q) * v, (pc, ps)
 
 
-def _attend_back(do, q, k, v, kc, vc, pf):
+def _attend_back(do, q, k, v, kc, vc, probs):
     """(dq, dk, dv) of candidate_attend given d(output); the context's keys and values are constants
     of the candidate (their gradient is not part of dE/dy)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    probs = pf.type_as(q)
-    dp = torch.cat([do @ vc.transpose(-2, -1), (do * v).sum(-1, keepdim=True)], -1).to(pf.dtype)
-    ds = (pf * (dp - (pf * dp).sum(-1, keepdim=True))).type_as(q)  # the softmax's backward
-    dq = (ds[..., :-1] @ kc + ds[..., -1:] * k) * scale
-    dk = ds[..., -1:] * q * scale
-    dv = probs[..., -1:] * do
+    pc, ps = probs
+    dpc = (do @ vc.transpose(-2, -1)).to(pc.dtype)
+    dps = (do * v).sum(-1, keepdim=True).to(pc.dtype)
+    inner = (pc * dpc).sum(-1, keepdim=True) + ps * dps  # the softmax's backward, over both parts
+    dsc, dss = (pc * (dpc - inner)).type_as(q), (ps * (dps - inner)).type_as(q)
+    dq = (dsc @ kc + dss * k) * scale
+    dk = dss * q * scale
+    dv = ps.type_as(q) * do
     return dq, dk, dv
 
 
@@ -77,19 +83,19 @@ def _block(w, n_head, eps, y, rope, kc, vc, allowed):
     q = apply_rope(_heads(F.linear(a, wq), n_head), rope)
     k = apply_rope(_heads(F.linear(a, wk), n_head), rope)
     v = _heads(F.linear(a, wv), n_head)
-    o, pf = _attend(q, k, v, kc, vc, allowed)
+    o, probs = _attend(q, k, v, kc, vc, allowed)
     y1 = y + F.linear(_merge(o), wo)
     b, sb = _rms(y1, ffn_norm, eps)
     g1, g3 = F.linear(b, w1), F.linear(b, w3)
     s1 = F.silu(g1)
     y2 = y1 + F.linear(s1 * g3, w2)
-    return y2, (y.dtype, y1.dtype, sa, sb, q, k, v, pf, g1, g3, s1)
+    return y2, (y.dtype, y1.dtype, sa, sb, q, k, v, probs, g1, g3, s1)
 
 
 def _block_back(w, n_head, dy2, saved, rope, kc, vc):
     """d/dy of the block given d/dy2 (the residual passes dy2 straight through)."""
     attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3 = w
-    y_dtype, y1_dtype, sa, sb, q, k, v, pf, g1, g3, s1 = saved
+    y_dtype, y1_dtype, sa, sb, q, k, v, probs, g1, g3, s1 = saved
     dm = F.linear(dy2, w2.t())
     dg3 = dm * s1
     sig = torch.sigmoid(g1)
@@ -97,7 +103,7 @@ def _block_back(w, n_head, dy2, saved, rope, kc, vc):
     db = F.linear(dg1, w1.t()) + F.linear(dg3, w3.t())
     dy1 = (dy2 + _rms_back(db, ffn_norm, sb, y1_dtype)).to(y1_dtype)
     do = _heads(F.linear(dy1, wo.t()), n_head)
-    dq, dk, dv = _attend_back(do, q, k, v, kc, vc, pf)
+    dq, dk, dv = _attend_back(do, q, k, v, kc, vc, probs)
     dq, dk = _rope_back(dq, rope), _rope_back(dk, rope)
     da = F.linear(_merge(dq), wq.t()) + F.linear(_merge(dk), wk.t()) + F.linear(_merge(dv), wv.t())
     return (dy1 + _rms_back(da, attn_norm, sa, y_dtype)).to(y_dtype)
@@ -121,26 +127,17 @@ def energy_grad(model, ctx, y, compiled: bool = False):
     compiled: run it through torch.compile (one compilation per shape and grad mode; its backward is
     compiled too)."""
     cache, positions, allowed = candidate_frame(ctx, y.shape[1], y.device)
+    ks, vs = cache.k, cache.v
+    pad = (-allowed.shape[-1]) % 8 if y.device.type in ebt_nn.PAD_VOCAB_DEVICES else 0
+    if pad:  # context length to a multiple of 8, masked: aligned rows for the tensor-core products
+        # (on an H200 the bf16 products over 257 keys ran on fallback kernels, 9% of a training step)
+        ks, vs = ([F.pad(t, (0, 0, 0, pad)) for t in ts] for ts in (ks, vs))
+        allowed = F.pad(allowed, (0, pad), value=False)
     bb, cfg = model.backbone, model.cfg
     rope = bb.rope.tables(positions, compute_dtype(y.dtype), real=compiled)  # compile fuses the real form
     blocks, norm, head = _weights(model)
-    fn = _compiled() if compiled else _energy_grad
-    return fn(blocks, norm, head, cfg.n_head, cfg.norm_eps, y, rope, cache.k, cache.v, allowed)
-
-
-_COMPILED = None
-
-
-def _compiled():
-    global _COMPILED
-    if _COMPILED is None:
-        # one entry per model shape, grad mode and dtype: a process that builds several models (a
-        # benchmark, a test session) needs more than dynamo's default of 8
-        cfg = torch._dynamo.config
-        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
-        setattr(cfg, name, max(getattr(cfg, name), 64))
-        _COMPILED = torch.compile(_energy_grad, fullgraph=True)  # a second shape (e.g. S2's batch) goes dynamic
-    return _COMPILED
+    fn = compile_fn(_energy_grad) if compiled else _energy_grad
+    return fn(blocks, norm, head, cfg.n_head, cfg.norm_eps, y, rope, ks, vs, allowed)
 
 
 def _energy_grad(blocks, norm, head, n_head, eps, y, rope, ks, vs, allowed):
@@ -154,3 +151,31 @@ def _energy_grad(blocks, norm, head, n_head, eps, y, rope, ks, vs, allowed):
     for i in reversed(range(len(blocks))):
         dh = _block_back(blocks[i], n_head, dh, saved[i], rope, ks[i], vs[i])
     return E, dh
+
+
+def context_kv(model, h, positions, compiled: bool = False) -> KVCache:
+    """The context stream's keys and values per layer (a KVCache) for embeddings h (B, T, D) at RoPE
+    positions: EBT.context's Backbone.forward with causal fused attention, by plain operations, so it
+    compiles with its (first-order) backward. The last layer's attention output, feed-forward and final
+    norm are skipped: nothing reads them."""
+    rope = model.backbone.rope.tables(positions, compute_dtype(h.dtype), real=compiled)
+    blocks, _, _ = _weights(model)
+    fn = compile_fn(_context_kv) if compiled else _context_kv
+    cache = KVCache(len(blocks))
+    cache.k, cache.v = fn(blocks, model.cfg.n_head, model.cfg.norm_eps, h, rope)
+    return cache
+
+
+def _context_kv(blocks, n_head, eps, h, rope):
+    ks, vs = [], []
+    for i, (attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3) in enumerate(blocks):
+        a, _ = _rms(h, attn_norm, eps)
+        q = apply_rope(_heads(F.linear(a, wq), n_head), rope)
+        ks.append(apply_rope(_heads(F.linear(a, wk), n_head), rope))
+        vs.append(_heads(F.linear(a, wv), n_head))
+        if i == len(blocks) - 1:
+            break
+        h = h + F.linear(_merge(F.scaled_dot_product_attention(q, ks[-1], vs[-1], is_causal=True)), wo)
+        b, _ = _rms(h, ffn_norm, eps)
+        h = h + F.linear(F.silu(F.linear(b, w1)) * F.linear(b, w3), w2)
+    return ks, vs

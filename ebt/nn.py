@@ -28,7 +28,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # GPT-NeoX) bf16 rows are not 16-byte aligned and cuBLAS falls back to kernels 5.7x slower on an H200
 # (benchmarks/vocab_matmul.py). The padding is zeros, so results are those of the unpadded product.
 VOCAB_ALIGN = 64
-PAD_VOCAB_DEVICES = {"cuda"}
+PAD_VOCAB_DEVICES = {"cuda"}  # also where the written-out gradient pads the context's keys (ebt.energy_grad)
 
 
 def _vocab_pad(x: torch.Tensor, dim: int) -> tuple[int, torch.dtype]:
@@ -72,6 +72,36 @@ def vocab_t(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None, a
     else:
         out = (a.t() @ F.pad(b, (0, pad)))[:, : b.shape[-1]]
     return out if acc is None else acc.add_(out, alpha=alpha)
+
+
+def vocab_layout(x: torch.Tensor) -> tuple[torch.dtype, int]:
+    """(dtype, pad): how the candidate map's matrix products read a (.., V) tensor. The autocast dtype
+    for float32 tensors (else x's own), and V padded to an aligned width on the padding devices. A
+    tensor laid out so once (`to_layout`) enters every product without further casts or copies."""
+    pad = (-x.shape[-1]) % VOCAB_ALIGN if x.device.type in PAD_VOCAB_DEVICES else 0
+    low = torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32
+    return (torch.get_autocast_dtype(x.device.type) if low else x.dtype), pad
+
+
+def to_layout(x: torch.Tensor, dtype: torch.dtype, pad: int) -> torch.Tensor:
+    """x (.., V) -> (.., V + pad) in dtype, zeros in the padding (products are those of the unpadded x)."""
+    return F.pad(x.to(dtype), (0, pad)) if pad else x.to(dtype)
+
+
+_COMPILED: dict = {}
+
+
+def compiled(fn):
+    """torch.compile(fn, fullgraph=True), built once per function (each compiles once per shape, grad
+    mode and dtype; a second shape, e.g. System 2's batch with replayed rows, goes dynamic)."""
+    if fn not in _COMPILED:
+        # a process that builds several models (a benchmark, a test session) needs more entries than
+        # dynamo's default of 8 per function
+        cfg = torch._dynamo.config
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
+        setattr(cfg, name, max(getattr(cfg, name), 64))
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True)
+    return _COMPILED[fn]
 
 
 class RMSNorm(nn.Module):
@@ -198,6 +228,21 @@ def candidate_probs(qy, ky, kc, allowed) -> torch.Tensor:
     s_ctx = ((qy @ kc.transpose(-2, -1)) * scale).masked_fill(~allowed, float("-inf"))  # (B, H, S, C)
     s_self = (qy * ky).sum(-1, keepdim=True) * scale  # (B, H, S, 1)
     return _softmax(torch.cat([s_ctx, s_self], -1).to(compute_dtype(qy.dtype)))
+
+
+def candidate_probs_split(qy, ky, kc, allowed) -> tuple[torch.Tensor, torch.Tensor]:
+    """candidate_probs as its two parts, (context weights (B, H, S, C), self weight (B, H, S, 1)), the
+    softmax written out over both without concatenating them: the context part keeps the keys' width
+    C, which stays aligned for tensor-core products (a (C + 1)-wide row does not). More kernels than
+    one softmax, so for compiled code (ebt.energy_grad); the same numbers to rounding."""
+    scale = 1.0 / math.sqrt(qy.shape[-1])
+    cd = compute_dtype(qy.dtype)
+    s_ctx = ((qy @ kc.transpose(-2, -1)) * scale).masked_fill(~allowed, float("-inf")).to(cd)
+    s_self = ((qy * ky).sum(-1, keepdim=True) * scale).to(cd)
+    m = torch.maximum(s_ctx.amax(-1, keepdim=True), s_self)
+    e_ctx, e_self = (s_ctx - m).exp(), (s_self - m).exp()
+    total = e_ctx.sum(-1, keepdim=True) + e_self
+    return e_ctx / total, e_self / total
 
 
 def candidate_attend(qy, ky, vy, kc, vc, allowed) -> torch.Tensor:

@@ -15,6 +15,10 @@ a candidate is (vocabulary logits, a frame's features, an image):
     model.energy_grad(ctx, p)         -> E, dE/dp   optional, used per model.explicit_grad: the
                                                  gradient by plain operations (ebt.energy_grad), so a
                                                  training step needs first-order autograd only
+    model.vocab_to_embed, model.compile_grad, model.candidate_softmax   optional: a bias-free linear
+                                                 candidate map and a compiled written-out gradient let
+                                                 the (B, S, V) side of a step run as a few compiled
+                                                 kernels (`fused_step`)
 
 One step is   p = candidate_input(z + noise);  E = energy(p);  z_next = p - alpha * dE/dp.
 `unroll` is what training (and the official validation) runs; `think` is inference-time System 2
@@ -28,9 +32,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad as fwAD
+from torch.profiler import record_function as phase  # names the step's parts in a profile (no cost otherwise)
 
 from ebt.errors import ConfigError
-from ebt.nn import vocab_in, vocab_out, vocab_t
+from ebt.nn import compiled, to_layout, vocab_in, vocab_layout, vocab_out, vocab_t
 
 
 class ContextCache(dict):
@@ -158,8 +163,9 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
     Accumulates scale * dLoss/dtheta into the parameters' .grad, where Loss = sum over k in
     loss_steps of loss_k(z_k), z_k the output of step k, and loss_grad(k, z_k, scale) returns
     (loss_k, d(scale * loss_k)/dz_k) without a graph (`autograd_loss_grad` builds one from a plain
-    loss). Exact (the same gradients as `unroll` + backward) when `stepwise_ok(cfg)`. on_step(k, z_k)
-    sees every step's output (metrics). Returns the last candidate (detached), the energy fed into the
+    loss; with grad_layout=(dtype, pad) the gradient in that layout, ebt.nn.to_layout). Exact (the same
+    gradients as `unroll` + backward) when `stepwise_ok(cfg)`. on_step(k, z_k) sees every step's
+    output (metrics). Returns the last candidate (detached), the energy fed into the
     first step and the step losses.
 
     method "double": each loss gradient is backpropagated from the step's output through that step's
@@ -188,12 +194,13 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
     graph_keys = {model.landscape_key(k) for k in graph_steps}
     weights = [p for p in model.parameters() if p.requires_grad]
     linear_map = method in ("jvp", "explicit") and isinstance(getattr(model, "vocab_to_embed", None), torch.nn.Linear)
+    fused = explicit and fused_ok(model, z)
     contexts = {}  # landscape key -> (context for the steps, [(graph tensor, leaf)])
     energy0, losses = None, []
     for k in range(n_steps):
         key = model.landscape_key(k)
         if key not in contexts:
-            with torch.set_grad_enabled(key in graph_keys):  # its backward is first-order: fused kernels do
+            with torch.set_grad_enabled(key in graph_keys), phase("ebt.context"):  # first-order backward
                 contexts[key] = _graph_leaves(model.context(inputs, k, first_order=True))
         ctx, leaves = contexts[key]
         z = z.detach()
@@ -201,11 +208,14 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
             z = z + noise * torch.randn_like(z)
         wanted = weights + [leaf for _, leaf in leaves]
         if k not in graph_steps:
-            p, E, g = energy_and_grad(model, ctx, z, explicit=explicit)
-            z = torch.addcmul(p.detach(), alpha.detach(), g, value=-1)
+            if fused:
+                z, E = fused_step(model, ctx, z, alpha.detach())
+            else:
+                p, E, g = energy_and_grad(model, ctx, z, explicit=explicit)
+                z = torch.addcmul(p.detach(), alpha.detach(), g, value=-1)
         elif linear_map:
-            z, E, loss = _linear_map_step(model, ctx, z, alpha, lambda zn: loss_grad(k, zn, scale), wanted,
-                                          explicit=method == "explicit")
+            z, E, loss = _linear_map_step(model, ctx, z, alpha, lambda zn, **kw: loss_grad(k, zn, scale, **kw),
+                                          wanted, explicit=method == "explicit")
             losses.append(loss)
         elif method in ("double", "explicit"):
             p, E, g = energy_and_grad(model, ctx, z, create_graph=True, explicit=explicit)
@@ -235,7 +245,8 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
     pairs = [pair for _, ps in contexts.values() for pair in ps] + [(alpha_graph, alpha)]
     pairs = [(t, leaf.grad) for t, leaf in pairs if leaf.grad is not None]
     if pairs:  # each context stream and alpha's draw: one backward with their leaves' gradients
-        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        with phase("ebt.context_backward"):
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
     return z, energy0, losses
 
 
@@ -267,6 +278,47 @@ def _accumulate(tensors, grads):
             t.grad = g if t.grad is None else t.grad + g
 
 
+def fused_ok(model, z) -> bool:
+    """Whether a step's (B, S, V) side runs as compiled kernels over tensors laid out once for the
+    products (`fused_step`, `_linear_map_step`): the written-out gradient is compiled, the candidate
+    enters through a bias-free linear map, and the products read z in another layout (autocast's
+    dtype, or a padded width), whose casts and copies the fused kernels save. A float32 step on CPU
+    keeps the plain path, where the update runs inside the matrix product (measured faster there)."""
+    return (bool(getattr(model, "compile_grad", False))
+            and isinstance(getattr(model, "vocab_to_embed", None), torch.nn.Linear)
+            and vocab_layout(z) != (z.dtype, 0))
+
+
+def _probs_in(z, softmax: bool, dtype, pad: int):
+    """The candidate's input p (softmax(z), or z) laid out as the candidate map's products read it."""
+    return to_layout(torch.softmax(z, -1) if softmax else z, dtype, pad)
+
+
+def _update(z, wtu, a, softmax: bool):
+    """z_next = p - alpha W^T u with p recomputed from z (a read of z instead of a float p kept alive);
+    wtu may carry padding columns."""
+    p = torch.softmax(z, -1) if softmax else z
+    return p - a * wtu[..., : z.shape[-1]].to(p.dtype)
+
+
+def _map_in(model, z):
+    """(p in the products' layout, the map's weight in that layout (D, V + pad), dtype, pad)."""
+    dt, pad = vocab_layout(z)
+    return (compiled(_probs_in)(z, model.candidate_softmax, dt, pad),
+            to_layout(model.vocab_to_embed.weight.detach(), dt, pad), dt, pad)
+
+
+def fused_step(model, ctx, z, alpha):
+    """One first-order step, (z_next, E): p = softmax(z), E and u = dE/dy at y = W p, z_next = p -
+    alpha W^T u, with the (B, S, V) side as compiled kernels over tensors laid out once for the
+    products (ebt.nn.vocab_layout): no float p is kept and nothing is cast or padded twice."""
+    p, Wl, _, _ = _map_in(model, z)
+    E, u = model.energy_grad_embedding(ctx, F.linear(p, Wl))
+    del p
+    a = alpha if torch.is_tensor(alpha) else torch.tensor(float(alpha), device=z.device)
+    return compiled(_update)(z, F.linear(u, Wl.t()), a, model.candidate_softmax), E
+
+
 def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool):
     """One graph-building step of the "jvp" or "explicit" method with the candidate's linear map W
     (D x V) in closed form. With y = W p, u = dE/dy, the step is z_next = p - alpha * W^T u. For the
@@ -279,34 +331,49 @@ def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool):
     with the cotangent -y_dot: an ordinary first-order backward, which torch.compile can compile.
     Either way the (B, S, V) tensors meet only matrix products and first-order elementwise work:
     p, z_next and v are the only ones made (and W^T u under autocast, where p and v are then held in
-    the autocast dtype)."""
+    the autocast dtype). Compiled ("explicit" with model.compile_grad, `fused_ok`), p and v are made
+    once in the products' layout and the update and the loss run as compiled kernels."""
     W = model.vocab_to_embed.weight
+    fused = explicit and fused_ok(model, z)
     with torch.enable_grad():
-        p = model.candidate_input(z).detach()
-        del z
-        y = vocab_in(p, W).detach().requires_grad_()
-        if explicit:
-            E, u = model.energy_grad_embedding(ctx, y)
-        else:
-            E = model.energy_from_embedding(ctx, y)
-            (u,) = torch.autograd.grad(E.sum(), y)
-    with torch.no_grad():  # first-order work on (B, S, V) tensors: nothing here is recorded
+        with phase("ebt.step.embed"):
+            if fused:  # p and the map in the products' dtype and padded width, made once
+                p, Wl, dt, pad = _map_in(model, z)
+                y = F.linear(p, Wl)
+            else:
+                p = model.candidate_input(z).detach()
+                del z
+                y = vocab_in(p, W)
+            y = y.detach().requires_grad_()
+        with phase("ebt.step.energy_grad"):
+            if explicit:
+                E, u = model.energy_grad_embedding(ctx, y)
+            else:
+                E = model.energy_from_embedding(ctx, y)
+                (u,) = torch.autograd.grad(E.sum(), y)
+    with torch.no_grad(), phase("ebt.step.update_loss"):  # first-order work on (B, S, V) tensors only
         a = alpha.detach()
         ua = u.detach() * a  # the step in the width: z_next = p - W^T (alpha u)
         low = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else None
-        if low is not None:  # keep z_next in float: a low-precision W^T u, then a float update
-            z_next = torch.addcmul(p, a, vocab_out(u, W.t()), value=-1)
-            p = p.to(low)  # from here p and v only enter matrix products, which would cast them anyway:
-        else:  # the update inside the matrix product: no (B, S, V) temporary, one pass fewer
-            z_next = torch.addmm(p.flatten(0, -2), ua.flatten(0, -2).to(W.dtype), W, alpha=-1).view_as(p)
-        loss, v = loss_grad(z_next)
-        if low is not None:
-            v = v.to(low)  # cast once, and half the memory held
-        wv = vocab_in(v, W)  # W v (B, S, D): alpha's gradient and the direction, without (B, S, V) products
+        if fused:
+            z_next = compiled(_update)(z, F.linear(u.detach(), Wl.t()), a, model.candidate_softmax)
+            del z
+            loss, v = loss_grad(z_next, grad_layout=(dt, pad))
+            wv = F.linear(v, Wl)
+        else:
+            if low is not None:  # keep z_next in float: a low-precision W^T u, then a float update
+                z_next = torch.addcmul(p, a, vocab_out(u, W.t()), value=-1)
+                p = p.to(low)  # from here p and v only enter matrix products, which would cast them anyway:
+            else:  # the update inside the matrix product: no (B, S, V) temporary, one pass fewer
+                z_next = torch.addmm(p.flatten(0, -2), ua.flatten(0, -2).to(W.dtype), W, alpha=-1).view_as(p)
+            loss, v = loss_grad(z_next)
+            if low is not None:
+                v = v.to(low)  # cast once, and half the memory held
+            wv = vocab_in(v, W)  # W v (B, S, D): alpha's gradient and the direction, without (B, S, V) products
         _alpha_grad(alpha, _rowdot(u.detach(), wv))
         y_dot = wv * a
     others = [t for t in wanted if t is not W]
-    with torch.enable_grad():
+    with torch.enable_grad(), phase("ebt.step.second_order"):
         if explicit:  # d/d(y, theta) of -<u, y_dot>
             grads = torch.autograd.grad(u, [y] + others, grad_outputs=-y_dot.to(u.dtype), allow_unused=True)
         else:
@@ -315,9 +382,15 @@ def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool):
             grads = torch.autograd.grad(-e_dot.sum(), [y] + others, allow_unused=True)
     _accumulate(others, grads[1:])
     if W.requires_grad:  # two (D x V) products over all positions; no (2N, V) concatenation
-        with torch.no_grad():
-            dW = vocab_t(grads[0], p).to(W.dtype)  # summed in W's dtype, as autograd accumulates
-            vocab_t(ua, v, acc=dW, alpha=-1)
+        with torch.no_grad(), phase("ebt.step.map_grad"):
+            if fused:  # p and v are laid out already: the products read them as they are
+                flat = lambda t: t.flatten(0, -2).to(dt)  # noqa: E731
+                V = W.shape[1]
+                dW = (flat(grads[0]).t() @ flat(p))[:, :V].to(W.dtype, copy=True)  # summed in W's dtype
+                dW.sub_((flat(ua).t() @ flat(v))[:, :V])
+            else:
+                dW = vocab_t(grads[0], p).to(W.dtype)  # summed in W's dtype, as autograd accumulates
+                vocab_t(ua, v, acc=dW, alpha=-1)
         _accumulate([W], [dW.to(W.dtype)])
     return z_next, E.detach(), loss
 
@@ -401,6 +474,8 @@ def _expand(mask: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 def _one_candidate(model, contexts, z, n_steps, alpha, noise, cfg: ThinkConfig, trace: bool):
     """Run one start to the end. Memory is flat in n_steps: only the current candidate, its energy
     and gradient are kept (and a (B, S) energy per step when tracing)."""
+    if fused_ok(model, z) and not (cfg.accept_lower or cfg.tol is not None or trace):
+        return _one_candidate_fused(model, contexts, z, n_steps, alpha, noise, cfg)
     p, E, g = energy_and_grad(model, contexts.get_ctx(0, False), z, noise)
     E0, steps_used, passes = E.detach(), torch.zeros_like(E), 1
     active = torch.ones_like(E, dtype=torch.bool)
@@ -428,6 +503,22 @@ def _one_candidate(model, contexts, z, n_steps, alpha, noise, cfg: ThinkConfig, 
         if cfg.tol is not None and not bool(active.any()):  # every position has converged
             break
     return z, E, E0, steps_used, passes, history
+
+
+def _one_candidate_fused(model, contexts, z, n_steps, alpha, noise, cfg: ThinkConfig):
+    """`_one_candidate` where every position takes every step, each step one `fused_step`."""
+    E0 = None
+    for k in range(n_steps):
+        if noise > 0:
+            z = z + noise * torch.randn_like(z)
+        z, E = fused_step(model, contexts.get_ctx(k, False), z, alpha)
+        E0 = E if E0 is None else E0
+    passes = n_steps
+    if cfg.score_final or cfg.candidates > 1:  # the final candidate's energy, for selection or reporting
+        zf = z + noise * torch.randn_like(z) if noise > 0 else z
+        E = model.energy_from(contexts.get_ctx(n_steps, False), model.candidate_input(zf))
+        passes += 1
+    return z, E, E0, torch.full_like(E, float(n_steps)), passes, None
 
 
 @torch.no_grad()

@@ -158,37 +158,100 @@ def test_explicit_under_autocast_is_as_accurate_as_double_backward():
     assert err_explicit < 1.3 * err_double, (err_explicit, err_double)
 
 
-@pytest.mark.slow
-def test_compiled_step_matches_eager(monkeypatch):
-    """torch.compile (inductor on CPU) of the written-out gradient and the loss gradient: the same
-    weight gradients in float64. S2 runs both compiled graphs (first-order steps without a graph, the
-    last step with one) and two batch shapes (the second call appends replayed rows)."""
-    import ebt.energy_grad as eg
+def test_written_out_context_stream_matches_the_backbone(monkeypatch):
+    """context_kv (what a compiled model's context is) gives the keys and values of EBT.context."""
+    from ebt.energy_grad import context_kv
+
+    model = tiny("s1")
+    x = window(model)[:, :-1]
+    for k in range(2):
+        ref, prefix = model.context(x, k, first_order=True)
+        h = torch.cat([model.step_emb.weight[k].expand(x.shape[0], 1, -1), model.tok_emb(x)], 1)
+        out = context_kv(model, h, torch.arange(h.shape[1]))
+        for a, b in zip(ref.k + ref.v, out.k + out.v):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    model.compile_grad = True  # a compiled model's training and thinking contexts take it
     import ebt.models.ebt as ebt_model
 
-    calls, compiled_fn, loss_fn = [], eg._compiled, ebt_model.compiled_token_loss_grad
-    monkeypatch.setattr(eg, "_compiled", lambda: calls.append("E") or compiled_fn())
-    monkeypatch.setattr(ebt_model, "compiled_token_loss_grad", lambda: calls.append("loss") or loss_fn())
+    calls = []
+    monkeypatch.setattr(ebt_model, "context_kv", lambda *a, **kw: calls.append(kw) or context_kv(*a))
+    model.context(x, 0, first_order=True)
+    model.context(x, 0)  # a graph for double backward: the module path
+    assert calls == [{"compiled": True}]
+
+
+def spy_compiled(monkeypatch) -> list:
+    """Record the name of every function run through ebt.nn.compiled (by its users' imports)."""
+    import ebt.energy_grad as eg
+    import ebt.models.transformer as tr
+    import ebt.think as th
+    from ebt.nn import compiled
+
+    calls = []
+
+    def spy(fn):
+        calls.append(fn.__name__)
+        return compiled(fn)
+
+    for module, name in ((eg, "compile_fn"), (th, "compiled"), (tr, "compiled")):
+        monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bf16", [False, True])
+def test_compiled_step_matches_eager(monkeypatch, bf16):
+    """torch.compile (inductor on CPU) of the written-out gradient, the loss gradient, the context
+    stream and the (B, S, V) side of each step: the same weight gradients (float64; under bf16 autocast, as close to the
+    eager step as the eager step is to float32). S2 runs first-order steps without a graph, the last
+    step with one, and two batch shapes (the second call appends replayed rows)."""
+    calls = spy_compiled(monkeypatch)
     model = tiny("s2", replay_buffer=8)
     x = window(model)
-    eager, out = grads_after(model, x, "explicit")
-    assert not calls
+    if bf16:
+        model = model.float()
+        ref, _ = grads_after(copy.deepcopy(model), x, "explicit")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        eager, out = grads_after(copy.deepcopy(model), x, "explicit")
+        assert not calls
+        model.compile_grad = True
+        compiled, out_c = grads_after(model, x, "explicit")
+    assert {"_energy_grad", "token_loss_grad", "_context_kv"} <= set(calls)
+    # the (B, S, V) side is fused where the products read another layout (here: bf16), not in float64
+    assert ({"_probs_in", "_update"} <= set(calls)) == bf16
+    if bf16:
+        assert max_rel(compiled, ref) < 1.5 * max_rel(eager, ref), (max_rel(compiled, ref), max_rel(eager, ref))
+    else:
+        assert max_rel(compiled, eager) < 1e-10
+        assert float(out_c["loss"]) == pytest.approx(float(out["loss"]), rel=1e-10)
+
+
+@pytest.mark.slow
+def test_compiled_step_with_padded_layouts_matches(monkeypatch):
+    """What CUDA does, here: the compiled step's (B, S, V) tensors padded to an aligned width and the
+    context's keys to a multiple of 8 (masked); the same gradients and loss as without (float64)."""
+    import ebt.nn as ebt_nn
+
+    calls = spy_compiled(monkeypatch)
+    model = tiny("s2", replay_buffer=8)  # V 97, context 1 + 12 keys: both get padded
     model.compile_grad = True
-    compiled, out_c = grads_after(model, x, "explicit")
-    assert {"E", "loss"} <= set(calls)
-    assert max_rel(compiled, eager) < 1e-10
-    assert float(out_c["loss"]) == pytest.approx(float(out["loss"]), rel=1e-10)
+    x = window(model)
+    monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", set())
+    plain, out = grads_after(model, x, "explicit")
+    monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", {"cpu"})
+    padded, out_p = grads_after(model, x, "explicit")
+    assert {"_probs_in", "_update"} <= set(calls)
+    assert max_rel(padded, plain) < 1e-10
+    assert float(out_p["loss"]) == pytest.approx(float(out["loss"]), rel=1e-10)
 
 
 @pytest.mark.slow
 def test_compiled_generation_chooses_the_same_tokens(monkeypatch):
     """GenerateConfig(compile=True): decoding thinks through the compiled written-out gradient, with
     static shapes (cuda_graph; eager here on CPU) and with a growing cache; same greedy tokens."""
-    import ebt.energy_grad as eg
     from ebt.generate import GenerateConfig, generate
 
-    calls, compiled = [], eg._compiled
-    monkeypatch.setattr(eg, "_compiled", lambda: calls.append(1) or compiled())
+    calls = spy_compiled(monkeypatch)
     model = tiny("s2", S=24).eval()
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     cfg = dict(max_new_tokens=6, think=ThinkConfig(steps=2, score_final=False))
@@ -197,7 +260,7 @@ def test_compiled_generation_chooses_the_same_tokens(monkeypatch):
     for static in (True, False):
         b, lb = generate(model, prompts, GenerateConfig(**cfg, cuda_graph=static, compile=True), return_logits=True)
         assert a == b and torch.allclose(la, lb, rtol=1e-9, atol=1e-9), static
-        assert len(calls) >= 6 * 2  # every token's thinking steps went through the compiled function
+        assert calls.count("_energy_grad") >= 6 * 2  # every token's thinking steps went through it
         calls.clear()
     assert model.explicit_grad is None and not model.compile_grad  # restored after generation
 

@@ -17,8 +17,8 @@ from ebt.config import EBTConfig, ModelConfig
 from ebt.errors import ConfigError
 from ebt.models.transformer import (check_window, compiled_token_loss_grad, make_input_embedding, prediction_loss,
                                    token_loss_grad)
-from ebt.energy_grad import energy_grad
-from ebt.nn import Backbone, KVCache, candidate_frame, init_weights, vocab_in, vocab_out
+from ebt.energy_grad import context_kv, energy_grad
+from ebt.nn import Backbone, KVCache, candidate_frame, init_weights, to_layout, vocab_in, vocab_out
 from ebt.think import (GRAD_METHODS, alpha_param_groups, auto_grad_method, autograd_loss_grad, draw_steps,
                        recipe_alpha, stepwise_ok, unroll, unroll_backward)
 
@@ -92,9 +92,15 @@ class EBT(nn.Module):
         # inference: dE/dp written out (ebt.energy_grad) or by autograd; None (auto): written out on CPU,
         # autograd on CUDA eager (the fastest measured, ebt.think.explicit_for)
         self.explicit_grad: bool | None = None
-        # torch.compile the written-out gradient (and the loss gradient): implies it for inference and
-        # for training under grad_method "auto"; thinking steps become one compiled forward function
+        # torch.compile the written-out gradient, the loss gradient, the context stream and each step's
+        # (B, S, V) side: implies the written-out gradient for inference and for training under
+        # grad_method "auto"; a thinking step becomes a few compiled functions
         self.compile_grad = False
+
+    @property
+    def candidate_softmax(self) -> bool:
+        """Whether candidate_input is the softmax (tokens) rather than the identity (frames)."""
+        return self.cfg.candidate == "tokens"
 
     @property
     def candidate_size(self) -> int:
@@ -117,9 +123,11 @@ class EBT(nn.Module):
             k = self.landscape_key(landscape)
             ctx = torch.cat([self.step_emb.weight[k].expand(ctx.shape[0], 1, -1), ctx], dim=1)
             prefix = 1
+        positions = torch.arange(ctx.shape[1], device=ctx.device)
+        if first_order and self.compile_grad:  # written out and compiled, with its backward
+            return context_kv(self, ctx, positions, compiled=True), prefix
         cache = KVCache(self.cfg.n_layer)
-        self.backbone(ctx, torch.arange(ctx.shape[1], device=ctx.device), cache=cache, causal=True,
-                      fused=self.fused_attention or first_order)
+        self.backbone(ctx, positions, cache=cache, causal=True, fused=self.fused_attention or first_order)
         return cache, prefix
 
     def landscape_key(self, k: int) -> int:
@@ -128,7 +136,7 @@ class EBT(nn.Module):
 
     def candidate_input(self, z: torch.Tensor) -> torch.Tensor:
         # tokens: the update is taken with respect to the probabilities; frames: the features themselves
-        return torch.softmax(z, dim=-1) if self.cfg.candidate == "tokens" else z
+        return torch.softmax(z, dim=-1) if self.candidate_softmax else z
 
     def energy_from(self, ctx: tuple, p: torch.Tensor) -> torch.Tensor:
         """E (B, S) of candidate distributions p (B, S, V). ctx = (cache, prefix) from `context`, or
@@ -254,17 +262,19 @@ class EBT(nn.Module):
         weight = 1.0 / len(loss_steps)  # S1: the mean over steps
         ce = {}  # each step's loss dict (cross-entropy or Smooth L1, with counts), kept for the metrics
 
-        def loss_grad(k, z_k, s):  # the step's loss and its gradient at z_k (closed form for tokens)
+        def loss_grad(k, z_k, s, grad_layout=None):  # the step's loss and its gradient at z_k (closed form
+            # for tokens), the gradient in grad_layout (dtype, pad) if given
             if self.cfg.candidate == "tokens":
                 fn = compiled_token_loss_grad() if self.compile_grad else token_loss_grad
-                ce[k], v = fn(z_k, targets, self.cfg.pad_token_id, s * weight)
+                ce[k], v = fn(z_k, targets, self.cfg.pad_token_id, s * weight, grad_layout)
                 return ce[k]["loss"] * weight, v
 
             def loss(x):
                 ce[k] = prediction_loss(x, targets, self.cfg)
                 return ce[k]["loss"] * weight
 
-            return autograd_loss_grad(loss, z_k, s)
+            loss_k, v = autograd_loss_grad(loss, z_k, s)
+            return loss_k, v if grad_layout is None else to_layout(v, *grad_layout)
 
         def on_step(k, z_k):  # the first step's loss is logged even when it is not trained on
             if k == 0 and k not in ce:

@@ -8,7 +8,7 @@ from torch import nn
 
 from ebt.config import ModelConfig
 from ebt.errors import ConfigError
-from ebt.nn import Backbone, init_weights, vocab_out
+from ebt.nn import Backbone, compiled, init_weights, to_layout, vocab_out
 
 
 def check_window(tokens: torch.Tensor, cfg: ModelConfig, extra: int = 0) -> None:
@@ -38,10 +38,13 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | None) 
     return {"loss": nll / n, "nll_sum": nll.detach(), "n_tokens": torch.as_tensor(n, device=targets.device)}
 
 
-def token_loss_grad(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | None, scale: float = 1.0):
+def token_loss_grad(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | None, scale: float = 1.0,
+                    grad_layout: tuple[torch.dtype, int] | None = None):
     """`token_loss` and its gradient d(scale * loss)/dlogits in closed form (softmax - one-hot, over the
     non-pad count), without autograd: log-softmax and softmax passes over the (B, S, V) logits instead of
-    autograd's log-softmax, its backward and a zero-filled gradient. Returns (loss dict, gradient)."""
+    autograd's log-softmax, its backward and a zero-filled gradient. Returns (loss dict, gradient).
+    grad_layout: (dtype, pad) to return the gradient in (ebt.nn.to_layout), as matrix products read it;
+    compiled, the cast and the padding cost no extra pass."""
     lf = logits if logits.dtype not in (torch.bfloat16, torch.float16) else logits.float()
     t = targets.unsqueeze(-1)
     # the fused (log-)softmax kernels: a bare exp is slow on CPUs for the large negative values of
@@ -55,19 +58,13 @@ def token_loss_grad(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | N
     grad.mul_((keep * (scale / n)).unsqueeze(-1))
     count = targets.numel() if pad_id is None else (targets != pad_id).sum()
     out = {"loss": nll_sum / n, "nll_sum": nll_sum, "n_tokens": torch.as_tensor(count, device=targets.device)}
-    return out, grad.to(logits.dtype)
-
-
-_COMPILED_LOSS_GRAD = None
+    return out, grad.to(logits.dtype) if grad_layout is None else to_layout(grad, *grad_layout)
 
 
 def compiled_token_loss_grad():
     """token_loss_grad through torch.compile: its (log-)softmax, gather and scatter fuse into a couple
     of passes over the (B, S, V) logits instead of six, with no (B, S, V) temporaries."""
-    global _COMPILED_LOSS_GRAD
-    if _COMPILED_LOSS_GRAD is None:
-        _COMPILED_LOSS_GRAD = torch.compile(token_loss_grad, fullgraph=True)
-    return _COMPILED_LOSS_GRAD
+    return compiled(token_loss_grad)
 
 
 def frame_loss(pred: torch.Tensor, target: torch.Tensor) -> dict:
