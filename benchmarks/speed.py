@@ -286,19 +286,40 @@ def profile_step(a, dev, path="double"):
         wall = time.perf_counter() - t
     cuda = dev.type == "cuda"
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    avgs = prof.key_averages()
-    table = avgs.table(sort_by=key, row_limit=45, max_name_column_width=90)
-    dev_time = lambda e: (e.device_time_total if cuda else e.cpu_time_total) / 1e3  # noqa: E731  (ms)
-    parts = sorted((e for e in avgs if e.key.startswith("ebt.")), key=lambda e: -dev_time(e))
-    lines = [f"- {e.key}: {dev_time(e):.1f} ms device time over {e.count} calls" for e in parts]
-    total = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in avgs) / 1e3
-    head = (f"## profile: one EBT S1 step ({path}); wall {wall * 1e3:.1f} ms (under the profiler), "
-            f"kernel time {total:.1f} ms\n\n" + "\n".join(lines) + "\n\n")
+    table = prof.key_averages().table(sort_by=key, row_limit=45, max_name_column_width=90)
+    if cuda:  # kernels per named part, from the trace: each kernel goes to the part that launched it
+        trace = Path(a.json).with_suffix(f".trace_{path}.json") if a.json else Path("/tmp/ebt_profile_trace.json")
+        prof.export_chrome_trace(str(trace))
+        parts = phase_times(trace)
+    else:
+        parts = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages() if e.key.startswith("ebt.")}
+    lines = [f"- {name}: {ms:.1f} ms" for name, ms in sorted(parts.items(), key=lambda kv: -kv[1])]
+    head = (f"## profile: one EBT S1 step ({path}); wall {wall * 1e3:.1f} ms (under the profiler); "
+            f"{'kernel' if cuda else 'CPU'} time per part:\n\n" + "\n".join(lines) + "\n\n")
     if a.json:
         Path(a.json).with_suffix(f".profile_{path}.txt").write_text(head + table)
-        if cuda:
-            prof.export_chrome_trace(str(Path(a.json).with_suffix(f".trace_{path}.json")))
     return head + table
+
+
+def phase_times(trace_path) -> dict:
+    """Kernel milliseconds per named part (ebt.*) in a Chrome trace: a kernel belongs to the innermost
+    part open on the thread that launched it, else to "(backward, autograd's thread)" or "(other)"."""
+    ev = json.loads(Path(trace_path).read_text())["traceEvents"]
+    spans = [e for e in ev if e.get("ph") == "X" and e.get("cat") == "user_annotation" and e["name"].startswith("ebt.")]
+    launches = {e["args"]["correlation"]: e for e in ev if e.get("ph") == "X"
+                and e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    main = spans[0]["tid"] if spans else None
+    out: dict = {}
+    for k in ev:
+        if k.get("ph") != "X" or k.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
+            continue
+        r = launches.get(k.get("args", {}).get("correlation"))
+        inside = [p for p in spans if r and p["tid"] == r["tid"] and p["ts"] <= r["ts"] <= p["ts"] + p["dur"]]
+        name = (min(inside, key=lambda p: p["dur"])["name"] if inside
+                else "(backward, autograd's thread)" if r and r["tid"] != main else "(other)")
+        out[name] = out.get(name, 0.0) + k["dur"] / 1e3
+    out["all kernels"] = sum(out.values())
+    return out
 
 
 def profile_generation(a, dev, batch=1, tokens=16):
