@@ -246,6 +246,35 @@ def test_compiled_step_with_padded_layouts_matches(monkeypatch):
 
 
 @pytest.mark.slow
+def test_compiled_thinking_with_padded_layouts_matches(monkeypatch):
+    """Thinking through the compiled, fused step (padded layouts forced, as on CUDA) gives the eager
+    thinking's candidates and energies: with and without a final score, several candidates, noise."""
+    import ebt.nn as ebt_nn
+    from ebt.generate import GenerateConfig, generate
+
+    calls = spy_compiled(monkeypatch)
+    model = tiny("s2", S=24).eval()
+    x = window(model)[:, :-1]
+    monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", {"cpu"})
+    for cfg in (ThinkConfig(steps=3, score_final=False), ThinkConfig(steps=2, candidates=2, noise=0.1)):
+        outs = []
+        for compiled in (False, True):
+            model.compile_grad = compiled
+            torch.manual_seed(0)
+            outs.append(think(model, x, cfg))
+        ref, out = outs
+        assert torch.allclose(out.z, ref.z, rtol=1e-9, atol=1e-9)
+        assert torch.allclose(out.energy, ref.energy, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(out.initial_energy, ref.initial_energy, rtol=1e-9, atol=1e-12)
+        assert out.passes == ref.passes and torch.equal(out.steps_used, ref.steps_used)
+    assert {"_probs_in", "_update", "_context_kv"} <= set(calls)
+    model.compile_grad = False
+    prompts, gen = [[1, 2, 3], [4, 5, 6, 7, 8]], dict(max_new_tokens=5, think=ThinkConfig(steps=2, score_final=False))
+    a = generate(model, prompts, GenerateConfig(**gen))
+    assert generate(model, prompts, GenerateConfig(**gen, cuda_graph=True, compile=True)) == a
+
+
+@pytest.mark.slow
 def test_compiled_generation_chooses_the_same_tokens(monkeypatch):
     """GenerateConfig(compile=True): decoding thinks through the compiled written-out gradient, with
     static shapes (cuda_graph; eager here on CPU) and with a growing cache; same greedy tokens."""
