@@ -76,17 +76,24 @@ def _attend_back(do, q, k, v, kc, vc, probs):
     return dq, dk, dv
 
 
-def _block(w, n_head, eps, y, rope, kc, vc, allowed):
-    """Block.forward_candidates, keeping its intermediates. w: the block's weights (see _weights)."""
+def _fuse(w):
+    """A block's weights with the query/key/value maps stacked, and the SwiGLU's two input maps: one
+    matrix product each instead of three and two, forward and backward (small decoding batches are
+    bound by the number of kernels)."""
     attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3 = w
+    return attn_norm, torch.cat([wq, wk, wv]), wo, ffn_norm, torch.cat([w1, w3]), w2
+
+
+def _block(w, n_head, eps, y, rope, kc, vc, allowed):
+    """Block.forward_candidates, keeping its intermediates. w: the block's weights (_fuse(_weights))."""
+    attn_norm, wqkv, wo, ffn_norm, w13, w2 = w
     a, sa = _rms(y, attn_norm, eps)
-    q = apply_rope(_heads(F.linear(a, wq), n_head), rope)
-    k = apply_rope(_heads(F.linear(a, wk), n_head), rope)
-    v = _heads(F.linear(a, wv), n_head)
+    q, k, v = F.linear(a, wqkv).chunk(3, -1)
+    q, k, v = apply_rope(_heads(q, n_head), rope), apply_rope(_heads(k, n_head), rope), _heads(v, n_head)
     o, probs = _attend(q, k, v, kc, vc, allowed)
     y1 = y + F.linear(_merge(o), wo)
     b, sb = _rms(y1, ffn_norm, eps)
-    g1, g3 = F.linear(b, w1), F.linear(b, w3)
+    g1, g3 = F.linear(b, w13).chunk(2, -1)
     s1 = F.silu(g1)
     y2 = y1 + F.linear(s1 * g3, w2)
     return y2, (y.dtype, y1.dtype, sa, sb, q, k, v, probs, g1, g3, s1)
@@ -94,18 +101,18 @@ def _block(w, n_head, eps, y, rope, kc, vc, allowed):
 
 def _block_back(w, n_head, dy2, saved, rope, kc, vc):
     """d/dy of the block given d/dy2 (the residual passes dy2 straight through)."""
-    attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3 = w
+    attn_norm, wqkv, wo, ffn_norm, w13, w2 = w
     y_dtype, y1_dtype, sa, sb, q, k, v, probs, g1, g3, s1 = saved
     dm = F.linear(dy2, w2.t())
     dg3 = dm * s1
     sig = torch.sigmoid(g1)
     dg1 = dm * g3 * (sig * (1 + g1 * (1 - sig)))  # silu'(x) = sigma(x) (1 + x (1 - sigma(x)))
-    db = F.linear(dg1, w1.t()) + F.linear(dg3, w3.t())
+    db = F.linear(torch.cat([dg1, dg3], -1), w13.t())
     dy1 = (dy2 + _rms_back(db, ffn_norm, sb, y1_dtype)).to(y1_dtype)
     do = _heads(F.linear(dy1, wo.t()), n_head)
     dq, dk, dv = _attend_back(do, q, k, v, kc, vc, probs)
     dq, dk = _rope_back(dq, rope), _rope_back(dk, rope)
-    da = F.linear(_merge(dq), wq.t()) + F.linear(_merge(dk), wk.t()) + F.linear(_merge(dv), wv.t())
+    da = F.linear(torch.cat([_merge(dq), _merge(dk), _merge(dv)], -1), wqkv.t())
     return (dy1 + _rms_back(da, attn_norm, sa, y_dtype)).to(y_dtype)
 
 
@@ -141,7 +148,7 @@ def energy_grad(model, ctx, y, compiled: bool = False):
 
 
 def _energy_grad(blocks, norm, head, n_head, eps, y, rope, ks, vs, allowed):
-    h, saved = y, []
+    h, saved, blocks = y, [], [_fuse(w) for w in blocks]
     for i, w in enumerate(blocks):
         h, s = _block(w, n_head, eps, h, rope, ks[i], vs[i], allowed)
         saved.append(s)
@@ -168,14 +175,44 @@ def context_kv(model, h, positions, compiled: bool = False) -> KVCache:
 
 def _context_kv(blocks, n_head, eps, h, rope):
     ks, vs = [], []
-    for i, (attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3) in enumerate(blocks):
+    for i, w in enumerate(blocks):
+        attn_norm, wqkv, wo, ffn_norm, w13, w2 = _fuse(w)
         a, _ = _rms(h, attn_norm, eps)
-        q = apply_rope(_heads(F.linear(a, wq), n_head), rope)
-        ks.append(apply_rope(_heads(F.linear(a, wk), n_head), rope))
-        vs.append(_heads(F.linear(a, wv), n_head))
+        q, k, v = F.linear(a, wqkv).chunk(3, -1)
+        q = apply_rope(_heads(q, n_head), rope)
+        ks.append(apply_rope(_heads(k, n_head), rope))
+        vs.append(_heads(v, n_head))
         if i == len(blocks) - 1:
             break
         h = h + F.linear(_merge(F.scaled_dot_product_attention(q, ks[-1], vs[-1], is_causal=True)), wo)
         b, _ = _rms(h, ffn_norm, eps)
-        h = h + F.linear(F.silu(F.linear(b, w1)) * F.linear(b, w3), w2)
+        g1, g3 = F.linear(b, w13).chunk(2, -1)
+        h = h + F.linear(F.silu(g1) * g3, w2)
     return ks, vs
+
+
+def context_decode_step(model, cache: KVCache, h, pos, valid, compiled: bool = False) -> None:
+    """One new context position (generation with static shapes): each layer's key and value for h (B, 1,
+    D) written into the static cache at index `pos` (a (1,) tensor), the position attending over the
+    cache's `valid` (C,) positions. Backbone.forward's decoding step by plain operations, compiled as one
+    function (the decode step is bound by its number of kernels); the last layer's output is skipped."""
+    rope = model.backbone.rope.tables(pos, compute_dtype(h.dtype), real=compiled)
+    blocks, _, _ = _weights(model)
+    fn = compile_fn(_context_decode) if compiled else _context_decode
+    fn(blocks, model.cfg.n_head, model.cfg.norm_eps, h, rope, cache.k, cache.v, pos, valid.view(1, 1, 1, -1))
+
+
+def _context_decode(blocks, n_head, eps, h, rope, ks, vs, pos, mask):
+    for i, w in enumerate(blocks):
+        attn_norm, wqkv, wo, ffn_norm, w13, w2 = _fuse(w)
+        a, _ = _rms(h, attn_norm, eps)
+        q, k, v = F.linear(a, wqkv).chunk(3, -1)
+        q = apply_rope(_heads(q, n_head), rope)
+        ks[i].index_copy_(2, pos, apply_rope(_heads(k, n_head), rope).to(ks[i].dtype))
+        vs[i].index_copy_(2, pos, _heads(v, n_head).to(vs[i].dtype))
+        if i == len(blocks) - 1:
+            break
+        h = h + F.linear(_merge(F.scaled_dot_product_attention(q, ks[i], vs[i], attn_mask=mask)), wo)
+        b, _ = _rms(h, ffn_norm, eps)
+        g1, g3 = F.linear(b, w13).chunk(2, -1)
+        h = h + F.linear(F.silu(g1) * g3, w2)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ebt.energy_grad import context_decode_step
 from ebt.errors import ConfigError
 from ebt.nn import KVCache, capture_cuda_graph
 from ebt.think import ThinkConfig, think
@@ -89,7 +90,10 @@ class Decoder:
         if self.is_ebt:
             self.prefix = 1 if model.step_emb is not None else 0
             keys = sorted({model.landscape_key(k) for k in range(cfg.ebt.landscapes)})
-            caches = {k: KVCache(cfg.n_layer, max_len + self.prefix, **shape) for k in keys}
+            # room for a multiple of 8 positions: the static step attends over the whole buffer (under
+            # a mask), whose length then needs no padding for aligned products (ebt.energy_grad)
+            length = -(-(max_len + self.prefix) // 8) * 8
+            caches = {k: KVCache(cfg.n_layer, length, **shape) for k in keys}
             self.ctx = _Contexts(model, caches, self.prefix)
             if self.prefix:  # the step token at position 0 of each landscape's context stream
                 for k, cache in caches.items():
@@ -106,7 +110,10 @@ class Decoder:
         cpos = pos + self.prefix
         valid = torch.arange(cache.k[0].shape[2], device=tok.device) <= cpos  # written context positions
         for c in self.ctx.caches.values():
-            m.backbone(m.tok_emb(tok), cpos, cache=c, pos=cpos, mask=valid.view(1, 1, 1, -1), causal=False)
+            if getattr(m, "compile_grad", False):  # written out and compiled: a few kernels instead of hundreds
+                context_decode_step(m, c, m.tok_emb(tok), cpos, valid, compiled=True)
+            else:
+                m.backbone(m.tok_emb(tok), cpos, cache=c, pos=cpos, mask=valid.view(1, 1, 1, -1), causal=False)
         ctx = _StaticContexts(m, self.ctx.caches, self.prefix, pos, valid.view(1, -1))
         return think(m, tok, self.think_cfg, contexts=ctx).z[:, -1]
 

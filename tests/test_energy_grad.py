@@ -180,6 +180,27 @@ def test_written_out_context_stream_matches_the_backbone(monkeypatch):
     assert calls == [{"compiled": True}]
 
 
+def test_written_out_decoding_step_matches_the_backbone():
+    """context_decode_step (a compiled model's static decoding step) writes the keys and values that
+    Backbone.forward's decoding step writes, at a position tensor, attending under the valid mask."""
+    from ebt.energy_grad import context_decode_step
+    from ebt.nn import KVCache
+
+    model = tiny("s2", S=24)
+    cfg = model.cfg
+    shape = dict(batch=2, n_head=cfg.n_head, head_dim=cfg.head_dim, dtype=torch.float64)
+    ref, out = KVCache(cfg.n_layer, 32, **shape), KVCache(cfg.n_layer, 32, **shape)
+    h = torch.randn(2, 6, cfg.d_model, dtype=torch.float64)
+    for cache in (ref, out):  # a prefill of 5 positions, then one decoding step at position 5
+        model.backbone(h[:, :5], torch.arange(5), cache=cache, pos=0)
+    pos = torch.tensor([5])
+    valid = torch.arange(32) <= pos
+    model.backbone(h[:, 5:], pos, cache=ref, pos=pos, mask=valid.view(1, 1, 1, -1), causal=False)
+    context_decode_step(model, out, h[:, 5:], pos, valid)
+    for a, b in zip(ref.k + ref.v, out.k + out.v):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def spy_compiled(monkeypatch) -> list:
     """Record the name of every function run through ebt.nn.compiled (by its users' imports)."""
     import ebt.energy_grad as eg
@@ -269,9 +290,11 @@ def test_compiled_thinking_with_padded_layouts_matches(monkeypatch):
         assert out.passes == ref.passes and torch.equal(out.steps_used, ref.steps_used)
     assert {"_probs_in", "_update", "_context_kv"} <= set(calls)
     model.compile_grad = False
+    calls.clear()
     prompts, gen = [[1, 2, 3], [4, 5, 6, 7, 8]], dict(max_new_tokens=5, think=ThinkConfig(steps=2, score_final=False))
     a = generate(model, prompts, GenerateConfig(**gen))
     assert generate(model, prompts, GenerateConfig(**gen, cuda_graph=True, compile=True)) == a
+    assert {"_context_decode", "_probs_in", "_update"} <= set(calls)  # the static step, compiled
 
 
 @pytest.mark.slow
