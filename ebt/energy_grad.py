@@ -167,28 +167,10 @@ def context_kv(model, h, positions, compiled: bool = False) -> KVCache:
     norm are skipped: nothing reads them."""
     rope = model.backbone.rope.tables(positions, compute_dtype(h.dtype), real=compiled)
     blocks, _, _ = _weights(model)
-    fn = compile_fn(_context_kv) if compiled else _context_kv
+    fn = compile_fn(_context) if compiled else _context
     cache = KVCache(len(blocks))
     cache.k, cache.v = fn(blocks, model.cfg.n_head, model.cfg.norm_eps, h, rope)
     return cache
-
-
-def _context_kv(blocks, n_head, eps, h, rope):
-    ks, vs = [], []
-    for i, w in enumerate(blocks):
-        attn_norm, wqkv, wo, ffn_norm, w13, w2 = _fuse(w)
-        a, _ = _rms(h, attn_norm, eps)
-        q, k, v = F.linear(a, wqkv).chunk(3, -1)
-        q = apply_rope(_heads(q, n_head), rope)
-        ks.append(apply_rope(_heads(k, n_head), rope))
-        vs.append(_heads(v, n_head))
-        if i == len(blocks) - 1:
-            break
-        h = h + F.linear(_merge(F.scaled_dot_product_attention(q, ks[-1], vs[-1], is_causal=True)), wo)
-        b, _ = _rms(h, ffn_norm, eps)
-        g1, g3 = F.linear(b, w13).chunk(2, -1)
-        h = h + F.linear(F.silu(g1) * g3, w2)
-    return ks, vs
 
 
 def context_decode_step(model, cache: KVCache, h, pos, valid, compiled: bool = False) -> None:
@@ -198,21 +180,34 @@ def context_decode_step(model, cache: KVCache, h, pos, valid, compiled: bool = F
     function (the decode step is bound by its number of kernels); the last layer's output is skipped."""
     rope = model.backbone.rope.tables(pos, compute_dtype(h.dtype), real=compiled)
     blocks, _, _ = _weights(model)
-    fn = compile_fn(_context_decode) if compiled else _context_decode
-    fn(blocks, model.cfg.n_head, model.cfg.norm_eps, h, rope, cache.k, cache.v, pos, valid.view(1, 1, 1, -1))
+    fn = compile_fn(_context) if compiled else _context
+    fn(blocks, model.cfg.n_head, model.cfg.norm_eps, h, rope, (cache.k, cache.v, pos, valid.view(1, 1, 1, -1)))
 
 
-def _context_decode(blocks, n_head, eps, h, rope, ks, vs, pos, mask):
+def _context(blocks, n_head, eps, h, rope, cache=None):
+    """The context stream up to the last layer's keys and values. Without a cache, h is the whole
+    stream attending causally to itself, and each layer's keys and values are returned; with one,
+    cache = (keys, values, pos, mask): h is one new position, written into the static buffers at pos and
+    attending over them under the mask."""
+    ks, vs = [], []
     for i, w in enumerate(blocks):
         attn_norm, wqkv, wo, ffn_norm, w13, w2 = _fuse(w)
         a, _ = _rms(h, attn_norm, eps)
         q, k, v = F.linear(a, wqkv).chunk(3, -1)
-        q = apply_rope(_heads(q, n_head), rope)
-        ks[i].index_copy_(2, pos, apply_rope(_heads(k, n_head), rope).to(ks[i].dtype))
-        vs[i].index_copy_(2, pos, _heads(v, n_head).to(vs[i].dtype))
+        q, k, v = apply_rope(_heads(q, n_head), rope), apply_rope(_heads(k, n_head), rope), _heads(v, n_head)
+        mask = None
+        if cache is None:
+            ks.append(k)
+            vs.append(v)
+        else:
+            kc, vc, pos, mask = cache
+            kc[i].index_copy_(2, pos, k.to(kc[i].dtype))
+            vc[i].index_copy_(2, pos, v.to(vc[i].dtype))
+            k, v = kc[i], vc[i]
         if i == len(blocks) - 1:
             break
-        h = h + F.linear(_merge(F.scaled_dot_product_attention(q, ks[i], vs[i], attn_mask=mask)), wo)
+        h = h + F.linear(_merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)), wo)
         b, _ = _rms(h, ffn_norm, eps)
         g1, g3 = F.linear(b, w13).chunk(2, -1)
         h = h + F.linear(F.silu(g1) * g3, w2)
+    return ks, vs

@@ -234,7 +234,8 @@ def candidate_probs_split(qy, ky, kc, allowed) -> tuple[torch.Tensor, torch.Tens
     """candidate_probs as its two parts, (context weights (B, H, S, C), self weight (B, H, S, 1)), the
     softmax written out over both without concatenating them: the context part keeps the keys' width
     C, which stays aligned for tensor-core products (a (C + 1)-wide row does not). More kernels than
-    one softmax, so for compiled code (ebt.energy_grad); the same numbers to rounding."""
+    one softmax, which the compiler fuses: the written-out gradient's form (ebt.energy_grad), while
+    the autograd paths keep candidate_probs; the same numbers to rounding."""
     scale = 1.0 / math.sqrt(qy.shape[-1])
     cd = compute_dtype(qy.dtype)
     s_ctx = ((qy @ kc.transpose(-2, -1)) * scale).masked_fill(~allowed, float("-inf")).to(cd)

@@ -215,7 +215,7 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
                 z = torch.addcmul(p.detach(), alpha.detach(), g, value=-1)
         elif linear_map:
             z, E, loss = _linear_map_step(model, ctx, z, alpha, lambda zn, **kw: loss_grad(k, zn, scale, **kw),
-                                          wanted, explicit=method == "explicit")
+                                          wanted, explicit, fused)
             losses.append(loss)
         elif method in ("double", "explicit"):
             p, E, g = energy_and_grad(model, ctx, z, create_graph=True, explicit=explicit)
@@ -319,7 +319,7 @@ def fused_step(model, ctx, z, alpha):
     return compiled(_update)(z, F.linear(u, Wl.t()), a, model.candidate_softmax), E
 
 
-def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool):
+def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool, fused: bool):
     """One graph-building step of the "jvp" or "explicit" method with the candidate's linear map W
     (D x V) in closed form. With y = W p, u = dE/dy, the step is z_next = p - alpha * W^T u. For the
     loss gradient v at z_next:
@@ -331,10 +331,9 @@ def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool):
     with the cotangent -y_dot: an ordinary first-order backward, which torch.compile can compile.
     Either way the (B, S, V) tensors meet only matrix products and first-order elementwise work:
     p, z_next and v are the only ones made (and W^T u under autocast, where p and v are then held in
-    the autocast dtype). Compiled ("explicit" with model.compile_grad, `fused_ok`), p and v are made
-    once in the products' layout and the update and the loss run as compiled kernels."""
+    the autocast dtype). fused ("explicit" where `fused_ok`): p and v are made once in the products'
+    layout and the update and the loss run as compiled kernels."""
     W = model.vocab_to_embed.weight
-    fused = explicit and fused_ok(model, z)
     with torch.enable_grad():
         with phase("ebt.step.embed"):
             if fused:  # p and the map in the products' dtype and padded width, made once

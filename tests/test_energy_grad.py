@@ -237,7 +237,7 @@ def test_compiled_step_matches_eager(monkeypatch, bf16):
         assert not calls
         model.compile_grad = True
         compiled, out_c = grads_after(model, x, "explicit")
-    assert {"_energy_grad", "token_loss_grad", "_context_kv"} <= set(calls)
+    assert {"_energy_grad", "token_loss_grad", "_context"} <= set(calls)
     # the (B, S, V) side is fused where the products read another layout (here: bf16), not in float64
     assert ({"_probs_in", "_update"} <= set(calls)) == bf16
     if bf16:
@@ -288,13 +288,13 @@ def test_compiled_thinking_with_padded_layouts_matches(monkeypatch):
         assert torch.allclose(out.energy, ref.energy, rtol=1e-9, atol=1e-12)
         assert torch.allclose(out.initial_energy, ref.initial_energy, rtol=1e-9, atol=1e-12)
         assert out.passes == ref.passes and torch.equal(out.steps_used, ref.steps_used)
-    assert {"_probs_in", "_update", "_context_kv"} <= set(calls)
+    assert {"_probs_in", "_update", "_context"} <= set(calls)
     model.compile_grad = False
     calls.clear()
     prompts, gen = [[1, 2, 3], [4, 5, 6, 7, 8]], dict(max_new_tokens=5, think=ThinkConfig(steps=2, score_final=False))
     a = generate(model, prompts, GenerateConfig(**gen))
     assert generate(model, prompts, GenerateConfig(**gen, cuda_graph=True, compile=True)) == a
-    assert {"_context_decode", "_probs_in", "_update"} <= set(calls)  # the static step, compiled
+    assert {"_context", "_probs_in", "_update"} <= set(calls)  # the static step, compiled
 
 
 @pytest.mark.slow
