@@ -27,6 +27,7 @@ thinking: more steps, several candidates with a selection rule, step acceptance 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,47 @@ class ContextCache(dict):
             with torch.set_grad_enabled(graph):  # no graph: fused attention kernels may serve
                 self[key] = self.model.context(self.inputs, k, first_order=not graph)
         return self[key]
+
+
+class Recycler:
+    """Dead (B, S, V) tensors on CPU, kept to receive the next step's outputs (`out=`).
+
+    Why: glibc serves each allocation above its mmap threshold (which stops growing at 32 MB) with a
+    fresh mapping and unmaps it on free, so every new (B, S, V) tensor pays a page fault per 4 KB on
+    first touch. On the 2-core VM a 33 MB softmax takes 11 ms into a new tensor and 2.7 ms into a
+    reused one, and a training step makes about nine such tensors. CUDA's caching allocator already
+    reuses memory, so on other devices `take` is torch.empty and `give` keeps nothing.
+    Only a tensor that nothing else will read may be given: the training unroll gives its own p, v
+    and dead candidates, never one a caller holds. At most `keep` tensors are held."""
+
+    MIN_BYTES = 1 << 22  # smaller tensors come from malloc's heap, which reuses memory already
+
+    def __init__(self, keep: int = 4):
+        self.keep, self.free, self.lock = keep, [], threading.Lock()
+
+    def take(self, shape, dtype, device) -> torch.Tensor:
+        shape = torch.Size(shape)
+        with self.lock:
+            for i, t in enumerate(self.free):
+                if t.shape == shape and t.dtype == dtype and t.device == device:
+                    return self.free.pop(i)
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def give(self, *tensors) -> None:
+        with self.lock:
+            for t in tensors:
+                if (t is not None and t.device.type == "cpu" and t._base is None and t.is_contiguous()
+                        and t.grad_fn is None and t.untyped_storage().nbytes() >= self.MIN_BYTES
+                        and all(t.data_ptr() != f.data_ptr() for f in self.free)):  # never twice
+                    self.free.append(t.detach())
+            del self.free[: max(0, len(self.free) - self.keep)]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.free.clear()
+
+
+RECYCLER = Recycler()
 
 
 def energy_and_grad(model, ctx, z, noise: float = 0.0, create_graph: bool = False, explicit: bool | None = None):
@@ -155,7 +197,7 @@ def _graph_leaves(ctx):
 
 
 def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_grad, loss_steps,
-                    scale: float = 1.0, method: str = "double", on_step=None):
+                    scale: float = 1.0, method: str = "double", on_step=None, recycle_start: bool = False):
     """The training unroll and its backward in one pass, one step's graph alive at a time.
 
     z: the starting candidate, or a one-element list holding it, which is emptied so that no caller
@@ -165,8 +207,10 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
     (loss_k, d(scale * loss_k)/dz_k) without a graph (`autograd_loss_grad` builds one from a plain
     loss; with grad_layout=(dtype, pad) the gradient in that layout, ebt.nn.to_layout). Exact (the same
     gradients as `unroll` + backward) when `stepwise_ok(cfg)`. on_step(k, z_k) sees every step's
-    output (metrics). Returns the last candidate (detached), the energy fed into the
-    first step and the step losses.
+    output (metrics) and must not keep it: on CPU its memory receives a later step's output
+    (`Recycler`), as does the start's when recycle_start (the caller holds no other reference to it).
+    loss_grad may write its gradient into out=, a tensor of z_k's shape and dtype, when given one.
+    Returns the last candidate (detached), the energy fed into the first step and the step losses.
 
     method "double": each loss gradient is backpropagated from the step's output through that step's
     first-order gradient graph (reverse-over-reverse), then the graph is freed. "explicit": the same,
@@ -195,6 +239,10 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
     weights = [p for p in model.parameters() if p.requires_grad]
     linear_map = method in ("jvp", "explicit") and isinstance(getattr(model, "vocab_to_embed", None), torch.nn.Linear)
     fused = explicit and fused_ok(model, z)
+    # CPU, float, softmax candidates (p is then a tensor of the step's own): the (B, S, V) outputs of the
+    # closed-form step go into recycled memory (`Recycler`)
+    pool = RECYCLER if (linear_map and not fused and getattr(model, "candidate_softmax", False)
+                        and z.device.type == "cpu" and not torch.is_autocast_enabled("cpu")) else None
     contexts = {}  # landscape key -> (context for the steps, [(graph tensor, leaf)])
     energy0, losses = None, []
     for k in range(n_steps):
@@ -203,19 +251,22 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
             with torch.set_grad_enabled(key in graph_keys), phase("ebt.context"):  # first-order backward
                 contexts[key] = _graph_leaves(model.context(inputs, k, first_order=True))
         ctx, leaves = contexts[key]
-        z = z.detach()
+        z = z_in = z.detach()
         if noise > 0:
-            z = z + noise * torch.randn_like(z)
+            z = _noised(z, noise, pool)
+        z_step = z
         wanted = weights + [leaf for _, leaf in leaves]
         if k not in graph_steps:
             if fused:
                 z, E = fused_step(model, ctx, z, alpha.detach())
+            elif pool is not None and explicit:
+                z, E = _recycled_step(model, ctx, z, alpha.detach(), pool)
             else:
                 p, E, g = energy_and_grad(model, ctx, z, explicit=explicit)
                 z = torch.addcmul(p.detach(), alpha.detach(), g, value=-1)
         elif linear_map:
             z, E, loss = _linear_map_step(model, ctx, z, alpha, lambda zn, **kw: loss_grad(k, zn, scale, **kw),
-                                          wanted, explicit, fused)
+                                          wanted, explicit, fused, pool)
             losses.append(loss)
         elif method in ("double", "explicit"):
             p, E, g = energy_and_grad(model, ctx, z, create_graph=True, explicit=explicit)
@@ -237,7 +288,12 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
             _alpha_grad(alpha, _rowdot(g, v))
             losses.append(loss)
         # drop this step's tensors before the next: their graphs lead back to the step's input candidate
-        E, p, g, z_next, v, dual, directional = E.detach(), None, None, None, None, None, None
+        if pool is not None:  # the step's input candidates, read by nothing from here on; the caller's start
+            # only when it was handed over (recycle_start)
+            owned = k > 0 or recycle_start
+            pool.give(*([z_step] if z_step is not z_in else []), *([z_in] if owned else []))
+        E, p, g, z_next, v, dual, directional, z_in, z_step = (E.detach(), None, None, None, None, None, None,
+                                                               None, None)
         if on_step is not None:
             on_step(k, z)
         if k == 0:
@@ -319,7 +375,7 @@ def fused_step(model, ctx, z, alpha):
     return compiled(_update)(z, F.linear(u, Wl.t()), a, model.candidate_softmax), E
 
 
-def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool, fused: bool):
+def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool, fused: bool, pool=None):
     """One graph-building step of the "jvp" or "explicit" method with the candidate's linear map W
     (D x V) in closed form. With y = W p, u = dE/dy, the step is z_next = p - alpha * W^T u. For the
     loss gradient v at z_next:
@@ -332,7 +388,8 @@ def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool, fu
     Either way the (B, S, V) tensors meet only matrix products and first-order elementwise work:
     p, z_next and v are the only ones made (and W^T u under autocast, where p and v are then held in
     the autocast dtype). fused ("explicit" where `fused_ok`): p and v are made once in the products'
-    layout and the update and the loss run as compiled kernels."""
+    layout and the update and the loss run as compiled kernels. pool (a `Recycler`, CPU float): p,
+    z_next and v are written into recycled memory, and p and v are given back at the end."""
     W = model.vocab_to_embed.weight
     with torch.enable_grad():
         with phase("ebt.step.embed"):
@@ -340,7 +397,7 @@ def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool, fu
                 p, Wl, dt, pad = _map_in(model, z)
                 y = F.linear(p, Wl)
             else:
-                p = model.candidate_input(z).detach()
+                p = _candidate_input(model, z, pool)
                 del z
                 y = vocab_in(p, W)
             y = y.detach().requires_grad_()
@@ -364,8 +421,10 @@ def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool, fu
                 z_next = torch.addcmul(p, a, vocab_out(u, W.t()), value=-1)
                 p = p.to(low)  # from here p and v only enter matrix products, which would cast them anyway:
             else:  # the update inside the matrix product: no (B, S, V) temporary, one pass fewer
-                z_next = torch.addmm(p.flatten(0, -2), ua.flatten(0, -2).to(W.dtype), W, alpha=-1).view_as(p)
-            loss, v = loss_grad(z_next)
+                z_next = _take(pool, p)
+                torch.addmm(p.flatten(0, -2), ua.flatten(0, -2).to(W.dtype), W, alpha=-1,
+                            out=z_next.view(-1, p.shape[-1]))
+            loss, v = loss_grad(z_next, **({} if pool is None else {"out": _take(pool, z_next)}))
             if low is not None:
                 v = v.to(low)  # cast once, and half the memory held
             wv = vocab_in(v, W)  # W v (B, S, D): alpha's gradient and the direction, without (B, S, V) products
@@ -391,7 +450,42 @@ def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool, fu
                 dW = vocab_t(grads[0], p).to(W.dtype)  # summed in W's dtype, as autograd accumulates
                 vocab_t(ua, v, acc=dW, alpha=-1)
         _accumulate([W], [dW.to(W.dtype)])
+    if pool is not None:
+        pool.give(p, v)
     return z_next, E.detach(), loss
+
+
+def _noised(z, noise: float, pool=None):
+    """z + noise * N(0, 1) (the same numbers as z + noise * torch.randn_like(z)), in recycled memory."""
+    if pool is None:
+        return z + noise * torch.randn_like(z)
+    return torch.randn(z.shape, out=_take(pool, z)).mul_(noise).add_(z)
+
+
+def _recycled_step(model, ctx, z, alpha, pool):
+    """One first-order step of the written-out gradient with the linear map in closed form (z_next = p -
+    W^T (alpha u), u = dE/dy at y = W p), p and z_next in recycled memory; p is given back. (z_next, E)."""
+    W = model.vocab_to_embed.weight.detach()
+    with torch.no_grad():
+        p = _candidate_input(model, z, pool)
+        E, u = model.energy_grad_embedding(ctx, vocab_in(p, W))
+        z_next = _take(pool, p)
+        torch.addmm(p.flatten(0, -2), (u * alpha).flatten(0, -2).to(W.dtype), W, alpha=-1,
+                    out=z_next.view(-1, p.shape[-1]))
+    pool.give(p)
+    return z_next, E
+
+
+def _take(pool, like):
+    """An uninitialised tensor like `like`: recycled memory from pool, or new."""
+    return torch.empty_like(like) if pool is None else pool.take(like.shape, like.dtype, like.device)
+
+
+def _candidate_input(model, z, pool=None):
+    """model.candidate_input(z), detached; with pool (softmax candidates only) into recycled memory."""
+    if pool is None:
+        return model.candidate_input(z).detach()
+    return torch.softmax(z, -1, out=_take(pool, z))
 
 
 # Recipe pieces every EBT shares (text, video, images): how many steps, which step size, alpha's group.

@@ -129,7 +129,7 @@ def test_training_step_frees_its_starting_candidate(method):
         gc.collect()
         seen.append(ref() is None)
 
-    def loss_grad(k, z, s):
+    def loss_grad(k, z, s, out=None):
         return z.sum() * 0, torch.zeros_like(z)
 
     start = [z0]
@@ -237,9 +237,11 @@ def test_compiled_step_matches_eager(monkeypatch, bf16):
         assert not calls
         model.compile_grad = True
         compiled, out_c = grads_after(model, x, "explicit")
-    assert {"_energy_grad", "token_loss_grad", "_context"} <= set(calls)
-    # the (B, S, V) side is fused where the products read another layout (here: bf16), not in float64
-    assert ({"_probs_in", "_update"} <= set(calls)) == bf16
+    assert {"_energy_grad", "_context"} <= set(calls)
+    # the (B, S, V) side is fused where the products read another layout (here: bf16); in float64 on CPU
+    # it runs eagerly into recycled memory (ebt.think.Recycler), the loss gradient too
+    assert ({"_probs_in", "_update", "token_loss_grad"} <= set(calls)) == bf16
+    assert ("token_loss_grad" in calls) == bf16
     if bf16:
         assert max_rel(compiled, ref) < 1.5 * max_rel(eager, ref), (max_rel(compiled, ref), max_rel(eager, ref))
     else:

@@ -20,7 +20,7 @@ from ebt.config import ModelConfig, recipe
 from ebt.errors import ConfigError
 from ebt.models import build_model
 from ebt.models.transformer import token_loss, token_loss_grad
-from ebt.think import ContextCache, ThinkConfig, energy_and_grad, think
+from ebt.think import RECYCLER, ContextCache, Recycler, ThinkConfig, energy_and_grad, think
 
 
 def tiny(rec="s1", variant=None, candidate="tokens", vocab=97, S=12, **ebt_kw):
@@ -53,8 +53,11 @@ def grads_after(model, x, method, calls=2, official=False):
 
 
 def max_rel(a, b):
+    """The largest relative difference over named tensors; NaN anywhere counts as infinite (Python's max
+    would skip a NaN that is not first)."""
     assert a.keys() == b.keys(), set(a) ^ set(b)
-    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-300)) for k in b)
+    errs = [float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-300)) for k in b]
+    return float("inf") if any(e != e for e in errs) else max(errs)
 
 
 CASES = [("s1", None, "tokens", {}), ("s1", "default", "tokens", {}), ("s2", None, "tokens", {"replay_buffer": 8}),
@@ -116,6 +119,60 @@ def test_closed_form_cross_entropy_gradient():
         assert float(out["loss"]) == pytest.approx(float(ref["loss"]), rel=1e-12)
         assert int(out["n_tokens"]) == int(ref["n_tokens"])
         assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-14)
+
+
+def test_closed_form_loss_where_the_target_probability_underflows():
+    """-log p_t from max z - log(max p) - z_t: finite and equal to log-softmax's where p_t is 0 in floats."""
+    z = torch.zeros(2, 3, 7, dtype=torch.float64)
+    z[..., 0] = -1000.0  # exp(-1000) underflows to 0 in float64
+    t = torch.zeros(2, 3, dtype=torch.long)
+    out, g = token_loss_grad(z, t, None)
+    assert float(out["loss"]) == pytest.approx(float(token_loss(z, t, None)["loss"]), rel=1e-15)
+    assert torch.isfinite(g).all()
+
+
+@pytest.fixture
+def poisoned_recycler(monkeypatch):
+    """The CPU recycler on every tensor size, and each tensor it keeps overwritten with NaN: a tensor read
+    after it was given back, or a recycled one not wholly overwritten, turns the results into NaN."""
+    give = Recycler.give
+
+    def give_and_poison(self, *tensors):
+        give(self, *tensors)
+        for t in self.free:
+            if any(t.data_ptr() == u.data_ptr() for u in tensors if u is not None):
+                t.fill_(float("nan"))
+
+    monkeypatch.setattr(Recycler, "MIN_BYTES", 0)
+    monkeypatch.setattr(Recycler, "give", give_and_poison)
+    RECYCLER.clear()
+    yield RECYCLER
+    RECYCLER.clear()
+
+
+@pytest.mark.parametrize("rec", ["s1", "s2"])
+def test_recycled_memory_changes_no_result(rec, poisoned_recycler, monkeypatch):
+    model = tiny(rec, replay_buffer=8 if rec == "s2" else 0)
+    x = window(model)
+    got = {m: grads_after(model, x, m, calls=3) for m in ("explicit", "jvp")}
+    assert poisoned_recycler.free  # the steps did recycle
+    monkeypatch.setattr(Recycler, "give", lambda self, *t: None)  # nothing recycled: fresh tensors only
+    for method, (g, out) in got.items():
+        g_ref, out_ref = grads_after(model, x, method, calls=3)
+        assert g.keys() == g_ref.keys() and all(torch.equal(g[n], g_ref[n]) for n in g_ref), method  # NaN-safe
+        assert float(out["loss"]) == float(out_ref["loss"]) and float(out["ce_first"]) == float(out_ref["ce_first"])
+
+
+def test_recycling_never_takes_a_callers_tensor(poisoned_recycler):
+    """A start the caller passes in (and holds) is read, never recycled."""
+    model = tiny("s1")
+    x = window(model)
+    init = model.init_candidate(x[:, :-1])
+    kept = init.clone()
+    model.train()
+    for _ in range(2):
+        model.train_step(x, init=init, method="explicit")
+    assert torch.equal(init, kept)
 
 
 def test_vocabulary_padding_changes_no_result(monkeypatch):

@@ -19,8 +19,8 @@ from ebt.models.transformer import (check_window, compiled_token_loss_grad, make
                                    token_loss_grad)
 from ebt.energy_grad import context_kv, energy_grad
 from ebt.nn import Backbone, KVCache, candidate_frame, init_weights, to_layout, vocab_in, vocab_out
-from ebt.think import (GRAD_METHODS, alpha_param_groups, auto_grad_method, autograd_loss_grad, draw_steps,
-                       recipe_alpha, stepwise_ok, unroll, unroll_backward)
+from ebt.think import (GRAD_METHODS, RECYCLER, alpha_param_groups, auto_grad_method, autograd_loss_grad,
+                       draw_steps, recipe_alpha, stepwise_ok, unroll, unroll_backward)
 
 
 class ReplayBuffer:
@@ -170,7 +170,8 @@ class EBT(nn.Module):
 
     def init_candidate(self, tokens: torch.Tensor) -> torch.Tensor:
         """A random starting candidate ~ N(0, init_scale^2): logits (B, S, V) or features (B, S, F)."""
-        z = torch.randn(*tokens.shape[:2], self.candidate_size, device=tokens.device, dtype=self.tok_emb.weight.dtype)
+        shape = (*tokens.shape[:2], self.candidate_size)
+        z = torch.randn(shape, out=RECYCLER.take(shape, self.tok_emb.weight.dtype, tokens.device))
         return z.mul_(self.cfg.ebt.init_scale)  # in place: no second (B, S, V) tensor
 
     def default_think_steps(self) -> int:
@@ -196,7 +197,11 @@ class EBT(nn.Module):
                 tokens = torch.cat([tokens, w_old[:, :-1]])
                 targets = torch.cat([targets, w_old[:, 1:]])
                 window = torch.cat([window, w_old])
-                z = torch.cat([z, z_old.to(z.dtype)])
+                z_all = RECYCLER.take((z.shape[0] + n, *z.shape[1:]), z.dtype, z.device)
+                torch.cat([z, z_old.to(z.dtype)], out=z_all)
+                if init is None:  # drawn above: no one else holds it
+                    RECYCLER.give(z)
+                z = z_all
         return window, tokens, targets, z
 
     def _finish(self, window, tokens, fresh, n_steps, loss, first, last, z_last, e_first) -> dict:
@@ -262,9 +267,12 @@ class EBT(nn.Module):
         weight = 1.0 / len(loss_steps)  # S1: the mean over steps
         ce = {}  # each step's loss dict (cross-entropy or Smooth L1, with counts), kept for the metrics
 
-        def loss_grad(k, z_k, s, grad_layout=None):  # the step's loss and its gradient at z_k (closed form
-            # for tokens), the gradient in grad_layout (dtype, pad) if given
+        def loss_grad(k, z_k, s, grad_layout=None, out=None):  # the step's loss and its gradient at z_k
+            # (closed form for tokens), the gradient in grad_layout (dtype, pad) if given, into out if given
             if self.cfg.candidate == "tokens":
+                if out is not None:  # eager into recycled memory (CPU): a compiled one would allocate
+                    ce[k], v = token_loss_grad(z_k, targets, self.cfg.pad_token_id, s * weight, out=out)
+                    return ce[k]["loss"] * weight, v
                 fn = compiled_token_loss_grad() if self.compile_grad else token_loss_grad
                 ce[k], v = fn(z_k, targets, self.cfg.pad_token_id, s * weight, grad_layout)
                 return ce[k]["loss"] * weight, v
@@ -279,11 +287,20 @@ class EBT(nn.Module):
         def on_step(k, z_k):  # the first step's loss is logged even when it is not trained on
             if k == 0 and k not in ce:
                 with torch.no_grad():
-                    ce[0] = prediction_loss(z_k, targets, self.cfg)
+                    if self.cfg.candidate == "tokens" and z_k.device.type == "cpu":  # no fresh (B, S, V)
+                        # log-softmax: the closed-form loss into recycled memory (its gradient unused)
+                        ce[0], g = token_loss_grad(z_k, targets, self.cfg.pad_token_id,
+                                                   out=RECYCLER.take(z_k.shape, z_k.dtype, z_k.device))
+                        RECYCLER.give(g)
+                    else:
+                        ce[0] = prediction_loss(z_k, targets, self.cfg)
 
+        own_start = init is None  # drawn here (or concatenated with replayed rows): no caller holds it
         start = [z]  # handed over: nothing here keeps the (B, S, V) start alive through the unroll
         del z, init
         z_last, e_first, losses = unroll_backward(self, tokens, start, n_steps, self.training, e, loss_grad,
-                                                  loss_steps, scale, method, on_step)
+                                                  loss_steps, scale, method, on_step, recycle_start=own_start)
         last = {k: v.detach() for k, v in ce[n_steps - 1].items()}
-        return self._finish(window, tokens, fresh, n_steps, torch.stack(losses).sum(), ce[0], last, z_last, e_first)
+        out = self._finish(window, tokens, fresh, n_steps, torch.stack(losses).sum(), ce[0], last, z_last, e_first)
+        RECYCLER.give(z_last)  # read by _finish only (the replay buffer copies it)
+        return out

@@ -39,30 +39,35 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | None) 
 
 
 def token_loss_grad(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | None, scale: float = 1.0,
-                    grad_layout: tuple[torch.dtype, int] | None = None):
+                    grad_layout: tuple[torch.dtype, int] | None = None, out: torch.Tensor | None = None):
     """`token_loss` and its gradient d(scale * loss)/dlogits in closed form (softmax - one-hot, over the
-    non-pad count), without autograd: log-softmax and softmax passes over the (B, S, V) logits instead of
-    autograd's log-softmax, its backward and a zero-filled gradient. Returns (loss dict, gradient).
-    grad_layout: (dtype, pad) to return the gradient in (ebt.nn.to_layout), as matrix products read it;
-    compiled, the cast and the padding cost no extra pass."""
+    non-pad count), without autograd: one softmax pass over the (B, S, V) logits and two max reductions
+    instead of autograd's log-softmax, its backward and a zero-filled gradient. Returns (loss dict,
+    gradient). grad_layout: (dtype, pad) to return the gradient in (ebt.nn.to_layout), as matrix products
+    read it; compiled, the cast and the padding cost no extra pass. out: a tensor of the logits' shape
+    to write the gradient into when its dtype is the one computed in (CPU: reused memory,
+    `ebt.think.Recycler`)."""
     lf = logits if logits.dtype not in (torch.bfloat16, torch.float16) else logits.float()
     t = targets.unsqueeze(-1)
-    # the fused (log-)softmax kernels: a bare exp is slow on CPUs for the large negative values of
-    # optimised EBT logits (denormals), and these are single passes on GPUs too
-    nll = -torch.log_softmax(lf, -1).gather(-1, t).squeeze(-1)
+    # the fused softmax kernel: a bare exp is slow on CPUs for the large negative values of optimised
+    # EBT logits (denormals), and it is a single pass on GPUs too
+    grad = torch.softmax(lf, -1) if out is None or out.dtype != lf.dtype else torch.softmax(lf, -1, out=out)
+    # -log p_t without a log-softmax pass: logsumexp = max z - log(max p), as softmax's largest entry
+    # is exp(0) / sum (>= 1/V, never underflows); then nll = logsumexp - z_t
+    lse = lf.amax(-1) - torch.log(grad.amax(-1))
+    nll = lse - lf.gather(-1, t).squeeze(-1)
     keep = torch.ones_like(nll) if pad_id is None else (targets != pad_id).to(nll.dtype)
     n = keep.sum()
     nll_sum = (nll * keep).sum()
-    grad = torch.softmax(lf, -1)
     grad.scatter_add_(-1, t, torch.full_like(t, -1, dtype=grad.dtype))
     grad.mul_((keep * (scale / n)).unsqueeze(-1))
     count = targets.numel() if pad_id is None else (targets != pad_id).sum()
-    out = {"loss": nll_sum / n, "nll_sum": nll_sum, "n_tokens": torch.as_tensor(count, device=targets.device)}
-    return out, grad.to(logits.dtype) if grad_layout is None else to_layout(grad, *grad_layout)
+    res = {"loss": nll_sum / n, "nll_sum": nll_sum, "n_tokens": torch.as_tensor(count, device=targets.device)}
+    return res, grad.to(logits.dtype) if grad_layout is None else to_layout(grad, *grad_layout)
 
 
 def compiled_token_loss_grad():
-    """token_loss_grad through torch.compile: its (log-)softmax, gather and scatter fuse into a couple
+    """token_loss_grad through torch.compile: its softmax, reductions, gather and scatter fuse into a couple
     of passes over the (B, S, V) logits instead of six, with no (B, S, V) temporaries."""
     return compiled(token_loss_grad)
 
