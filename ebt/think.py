@@ -239,10 +239,8 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
     weights = [p for p in model.parameters() if p.requires_grad]
     linear_map = method in ("jvp", "explicit") and isinstance(getattr(model, "vocab_to_embed", None), torch.nn.Linear)
     fused = explicit and fused_ok(model, z)
-    # CPU, float, softmax candidates (p is then a tensor of the step's own): the (B, S, V) outputs of the
-    # closed-form step go into recycled memory (`Recycler`)
-    pool = RECYCLER if (linear_map and not fused and getattr(model, "candidate_softmax", False)
-                        and z.device.type == "cpu" and not torch.is_autocast_enabled("cpu")) else None
+    # CPU, float, softmax candidates: the (B, S, V) outputs of the closed-form step go into recycled memory
+    pool = RECYCLER if linear_map and not fused and recyclable(model, z) else None
     contexts = {}  # landscape key -> (context for the steps, [(graph tensor, leaf)])
     energy0, losses = None, []
     for k in range(n_steps):
@@ -455,6 +453,15 @@ def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool, fu
     return z_next, E.detach(), loss
 
 
+def recyclable(model, z) -> bool:
+    """Whether a step's (B, S, V) tensors can live in recycled memory (`Recycler`, `_recycled_step`):
+    on CPU without autocast, for softmax candidates (p is then a tensor of the step's own) entering
+    through a bias-free linear map."""
+    return (z.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+            and bool(getattr(model, "candidate_softmax", False))
+            and isinstance(getattr(model, "vocab_to_embed", None), torch.nn.Linear))
+
+
 def _noised(z, noise: float, pool=None):
     """z + noise * N(0, 1) (the same numbers as z + noise * torch.randn_like(z)), in recycled memory."""
     if pool is None:
@@ -564,11 +571,15 @@ def _expand(mask: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return mask.reshape(*mask.shape, *[1] * (z.dim() - mask.dim()))
 
 
-def _one_candidate(model, contexts, z, n_steps, alpha, noise, cfg: ThinkConfig, trace: bool):
+def _one_candidate(model, contexts, z, n_steps, alpha, noise, cfg: ThinkConfig, trace: bool, own: bool = False):
     """Run one start to the end. Memory is flat in n_steps: only the current candidate, its energy
-    and gradient are kept (and a (B, S) energy per step when tracing)."""
-    if fused_ok(model, z) and not (cfg.accept_lower or cfg.tol is not None or trace):
-        return _one_candidate_fused(model, contexts, z, n_steps, alpha, noise, cfg)
+    and gradient are kept (and a (B, S) energy per step when tracing). own: z is the caller's to
+    recycle (drawn by think itself)."""
+    if not (cfg.accept_lower or cfg.tol is not None or trace):
+        if fused_ok(model, z):
+            return _one_candidate_fused(model, contexts, z, n_steps, alpha, noise, cfg)
+        if recyclable(model, z) and explicit_for(model, z.device):
+            return _one_candidate_fused(model, contexts, z, n_steps, alpha, noise, cfg, RECYCLER, own)
     p, E, g = energy_and_grad(model, contexts.get_ctx(0, False), z, noise)
     E0, steps_used, passes = E.detach(), torch.zeros_like(E), 1
     active = torch.ones_like(E, dtype=torch.bool)
@@ -598,18 +609,30 @@ def _one_candidate(model, contexts, z, n_steps, alpha, noise, cfg: ThinkConfig, 
     return z, E, E0, steps_used, passes, history
 
 
-def _one_candidate_fused(model, contexts, z, n_steps, alpha, noise, cfg: ThinkConfig):
-    """`_one_candidate` where every position takes every step, each step one `fused_step`."""
+def _one_candidate_fused(model, contexts, z, n_steps, alpha, noise, cfg: ThinkConfig, pool=None, own=False):
+    """`_one_candidate` where every position takes every step, each step one `fused_step`, or with
+    pool (CPU, `recyclable`) one `_recycled_step`: the candidates live in recycled memory, the start
+    too when own."""
     E0 = None
     for k in range(n_steps):
+        z_in = z
         if noise > 0:
-            z = z + noise * torch.randn_like(z)
-        z, E = fused_step(model, contexts.get_ctx(k, False), z, alpha)
+            z = _noised(z, noise, pool)
+        z_step = z
+        if pool is None:
+            z, E = fused_step(model, contexts.get_ctx(k, False), z, alpha)
+        else:
+            z, E = _recycled_step(model, contexts.get_ctx(k, False), z, alpha, pool)
+            pool.give(*([z_step] if z_step is not z_in else []), *([z_in] if k > 0 or own else []))
+        z_in = z_step = None
         E0 = E if E0 is None else E0
     passes = n_steps
     if cfg.score_final or cfg.candidates > 1:  # the final candidate's energy, for selection or reporting
-        zf = z + noise * torch.randn_like(z) if noise > 0 else z
-        E = model.energy_from(contexts.get_ctx(n_steps, False), model.candidate_input(zf))
+        zf = _noised(z, noise, pool) if noise > 0 else z
+        pf = _candidate_input(model, zf, pool)
+        E = model.energy_from(contexts.get_ctx(n_steps, False), pf)
+        if pool is not None:
+            pool.give(pf, *([zf] if zf is not z else []))
         passes += 1
     return z, E, E0, torch.full_like(E, float(n_steps)), passes, None
 
@@ -632,7 +655,8 @@ def think(model, inputs, cfg: ThinkConfig | None = None, init: torch.Tensor | No
     steps_total, passes = None, 0
     for c in range(cfg.candidates):
         z0 = init if (init is not None and c == 0) else model.init_candidate(inputs)
-        z, E, E0, used, n, hist = _one_candidate(model, contexts, z0, n_steps, alpha, noise, cfg, cfg.trace)
+        own = init is None or c > 0  # drawn here: its memory may be recycled
+        z, E, E0, used, n, hist = _one_candidate(model, contexts, z0, n_steps, alpha, noise, cfg, cfg.trace, own)
         passes += n
         steps_total = used if steps_total is None else steps_total + used
         if cfg.trace:  # pad an early stop to the full length so traces line up

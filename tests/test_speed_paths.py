@@ -175,6 +175,28 @@ def test_recycling_never_takes_a_callers_tensor(poisoned_recycler):
     assert torch.equal(init, kept)
 
 
+@pytest.mark.parametrize("cfg", [ThinkConfig(steps=3), ThinkConfig(steps=3, noise=0.5, candidates=2),
+                                 ThinkConfig(steps=2, score_final=False)])
+def test_recycled_thinking_changes_no_result(cfg, poisoned_recycler, monkeypatch):
+    """Thinking on CPU runs its steps in recycled memory: the same candidates and energies as with fresh
+    tensors, and a start the caller passes in is left as it was."""
+    model = tiny("s2").eval()
+    x = window(model)[:, :-1]
+    init = model.init_candidate(x)
+    kept = init.clone()
+
+    def run():
+        torch.manual_seed(5)
+        return think(model, x, cfg, init=init), think(model, x, cfg)
+
+    got = run()
+    assert poisoned_recycler.free and torch.equal(init, kept)
+    monkeypatch.setattr(Recycler, "give", lambda self, *t: None)
+    for a, b in zip(got, run()):
+        assert torch.equal(a.z, b.z) and torch.equal(a.energy, b.energy)
+        assert torch.equal(a.initial_energy, b.initial_energy)
+
+
 def test_vocabulary_padding_changes_no_result(monkeypatch):
     monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", {"cpu"})  # what CUDA does, here
     model = tiny("s1")

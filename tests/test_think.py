@@ -90,24 +90,27 @@ def test_adaptive_stopping_reports_steps_per_position():
     assert huge.passes == 2 and (huge.steps_used == 1).all()  # all converged after one step: loop ends early
 
 
-def test_memory_does_not_grow_with_steps(monkeypatch):
-    """Nothing per step is kept: the number of live tensors is the same at every step of a long run."""
+@pytest.mark.parametrize("step_fn,explicit,calls", [("energy_and_grad", False, 17), ("_recycled_step", None, 16)])
+def test_memory_does_not_grow_with_steps(monkeypatch, step_fn, explicit, calls):
+    """Nothing per step is kept: the number of live tensors is the same at every step of a long run
+    (autograd's steps; the written-out steps in recycled memory, the CPU default)."""
     import gc
 
     import ebt.think as th
 
     m = model_()
+    m.explicit_grad = explicit
     x = torch.randint(0, 19, (2, 6))
-    counts, real = [], th.energy_and_grad
+    counts, real = [], getattr(th, step_fn)
 
     def counting(*a, **k):
         gc.collect()
         counts.append(sum(1 for o in gc.get_objects() if torch.is_tensor(o)))
         return real(*a, **k)
 
-    monkeypatch.setattr(th, "energy_and_grad", counting)
+    monkeypatch.setattr(th, step_fn, counting)
     think(m, x, ThinkConfig(steps=16))
-    assert len(counts) == 17 and len(set(counts[2:])) == 1, counts
+    assert len(counts) == calls and len(set(counts[2:])) == 1, counts
 
 
 def test_bad_thinking_configs():
