@@ -27,7 +27,9 @@ thinking: more steps, several candidates with a selection rule, step acceptance 
 
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +70,7 @@ class Recycler:
 
     MIN_BYTES = 1 << 22  # smaller tensors come from malloc's heap, which reuses memory already
 
-    def __init__(self, keep: int = 4):
+    def __init__(self, keep: int = 6):
         self.keep, self.free, self.lock = keep, [], threading.Lock()
 
     def take(self, shape, dtype, device) -> torch.Tensor:
@@ -95,13 +97,44 @@ class Recycler:
 
 RECYCLER = Recycler()
 
+_RNG_CHUNK = 1 << 20
+_rng_threads = (None, None)  # (pid, ThreadPoolExecutor): a forked process builds its own
+
+
+def randn_(out: torch.Tensor) -> torch.Tensor:
+    """Fill `out` with N(0, 1) draws and return it: the random starts and Langevin noise of EBTs.
+
+    torch's CPU normal_ is serial (mt19937, ~3.5 ns a number on the 2-core VM: 28 ms for a (8, 128,
+    8192) start, a tenth of a small EBT's CPU training step and more in System 2, which draws noise at
+    every step). So on CPU a tensor of more than 2^20 elements is filled in chunks of 2^20, each from its
+    own generator seeded from the global one (one draw), on as many threads as torch uses. The numbers
+    depend on the seed alone, not on the thread count; they differ from torch.randn's. Elsewhere (CUDA:
+    parallel, and capturable in a CUDA graph) this is out.normal_()."""
+    global _rng_threads
+    n = out.numel()
+    if out.device.type != "cpu" or n <= _RNG_CHUNK or not out.is_contiguous():
+        return out.normal_()
+    base = int(torch.randint(0, 2**62, (1,)))
+    flat = out.view(-1)
+
+    def fill(i):
+        flat[i * _RNG_CHUNK: (i + 1) * _RNG_CHUNK].normal_(generator=torch.Generator().manual_seed(base + i))
+
+    workers = max(1, torch.get_num_threads())
+    pid, pool = _rng_threads
+    if pid != os.getpid() or pool is None or pool._max_workers != workers:
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="ebt-randn")
+        _rng_threads = (os.getpid(), pool)
+    list(pool.map(fill, range((n + _RNG_CHUNK - 1) // _RNG_CHUNK)))
+    return out
+
 
 def energy_and_grad(model, ctx, z, noise: float = 0.0, create_graph: bool = False, explicit: bool | None = None):
     """(p, E, dE/dp) at candidate z. Works under torch.no_grad() too (inference). explicit: use the
     model's written-out gradient (model.energy_grad) rather than autograd; None: model.explicit_grad,
     where None in turn means: written out on CPU or when model.compile_grad, autograd on CUDA eager."""
     if noise > 0:
-        z = z + noise * torch.randn_like(z)
+        z = _noised(z, noise)
     if explicit if explicit is not None else explicit_for(model, z.device):  # written out: no autograd
         with torch.set_grad_enabled(create_graph):
             p = model.candidate_input(z)
@@ -463,10 +496,8 @@ def recyclable(model, z) -> bool:
 
 
 def _noised(z, noise: float, pool=None):
-    """z + noise * N(0, 1) (the same numbers as z + noise * torch.randn_like(z)), in recycled memory."""
-    if pool is None:
-        return z + noise * torch.randn_like(z)
-    return torch.randn(z.shape, out=_take(pool, z)).mul_(noise).add_(z)
+    """z + noise * N(0, 1) (`randn_`), the draws in recycled memory when pool is given."""
+    return randn_(_take(pool, z)).mul_(noise).add_(z)
 
 
 def _recycled_step(model, ctx, z, alpha, pool):

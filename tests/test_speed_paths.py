@@ -20,7 +20,7 @@ from ebt.config import ModelConfig, recipe
 from ebt.errors import ConfigError
 from ebt.models import build_model
 from ebt.models.transformer import token_loss, token_loss_grad
-from ebt.think import RECYCLER, ContextCache, Recycler, ThinkConfig, energy_and_grad, think
+from ebt.think import RECYCLER, ContextCache, Recycler, ThinkConfig, energy_and_grad, randn_, think
 
 
 def tiny(rec="s1", variant=None, candidate="tokens", vocab=97, S=12, **ebt_kw):
@@ -195,6 +195,25 @@ def test_recycled_thinking_changes_no_result(cfg, poisoned_recycler, monkeypatch
     for a, b in zip(got, run()):
         assert torch.equal(a.z, b.z) and torch.equal(a.energy, b.energy)
         assert torch.equal(a.initial_energy, b.initial_energy)
+
+
+def test_chunked_cpu_normal_draws():
+    """randn_ on a large CPU tensor: every element drawn, the numbers fixed by the seed whatever the
+    thread count, N(0, 1) moments, and a different draw for the next call."""
+    def draw(threads):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            torch.manual_seed(7)
+            return randn_(torch.full((3, 1000, 1001), float("nan"))), randn_(torch.empty(3, 1000, 1001))
+        finally:
+            torch.set_num_threads(old)
+
+    (a, a2), (b, _) = draw(1), draw(2)
+    assert torch.isfinite(a).all() and torch.equal(a, b) and not torch.equal(a, a2)
+    assert abs(float(a.mean())) < 5e-3 and abs(float(a.std()) - 1) < 5e-3
+    chunks = a.view(-1)[: 2 * (1 << 20)].view(2, -1)  # two chunks: different generators, not one repeated
+    assert not torch.equal(chunks[0], chunks[1])
 
 
 def test_vocabulary_padding_changes_no_result(monkeypatch):

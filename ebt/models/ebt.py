@@ -20,7 +20,7 @@ from ebt.models.transformer import (check_window, compiled_token_loss_grad, make
 from ebt.energy_grad import context_kv, energy_grad
 from ebt.nn import Backbone, KVCache, candidate_frame, init_weights, to_layout, vocab_in, vocab_out
 from ebt.think import (GRAD_METHODS, RECYCLER, alpha_param_groups, auto_grad_method, autograd_loss_grad,
-                       draw_steps, recipe_alpha, stepwise_ok, unroll, unroll_backward)
+                       draw_steps, randn_, recipe_alpha, stepwise_ok, unroll, unroll_backward)
 
 
 class ReplayBuffer:
@@ -171,7 +171,7 @@ class EBT(nn.Module):
     def init_candidate(self, tokens: torch.Tensor) -> torch.Tensor:
         """A random starting candidate ~ N(0, init_scale^2): logits (B, S, V) or features (B, S, F)."""
         shape = (*tokens.shape[:2], self.candidate_size)
-        z = torch.randn(shape, out=RECYCLER.take(shape, self.tok_emb.weight.dtype, tokens.device))
+        z = randn_(RECYCLER.take(shape, self.tok_emb.weight.dtype, tokens.device))
         return z.mul_(self.cfg.ebt.init_scale)  # in place: no second (B, S, V) tensor
 
     def default_think_steps(self) -> int:
