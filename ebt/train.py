@@ -26,7 +26,7 @@ from ebt.checkpoint import (load_state, load_training_state, load_weights, publi
 from ebt.config import RunConfig, to_dict
 from ebt.errors import CheckpointError, ConfigError, EBTError
 from ebt.evaluate import autocast, evaluate_lm, fmt_ppl
-from ebt.think import GRAD_METHODS
+from ebt.think import GRAD_METHODS, RECYCLER
 from ebt.models import build_model
 from ebt.nn import capture_cuda_graph
 
@@ -412,6 +412,7 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
             dist.barrier()
 
     def validate(step):
+        RECYCLER.clear()  # the training step's reused (B, S, V) tensors would add to evaluation's own
         res = evaluate_lm(model, val, cfg.eval_batch_size, cfg.eval_windows, device, cfg.precision)
         metrics.log("val", step, loss=res["loss"], ppl=res["ppl"], tokens=res["tokens"])
         if is_main:
@@ -506,6 +507,7 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     if last < cfg.steps:  # a time-boxed piece of a longer run: save and leave the rest to --resume
         checkpoint(last)
         metrics.close()
+        RECYCLER.clear()
         return {"step": last, "tokens_seen": tokens_seen, "stopped_early": True, "history": history}
     final = {"step": cfg.steps, "tokens_seen": tokens_seen, "params": n_params}
     if start_step < cfg.steps or not history:
@@ -522,4 +524,5 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     if is_main:
         (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
     metrics.close()
+    RECYCLER.clear()
     return final
