@@ -21,6 +21,9 @@ a candidate is (vocabulary logits, a frame's features, an image):
                                                  kernels (`fused_step`)
 
 One step is   p = candidate_input(z + noise);  E = energy(p);  z_next = p - alpha * dE/dp.
+On CPU the steps write their (B, S, V) tensors into recycled memory (`Recycler`) and draw random starts
+and noise in parallel chunks (`randn_`): fresh large tensors and torch's serial sampler cost a small
+EBT's CPU step as much as its vocabulary products.
 `unroll` is what training (and the official validation) runs; `think` is inference-time System 2
 thinking: more steps, several candidates with a selection rule, step acceptance and adaptive stopping.
 """
@@ -66,7 +69,8 @@ class Recycler:
     reused one, and a training step makes about nine such tensors. CUDA's caching allocator already
     reuses memory, so on other devices `take` is torch.empty and `give` keeps nothing.
     Only a tensor that nothing else will read may be given: the training unroll gives its own p, v
-    and dead candidates, never one a caller holds. At most `keep` tensors are held."""
+    and dead candidates, never one a caller holds. At most `keep` tensors are held; `clear()` frees
+    them (`ebt train` does before each validation and at the end)."""
 
     MIN_BYTES = 1 << 22  # smaller tensors come from malloc's heap, which reuses memory already
 
@@ -98,7 +102,7 @@ class Recycler:
 RECYCLER = Recycler()
 
 _RNG_CHUNK = 1 << 20
-_rng_threads = (None, None)  # (pid, ThreadPoolExecutor): a forked process builds its own
+_rng_threads = (None, None)  # ((pid, threads), ThreadPoolExecutor): a forked process builds its own
 
 
 def randn_(out: torch.Tensor) -> torch.Tensor:
@@ -120,12 +124,12 @@ def randn_(out: torch.Tensor) -> torch.Tensor:
     def fill(i):
         flat[i * _RNG_CHUNK: (i + 1) * _RNG_CHUNK].normal_(generator=torch.Generator().manual_seed(base + i))
 
-    workers = max(1, torch.get_num_threads())
-    pid, pool = _rng_threads
-    if pid != os.getpid() or pool is None or pool._max_workers != workers:
-        pool = ThreadPoolExecutor(workers, thread_name_prefix="ebt-randn")
-        _rng_threads = (os.getpid(), pool)
-    list(pool.map(fill, range((n + _RNG_CHUNK - 1) // _RNG_CHUNK)))
+    key = (os.getpid(), max(1, torch.get_num_threads()))
+    if _rng_threads[0] != key:
+        if _rng_threads[1] is not None and _rng_threads[0][0] == key[0]:
+            _rng_threads[1].shutdown(wait=False)  # another thread count: this process's old pool goes
+        _rng_threads = (key, ThreadPoolExecutor(key[1], thread_name_prefix="ebt-randn"))
+    list(_rng_threads[1].map(fill, range((n + _RNG_CHUNK - 1) // _RNG_CHUNK)))
     return out
 
 
