@@ -23,7 +23,7 @@ a candidate is (vocabulary logits, a frame's features, an image):
 One step is   p = candidate_input(z + noise);  E = energy(p);  z_next = p - alpha * dE/dp.
 On CPU the steps write their (B, S, V) tensors into recycled memory (`Recycler`) and draw random starts
 and noise in parallel chunks (`randn_`): fresh large tensors and torch's serial sampler cost a small
-EBT's CPU step as much as its vocabulary products.
+EBT's CPU step nearly as much as its vocabulary products.
 `unroll` is what training (and the official validation) runs; `think` is inference-time System 2
 thinking: more steps, several candidates with a selection rule, step acceptance and adaptive stopping.
 """
