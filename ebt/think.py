@@ -501,7 +501,9 @@ def recyclable(model, z) -> bool:
 
 def _noised(z, noise: float, pool=None):
     """z + noise * N(0, 1) (`randn_`), the draws in recycled memory when pool is given."""
-    return randn_(_take(pool, z)).mul_(noise).add_(z)
+    r = randn_(_take(pool, z))
+    # one pass, into the draws' memory (not where autograd must see z: out= has no backward)
+    return torch.add(z, r, alpha=noise, out=None if z.requires_grad else r)
 
 
 def _recycled_step(model, ctx, z, alpha, pool):
