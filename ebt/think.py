@@ -274,7 +274,7 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
     graph_steps = {k for k in loss_steps if not cfg.truncate or k == n_steps - 1}
     graph_keys = {model.landscape_key(k) for k in graph_steps}
     weights = [p for p in model.parameters() if p.requires_grad]
-    linear_map = method in ("jvp", "explicit") and isinstance(getattr(model, "vocab_to_embed", None), torch.nn.Linear)
+    linear_map = method in ("jvp", "explicit") and has_linear_map(model)
     fused = explicit and fused_ok(model, z)
     # CPU, float, softmax candidates: the (B, S, V) outputs of the closed-form step go into recycled memory
     pool = RECYCLER if linear_map and not fused and recyclable(model, z) else None
@@ -323,10 +323,8 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
             _alpha_grad(alpha, _rowdot(g, v))
             losses.append(loss)
         # drop this step's tensors before the next: their graphs lead back to the step's input candidate
-        if pool is not None:  # the step's input candidates, read by nothing from here on; the caller's start
-            # only when it was handed over (recycle_start)
-            owned = k > 0 or recycle_start
-            pool.give(*([z_step] if z_step is not z_in else []), *([z_in] if owned else []))
+        if pool is not None:  # the caller's start only when it was handed over (recycle_start)
+            _give_inputs(pool, z_in, z_step, owned=k > 0 or recycle_start)
         E, p, g, z_next, v, dual, directional, z_in, z_step = (E.detach(), None, None, None, None, None, None,
                                                                None, None)
         if on_step is not None:
@@ -369,6 +367,12 @@ def _accumulate(tensors, grads):
             t.grad = g if t.grad is None else t.grad + g
 
 
+def has_linear_map(model) -> bool:
+    """Whether the candidate enters through a bias-free linear map (`vocab_to_embed`, V -> D), which the
+    closed-form steps (`_linear_map_step`, `fused_step`, `_recycled_step`) handle themselves."""
+    return isinstance(getattr(model, "vocab_to_embed", None), torch.nn.Linear)
+
+
 def fused_ok(model, z) -> bool:
     """Whether a step's (B, S, V) side runs as compiled kernels over tensors laid out once for the
     products (`fused_step`, `_linear_map_step`): the written-out gradient is compiled, the candidate
@@ -376,8 +380,7 @@ def fused_ok(model, z) -> bool:
     dtype, or a padded width), whose casts and copies the fused kernels save. A float32 step on CPU
     keeps the plain path, where the update runs inside the matrix product (measured faster there)."""
     return (bool(getattr(model, "compile_grad", False))
-            and isinstance(getattr(model, "vocab_to_embed", None), torch.nn.Linear)
-            and vocab_layout(z) != (z.dtype, 0))
+            and has_linear_map(model) and vocab_layout(z) != (z.dtype, 0))
 
 
 def _probs_in(z, softmax: bool, dtype, pad: int):
@@ -456,9 +459,7 @@ def _linear_map_step(model, ctx, z, alpha, loss_grad, wanted, explicit: bool, fu
                 z_next = torch.addcmul(p, a, vocab_out(u, W.t()), value=-1)
                 p = p.to(low)  # from here p and v only enter matrix products, which would cast them anyway:
             else:  # the update inside the matrix product: no (B, S, V) temporary, one pass fewer
-                z_next = _take(pool, p)
-                torch.addmm(p.flatten(0, -2), ua.flatten(0, -2).to(W.dtype), W, alpha=-1,
-                            out=z_next.view(-1, p.shape[-1]))
+                z_next = _update_in_product(p, ua, W, pool)
             loss, v = loss_grad(z_next, **({} if pool is None else {"out": _take(pool, z_next)}))
             if low is not None:
                 v = v.to(low)  # cast once, and half the memory held
@@ -495,8 +496,13 @@ def recyclable(model, z) -> bool:
     on CPU without autocast, for softmax candidates (p is then a tensor of the step's own) entering
     through a bias-free linear map."""
     return (z.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-            and bool(getattr(model, "candidate_softmax", False))
-            and isinstance(getattr(model, "vocab_to_embed", None), torch.nn.Linear))
+            and bool(getattr(model, "candidate_softmax", False)) and has_linear_map(model))
+
+
+def _give_inputs(pool, z_in, z_step, owned: bool):
+    """After a step, give back its input candidates, which nothing reads from here on: the noised one
+    z_step (the step's own, when noise made one) and z_in when owned (not a start the caller holds)."""
+    pool.give(*([z_step] if z_step is not z_in else []), *([z_in] if owned else []))
 
 
 def _noised(z, noise: float, pool=None):
@@ -513,11 +519,17 @@ def _recycled_step(model, ctx, z, alpha, pool):
     with torch.no_grad():
         p = _candidate_input(model, z, pool)
         E, u = model.energy_grad_embedding(ctx, vocab_in(p, W))
-        z_next = _take(pool, p)
-        torch.addmm(p.flatten(0, -2), (u * alpha).flatten(0, -2).to(W.dtype), W, alpha=-1,
-                    out=z_next.view(-1, p.shape[-1]))
+        z_next = _update_in_product(p, u * alpha, W, pool)
     pool.give(p)
     return z_next, E
+
+
+def _update_in_product(p, ua, W, pool=None):
+    """z_next = p - W^T ua as one matrix product with p added in (addmm), into recycled memory when
+    pool is given: no (B, S, V) temporary."""
+    z_next = _take(pool, p)
+    torch.addmm(p.flatten(0, -2), ua.flatten(0, -2).to(W.dtype), W, alpha=-1, out=z_next.view(-1, p.shape[-1]))
+    return z_next
 
 
 def _take(pool, like):
@@ -660,7 +672,7 @@ def _one_candidate_fused(model, contexts, z, n_steps, alpha, noise, cfg: ThinkCo
             z, E = fused_step(model, contexts.get_ctx(k, False), z, alpha)
         else:
             z, E = _recycled_step(model, contexts.get_ctx(k, False), z, alpha, pool)
-            pool.give(*([z_step] if z_step is not z_in else []), *([z_in] if k > 0 or own else []))
+            _give_inputs(pool, z_in, z_step, owned=k > 0 or own)
         z_in = z_step = None
         E0 = E if E0 is None else E0
     passes = n_steps
