@@ -132,10 +132,11 @@ def _train_args(p):
                    "its written-out energy gradient and the loss gradient (--ebt-grad explicit, which --compile "
                    "implies under auto), for training and validation")
     g.add_argument("--cuda-graph", action="store_true",
-                   help="EBT on CUDA: capture the training step once as a CUDA graph and replay it (removes the "
-                   "CPU's kernel-launch bottleneck; fixed-step recipes only, e.g. s1; --grad-accum 1). "
-                   "On an H200 its float64 gradients equal the eager step's (benchmarks/speed.py --device "
-                   "cuda --only check); fastest with --compile")
+                   help="EBT on CUDA: capture the training step as a CUDA graph and replay it (removes the "
+                   "CPU's kernel-launch bottleneck; --grad-accum 1). System 2 gets one graph per drawn step "
+                   "count, captured once its replay buffer is full (eager until then). S1: on an H200 its "
+                   "float64 gradients equal the eager step's (benchmarks/speed.py --device cuda --only check); "
+                   "S2: not yet run on a GPU. Fastest with --compile")
     g.add_argument("--ebt-grad", default=d.ebt_grad, choices=["auto", "explicit", "double", "jvp", "full"],
                    help="how an EBT's weight gradients are taken (all exact, ebt-method.md 2.6): explicit (dE/dp "
                    "written out, then one first-order backward per unroll step; compilable), double (double "

@@ -314,20 +314,22 @@ class KVCache:
         return out
 
 
-def capture_cuda_graph(fn, warmup: int = 2):
-    """Run fn() `warmup` times on a side stream, then capture one call as a CUDA graph: returns (graph,
-    its output). A replay reruns every kernel on the same memory without the CPU launching them one by
-    one. autocast's weight-cast cache stays off meanwhile (its copies would be freed under the graph)."""
+def capture_cuda_graph(fn, warmup: int = 2, pool=None, warmup_fn=None):
+    """Run `warmup_fn or fn` `warmup` times on a side stream, then capture one call of fn as a CUDA graph:
+    returns (graph, its output). A replay reruns every kernel on the same memory without the CPU
+    launching them one by one. `pool` (another graph's .pool()) lets graphs that never run at the same
+    time share memory. autocast's weight-cast cache stays off meanwhile (its copies would be freed
+    under the graph)."""
     cast = lambda: torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),  # noqa: E731
                                   enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), cast():
         for _ in range(warmup):
-            fn()
+            (warmup_fn or fn)()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), cast():
+    with torch.cuda.graph(graph, pool=pool), cast():
         out = fn()
     return graph, out
 

@@ -26,7 +26,7 @@ from ebt.checkpoint import (load_state, load_training_state, load_weights, publi
 from ebt.config import RunConfig, to_dict
 from ebt.errors import CheckpointError, ConfigError, EBTError
 from ebt.evaluate import autocast, evaluate_lm, fmt_ppl
-from ebt.think import GRAD_METHODS, RECYCLER
+from ebt.think import GRAD_METHODS, RECYCLER, draw_steps
 from ebt.models import build_model
 from ebt.nn import capture_cuda_graph
 
@@ -58,41 +58,66 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
 
 
 class CapturedStep:
-    """One training micro-step (forward and backward, e.g. EBT.train_step) captured once as a CUDA graph
-    and replayed. An EBT step launches thousands of small kernels (every layer, every unroll step, the
+    """One training micro-step (forward and backward, e.g. EBT.train_step) captured as a CUDA graph and
+    replayed. An EBT step launches thousands of small kernels (every layer, every unroll step, the
     second-order terms) and the CPU cannot issue them as fast as the GPU runs them; a replay issues them
-    all at once. Needs what a graph needs: a CUDA model, the same shapes every call, no host
-    synchronisation and no host-side randomness (a random step count or a replay buffer change the work
-    from step to step)."""
+    all at once. A graph needs the same shapes every call, no host synchronisation and no host-side
+    randomness, so System 2's recipe is met this way:
+    - a random step count is drawn here on the host (as the step itself would draw it), and each count
+      gets its own graph (all in one memory pool: they never run at the same time);
+    - the replay buffer samples and writes on the device (ebt.models.ebt.ReplayBuffer); until it is full
+      the number of replayed rows and the rows to sample from change, so those steps run eagerly;
+    - a graph's warm-up runs do not push rows (`paused`): the replay after capture is the step.
+    `capture` is the capturing function (ebt.nn.capture_cuda_graph; tests pass a stand-in on CPU)."""
 
-    def __init__(self, model: torch.nn.Module, step, warmup: int = 2):
-        e = getattr(getattr(model, "cfg", None), "ebt", None)
-        if e is not None and (e.rand_steps or e.replay_buffer):
-            raise ConfigError("--cuda-graph needs the same work at every step: this recipe draws a random number "
-                              "of unroll steps or replays rows from a buffer (System 2); drop --cuda-graph")
+    def __init__(self, model: torch.nn.Module, step, warmup: int = 2, capture=capture_cuda_graph):
         device = next(model.parameters()).device
-        if device.type != "cuda":
+        if capture is capture_cuda_graph and device.type != "cuda":
             raise ConfigError(f"--cuda-graph needs a CUDA device, and the model is on {device}: drop --cuda-graph "
                               f"or train with --device cuda")
-        self.model, self.step, self.warmup, self.graph = model, step, warmup, None
+        self.model, self.step, self.warmup, self.capture = model, step, warmup, capture
+        self.recipe = getattr(getattr(model, "cfg", None), "ebt", None)
+        self.replay = getattr(model, "replay", None)
+        self.graphs, self.pool = {}, None  # step count (None: fixed) -> (graph, its outputs)
 
     def __call__(self, batch: torch.Tensor, **kw) -> dict:
-        if self.graph is None:
+        if self.recipe is not None and self.recipe.rand_steps:
+            kw = {**kw, "n_steps": draw_steps(self.recipe, self.model.training)}
+        if self.replay is not None and self.model.training and len(self.replay) < self.replay.capacity:
+            return self.step(batch, **kw)  # still filling: eager
+        key = kw.get("n_steps")
+        if key not in self.graphs:
+            self._capture(key, batch, kw)
+        graph, (out, grads) = self.graphs[key]
+        self.static_batch.copy_(batch)
+        graph.replay()
+        for p, g in zip(self.params, grads):  # the optimizer may have unbound them (set_to_none)
+            p.grad = g
+        return out
+
+    def _capture(self, key, batch, kw) -> None:
+        if not self.graphs:  # one input buffer for every graph, allocated outside their pool
             self.static_batch = batch.clone()
             self.params = [p for p in self.model.parameters() if p.requires_grad]
 
-            def run():
-                for p in self.params:  # captured from no gradient: each replay writes fresh ones, never adds
-                    p.grad = None
-                return self.step(self.static_batch, **kw)
+        def run():
+            for p in self.params:  # captured from no gradient: each replay writes fresh ones, never adds
+                p.grad = None
+            out = self.step(self.static_batch, **kw)
+            return out, [p.grad for p in self.params]
 
-            self.graph, self.static_out = capture_cuda_graph(run, self.warmup)
-            self.grads = [p.grad for p in self.params]
-        self.static_batch.copy_(batch)
-        self.graph.replay()
-        for p, g in zip(self.params, self.grads):  # the optimizer may have unbound them (set_to_none)
-            p.grad = g
-        return self.static_out
+        def warm():
+            if self.replay is not None:
+                self.replay.paused = True
+            try:
+                return run()
+            finally:
+                if self.replay is not None:
+                    self.replay.paused = False
+
+        graph, static = self.capture(run, self.warmup, pool=self.pool, warmup_fn=warm)
+        self.pool = self.pool if self.pool is not None else graph.pool()
+        self.graphs[key] = (graph, static)
 
 
 def leave_process_group() -> None:

@@ -263,13 +263,127 @@ def test_static_shape_decoding_matches_dynamic(rec):
     assert a == b and torch.allclose(la, lb, rtol=1e-9, atol=1e-9)
 
 
-def test_captured_step_refuses_what_a_graph_cannot_replay():
+def test_captured_step_needs_cuda():
     from ebt.train import CapturedStep
 
-    with pytest.raises(ConfigError, match="random number"):
-        CapturedStep(tiny("s2"), None)
     with pytest.raises(ConfigError, match="CUDA"):
         CapturedStep(tiny("s1"), None)
+
+
+def stand_in_capture(fn, warmup, pool=None, warmup_fn=None):
+    """What ebt.nn.capture_cuda_graph does, on CPU: warm-up runs, then outputs that a replay overwrites in
+    place. A CUDA graph replays the host-side decisions made at capture (shapes, the step count, what
+    runs); this stand-in reruns fn, so it checks CapturedStep's bookkeeping (which graph for which step
+    count, eager steps while the buffer fills, no rows pushed by warm-ups), not the capture itself (the
+    device check does: benchmarks/speed.py --only check). The warm-ups' random draws are undone, as a
+    graph's own random offsets leave the eager stream alone."""
+    state = torch.get_rng_state()
+    for _ in range(warmup):
+        warmup_fn()
+    static = warmup_fn()  # a capture runs nothing: its outputs' tensors, filled by each replay
+    torch.set_rng_state(state)
+
+    class Graph:
+        replays = 0
+
+        def replay(self):
+            Graph.replays += 1
+            out, grads = fn()
+            for k, t in static[0].items():
+                t.copy_(out[k])
+            for t, g in zip(static[1], grads):
+                t.copy_(g)
+
+        def pool(self):
+            return "pool"
+
+    return Graph(), static
+
+
+def test_captured_s2_step_matches_eager_steps():
+    """System 2 through CapturedStep (stand-in capture): the same step counts, replayed rows, buffer and
+    gradients as eager train_step, step for step; one graph per step count, none while the buffer fills."""
+    from ebt.train import CapturedStep
+
+    eager = tiny("s2", replay_buffer=6).train()
+    graphed = copy.deepcopy(eager)
+    step = CapturedStep(graphed, graphed.train_step, capture=stand_in_capture)
+    counts = []
+    for i in range(8):
+        x = window(eager, B=4)
+        for m in (eager, graphed):
+            m.zero_grad(set_to_none=True)
+        torch.manual_seed(100 + i)
+        a = eager.train_step(x, method="explicit")
+        torch.manual_seed(100 + i)
+        b = step(x, method="explicit")
+        counts.append((int(a["steps"]), int(b["steps"]), len(step.graphs)))
+        assert float(a["loss"]) == float(b["loss"]) and float(a["replay_rows"]) == float(b["replay_rows"])
+        for p, q in zip(eager.parameters(), graphed.parameters()):
+            assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))
+        assert torch.equal(eager.replay.windows, graphed.replay.windows)
+        assert torch.equal(eager.replay.logits, graphed.replay.logits) and eager.replay.next == graphed.replay.next
+    assert [c[2] for c in counts[:2]] == [0, 0]  # 4 + 4 rows fill the 6-row buffer: eager until then
+    assert {c[0] for c in counts} == {2, 3} and all(c[0] == c[1] for c in counts)
+    assert set(step.graphs) == {c[0] for c in counts[2:]}  # one graph per step count drawn once full
+
+
+def test_s2_step_with_a_full_buffer_reads_nothing_back_on_the_host():
+    """What a CUDA graph cannot hold: no .item(), bool(), int() of a tensor, no host-drawn randperm in a
+    System 2 step once its buffer is full and its step count given (CPU: the path shared with CUDA)."""
+    from torch.overrides import TorchFunctionMode
+
+    host_reads = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "nonzero",
+                  "randperm", "cpu"}
+
+    class Probe(TorchFunctionMode):
+        hits, ops = [], 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Probe.ops += 1
+            if getattr(func, "__name__", "") in host_reads:
+                Probe.hits.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for method in ("explicit", "double", "jvp"):
+        m = tiny("s2", replay_buffer=3).train()
+        x = window(m, 3)
+        for _ in range(2):
+            m.train_step(x, method=method)
+        assert len(m.replay) == 3
+        Probe.hits, Probe.ops = [], 0
+        with Probe():
+            out = m.train_step(x, method=method, n_steps=3)
+        assert Probe.ops > 200 and Probe.hits == [], (method, Probe.hits)
+        assert int(out["steps"]) == 3 and float(out["replay_rows"]) == 1
+        with Probe():
+            m.train_step(x, method=method)
+        assert Probe.hits == ["__int__"]  # the step count drawn on the host (CapturedStep draws it outside)
+
+
+def test_replay_buffer_samples_distinct_rows_and_resumes_its_cursor():
+    from ebt.models.ebt import ReplayBuffer
+
+    buf = ReplayBuffer(5)
+    buf.push(torch.arange(5)[:, None].repeat(1, 3), torch.zeros(5, 2, 4))
+    seen = set()
+    for i in range(40):
+        torch.manual_seed(i)
+        w, _ = buf.sample(3)
+        rows = w[:, 0].tolist()
+        assert len(set(rows)) == 3
+        seen.update(rows)
+    assert seen == set(range(5))
+    buf.push(torch.full((2, 3), 7), torch.ones(2, 2, 4))  # rows 0, 1 overwritten; the cursor at 2
+    state = buf.state_dict()
+    assert state["next"] == 2 and isinstance(state["next"], int)
+    other = ReplayBuffer(5)
+    other.load_state_dict(copy.deepcopy(state))  # as torch.load gives it back
+    other.push(torch.full((1, 3), 9), torch.ones(1, 2, 4))
+    assert other.windows[:, 0].tolist() == [7, 7, 9, 3, 4] and other.next == 3
+    buf.paused = True
+    buf.push(torch.full((1, 3), 8), torch.ones(1, 2, 4))
+    assert buf.windows[:, 0].tolist() == [7, 7, 2, 3, 4] and buf.next == 2
 
 
 def test_unknown_gradient_method_is_refused():

@@ -28,33 +28,46 @@ class ReplayBuffer:
 
     Preallocated on first use, so its memory is fixed: capacity x ((S+1) int64 + S x V logits).
     Kept per process (each DDP rank keeps its own) and saved with checkpoints.
+
+    Sampling and pushing run on the buffer's device with no host read: the write position is a
+    device tensor (`cursor`) and the rows are drawn as the first n of a random ordering (torch.randperm
+    of a small n is drawn on the host), so a full buffer works inside a captured CUDA graph
+    (ebt.train.CapturedStep). `paused` makes push a no-op (a graph's warm-up runs must not add rows).
     """
 
     def __init__(self, capacity: int):
-        self.capacity, self.size, self.next = capacity, 0, 0
+        self.capacity, self.size, self.paused = capacity, 0, False
         self.windows: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
+        self.cursor: torch.Tensor | None = None  # the next row to write (0-d int64, the buffer's device)
 
     def __len__(self):
         return self.size
+
+    @property
+    def next(self) -> int:
+        return 0 if self.cursor is None else int(self.cursor)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.windows, self.logits) if t is not None)
 
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randperm(self.size, device=self.windows.device)[:n]
+        idx = torch.rand(self.size, device=self.windows.device).argsort()[:n]  # n distinct rows, random order
         return self.windows[idx], self.logits[idx]
 
     def push(self, windows: torch.Tensor, logits: torch.Tensor) -> None:
+        if self.paused:
+            return
         if self.windows is None:
             self.windows = windows.new_zeros((self.capacity, *windows.shape[1:]))
             self.logits = logits.new_zeros((self.capacity, *logits.shape[1:]), dtype=logits.dtype)
+            self.cursor = torch.zeros((), dtype=torch.long, device=windows.device)
         n = min(windows.shape[0], self.capacity)
-        idx = (self.next + torch.arange(n, device=windows.device)) % self.capacity
-        self.windows[idx] = windows[-n:]
-        self.logits[idx] = logits[-n:].detach().to(self.logits.dtype)
-        self.next = (self.next + n) % self.capacity
+        idx = (self.cursor + torch.arange(n, device=windows.device)) % self.capacity
+        self.windows.index_copy_(0, idx, windows[-n:])
+        self.logits.index_copy_(0, idx, logits[-n:].detach().to(self.logits.dtype))
+        self.cursor.add_(n).remainder_(self.capacity)  # in place: a captured graph holds its address
         self.size = min(self.size + n, self.capacity)
 
     def state_dict(self) -> dict:
@@ -65,7 +78,9 @@ class ReplayBuffer:
         if state["capacity"] != self.capacity:
             raise ConfigError(f"replay buffer in the checkpoint holds {state['capacity']} rows, the model "
                               f"{self.capacity}: resume with the same --replay-buffer")
-        self.size, self.next, self.windows, self.logits = state["size"], state["next"], state["windows"], state["logits"]
+        self.size, self.windows, self.logits = state["size"], state["windows"], state["logits"]
+        self.cursor = None if self.windows is None else torch.tensor(
+            int(state["next"]), dtype=torch.long, device=self.windows.device)
 
 
 class EBT(nn.Module):
@@ -219,16 +234,26 @@ class EBT(nn.Module):
             out["replay_rows"] = torch.tensor(float(window.shape[0] - fresh))
         return out
 
-    def forward(self, window: torch.Tensor, init: torch.Tensor | None = None) -> dict:
+    def _steps(self, n_steps: int | None) -> int:
+        """The unroll's step count: drawn by the recipe (first, before any other random number), or given
+        (a captured CUDA graph replays one fixed count: ebt.train.CapturedStep draws it on the host)."""
+        if n_steps is None:
+            return self.train_steps()
+        if int(n_steps) < 1:
+            raise ConfigError(f"n_steps={n_steps}: an unroll takes at least one step")
+        return int(n_steps)
+
+    def forward(self, window: torch.Tensor, init: torch.Tensor | None = None, n_steps: int | None = None) -> dict:
         """window (B, S+1) token ids or (B, S+1, F) frame features -> loss (S1: the mean over steps; S2:
         the last step's) and training metrics. The whole unroll's graph is kept for loss.backward();
         `train_step` gives the same gradients one step's graph at a time.
 
         In training mode (model.train()) the recipe's randomness applies (step count, alpha, Langevin
-        noise, replay); in eval mode none does, as in the official validation phase."""
+        noise, replay); in eval mode none does, as in the official validation phase. n_steps, if given,
+        replaces the drawn step count."""
+        n_steps = self._steps(n_steps)
         fresh = window.shape[0]
         window, tokens, targets, z = self._batch(window, init)
-        n_steps = self.train_steps()
         logits, energies = self.unroll(tokens, z, n_steps, self.training, build_graph=torch.is_grad_enabled())
         last = prediction_loss(logits[-1], targets, self.cfg)
         first = prediction_loss(logits[0], targets, self.cfg) if n_steps > 1 else last
@@ -240,7 +265,7 @@ class EBT(nn.Module):
         return self._finish(window, tokens, fresh, n_steps, loss, first, last, logits[-1], energies[0])
 
     def train_step(self, window: torch.Tensor, init: torch.Tensor | None = None, scale: float = 1.0,
-                   method: str | None = None) -> dict:
+                   method: str | None = None, n_steps: int | None = None) -> dict:
         """forward + backward of one (micro-)batch: adds scale * dloss/dtheta to the parameters' .grad
         and returns `forward`'s metrics with the loss detached.
 
@@ -257,12 +282,12 @@ class EBT(nn.Module):
             raise ConfigError(f"unknown gradient method {method!r}; choose one of {GRAD_METHODS}")
         e = self.cfg.ebt
         if method == "full" or not stepwise_ok(e):
-            out = self(window, init)
+            out = self(window, init, n_steps)
             (out["loss"] * scale).backward()
             return {**out, "loss": out["loss"].detach()}
+        n_steps = self._steps(n_steps)
         fresh = window.shape[0]
         window, tokens, targets, z = self._batch(window, init)
-        n_steps = self.train_steps()
         loss_steps = [n_steps - 1] if e.loss_last_only else list(range(n_steps))
         weight = 1.0 / len(loss_steps)  # S1: the mean over steps
         ce = {}  # each step's loss dict (cross-entropy or Smooth L1, with counts), kept for the metrics
