@@ -62,6 +62,14 @@ def _peak_gib(dev, base):
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**30
 
 
+def _reserved_gib(dev):
+    """CUDA: the most memory the caching allocator held from the driver (a graph's private pool
+    included), what the device really gave up; None elsewhere."""
+    import torch
+
+    return torch.cuda.max_memory_reserved() / 2**30 if dev.type == "cuda" else None
+
+
 def build(kind, rec, size, vocab, context, dev, variant=None):
     import torch
 
@@ -142,7 +150,7 @@ def train_item(it, a, dev):
     times.sort()
     med = times[len(times) // 2]
     return {"tokens_per_s": a.batch * a.context / med, "ms": med * 1e3, "peak_gib": _peak_gib(dev, base),
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+            "reserved_gib": _reserved_gib(dev), "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
 def think_item(it, a, dev):
@@ -497,7 +505,8 @@ def report(results, a):
                 continue
             ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
             ms = f"{r['ms']:.1f}" if "ms" in r else "-"
-            lines.append(f"| {label(r)} | {r['path']} | {r['tokens_per_s']:,.0f} | {ms} | {r['peak_gib']:.2f} | {ratio} |")
+            reserved = f" ({r['reserved_gib']:.2f} reserved)" if r.get("reserved_gib") else ""
+            lines.append(f"| {label(r)} | {r['path']} | {r['tokens_per_s']:,.0f} | {ms} | {r['peak_gib']:.2f}{reserved} | {ratio} |")
     for r in results:
         if r["section"] == "check":
             lines.append("\n## float64 gradients on the device, max relative error against the full graph\n")

@@ -115,7 +115,11 @@ class CapturedStep:
                 if self.replay is not None:
                     self.replay.paused = False
 
+        # the eager steps' and warm-ups' cached blocks go back to the driver: the graph's pool is what stays
+        empty = torch.cuda.empty_cache if self.static_batch.is_cuda else (lambda: None)
+        empty()
         graph, static = self.capture(run, self.warmup, pool=self.pool, warmup_fn=warm)
+        empty()
         self.pool = self.pool if self.pool is not None else graph.pool()
         self.graphs[key] = (graph, static)
 
