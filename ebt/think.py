@@ -409,7 +409,7 @@ def fused_step(model, ctx, z, alpha):
     p, Wl, _, _ = _map_in(model, z)
     E, u = model.energy_grad_embedding(ctx, F.linear(p, Wl))
     del p
-    a = alpha if torch.is_tensor(alpha) else torch.tensor(float(alpha), device=z.device)
+    a = alpha if torch.is_tensor(alpha) else torch.full((), float(alpha), device=z.device)  # no host copy
     return compiled(_update)(z, F.linear(u, Wl.t()), a, model.candidate_softmax), E
 
 

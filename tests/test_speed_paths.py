@@ -329,8 +329,9 @@ def test_captured_s2_step_matches_eager_steps():
 
 
 def test_s2_step_with_a_full_buffer_reads_nothing_back_on_the_host():
-    """What a CUDA graph cannot hold: no .item(), bool(), int() of a tensor, no host-drawn randperm in a
-    System 2 step once its buffer is full and its step count given (CPU: the path shared with CUDA)."""
+    """What a CUDA graph cannot hold: no .item(), bool(), int() of a tensor, no host-drawn randperm, no
+    tensor made from Python data on the device in a System 2 step once its buffer is full and its step
+    count given (CPU: the path shared with CUDA)."""
     from torch.overrides import TorchFunctionMode
 
     host_reads = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "nonzero",
@@ -341,12 +342,16 @@ def test_s2_step_with_a_full_buffer_reads_nothing_back_on_the_host():
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
             Probe.ops += 1
-            if getattr(func, "__name__", "") in host_reads:
-                Probe.hits.append(func.__name__)
+            name = getattr(func, "__name__", "")
+            # a tensor made from Python data on the step's device is a host-to-device copy (not capturable)
+            if name in host_reads or (name in ("tensor", "as_tensor") and "device" in (kwargs or {})):
+                Probe.hits.append(name)
             return func(*args, **(kwargs or {}))
 
-    for method in ("explicit", "double", "jvp"):
-        m = tiny("s2", replay_buffer=3).train()
+    for method, pad, candidate in (("explicit", 0, "tokens"), ("double", None, "tokens"), ("jvp", 0, "tokens"),
+                                   ("explicit", None, "frames")):
+        m = tiny("s2", candidate=candidate, replay_buffer=3).train()
+        m.cfg.pad_token_id = pad
         x = window(m, 3)
         for _ in range(2):
             m.train_step(x, method=method)

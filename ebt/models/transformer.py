@@ -35,7 +35,13 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | None) 
         reduction="sum",
     )
     n = targets.numel() if pad_id is None else (targets != pad_id).sum()
-    return {"loss": nll / n, "nll_sum": nll.detach(), "n_tokens": torch.as_tensor(n, device=targets.device)}
+    return {"loss": nll / n, "nll_sum": nll.detach(), "n_tokens": _count(n, targets.device)}
+
+
+def _count(n, device) -> torch.Tensor:
+    """A token count as a tensor on `device`: a Python int is filled in on the device (a kernel a CUDA
+    graph can capture), not copied from the host."""
+    return n if torch.is_tensor(n) else torch.full((), n, dtype=torch.long, device=device)
 
 
 def token_loss_grad(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | None, scale: float = 1.0,
@@ -62,7 +68,7 @@ def token_loss_grad(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | N
     grad.scatter_add_(-1, t, torch.full_like(t, -1, dtype=grad.dtype))
     grad.mul_((keep * (scale / n)).unsqueeze(-1))
     count = targets.numel() if pad_id is None else (targets != pad_id).sum()
-    res = {"loss": nll_sum / n, "nll_sum": nll_sum, "n_tokens": torch.as_tensor(count, device=targets.device)}
+    res = {"loss": nll_sum / n, "nll_sum": nll_sum, "n_tokens": _count(count, targets.device)}
     return res, grad.to(logits.dtype) if grad_layout is None else to_layout(grad, *grad_layout)
 
 
@@ -78,7 +84,7 @@ def frame_loss(pred: torch.Tensor, target: torch.Tensor) -> dict:
     per_frame = F.smooth_l1_loss(pred.float(), target.float(), beta=1.0, reduction="none").mean(-1)
     n = per_frame.numel()
     return {"loss": per_frame.mean(), "nll_sum": per_frame.detach().sum(),
-            "n_tokens": torch.as_tensor(n, device=target.device)}
+            "n_tokens": _count(n, target.device)}
 
 
 def prediction_loss(pred: torch.Tensor, target: torch.Tensor, cfg: ModelConfig) -> dict:
