@@ -383,6 +383,37 @@ def test_ebt_s2_resume_with_replay_buffer_is_bit_for_bit(tiny_data, tmp_path):
     assert torch.equal(ra["logits"], rb["logits"]) and torch.equal(ra["windows"], rb["windows"])
 
 
+def test_ebt_s2_with_cuda_graph_bookkeeping_trains_as_eager(tiny_data, tmp_path, monkeypatch):
+    """`ebt train --cuda-graph` for System 2, its capture replaced by the CPU stand-in (tests/
+    test_speed_paths.py): the same weights and replay buffer as eager training, through a stop, a
+    checkpoint of the buffer's device cursor and a resume (which captures anew)."""
+    import ebt.train
+    from test_speed_paths import stand_in_capture
+
+    data_dir, _ = tiny_data
+    train(ebt_config(data_dir, tmp_path / "a", "s2"), log=lambda *a: None)
+    made, real = [], ebt.train.CapturedStep
+
+    def captured(*args, **kw):
+        made.append(real(*args, capture=stand_in_capture, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(ebt.train, "CapturedStep", captured)
+    train(ebt_config(data_dir, tmp_path / "b", "s2", cuda_graph=True, stop_at=4), log=lambda *a: None)
+    train(ebt_config(data_dir, tmp_path / "b", "s2", cuda_graph=True), resume=True, log=lambda *a: None)
+    assert len(made) == 2 and all(m.graphs for m in made)  # each run captured once its buffer was full
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra = torch.load(tmp_path / "a" / "checkpoint" / "replay_rank0.pt", weights_only=False)
+    rb = torch.load(tmp_path / "b" / "checkpoint" / "replay_rank0.pt", weights_only=False)
+    assert torch.equal(ra["logits"], rb["logits"]) and torch.equal(ra["windows"], rb["windows"])
+    assert ra["next"] == rb["next"]
+    ma = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    pick = lambda rows: [(r["step"], r["loss"], r["steps"]) for r in rows if r["split"] == "train"]  # noqa: E731
+    assert pick(ma) == pick(mb)
+
+
 def test_ebt_nonfinite_names_step_and_alpha(tiny_data, tmp_path):
     data_dir, _ = tiny_data
     run = ebt_config(data_dir, tmp_path / "nan")
