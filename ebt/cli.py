@@ -133,8 +133,8 @@ def _train_args(p):
                    "implies under auto), for training and validation")
     g.add_argument("--cuda-graph", action="store_true",
                    help="EBT on CUDA: capture the training step as a CUDA graph and replay it (removes the "
-                   "CPU's kernel-launch bottleneck; --grad-accum 1). System 2 gets one graph per drawn step "
-                   "count, captured once its replay buffer is full (eager until then). S1: on an H200 its "
+                   "CPU's kernel-launch bottleneck; --grad-accum 1). System 2 gets one graph for each step "
+                   "count it can draw, captured together once its replay buffer is full (eager until then). S1: on an H200 its "
                    "float64 gradients equal the eager step's (benchmarks/speed.py --device cuda --only check); "
                    "S2: not yet run on a GPU. Fastest with --compile")
     g.add_argument("--ebt-grad", default=d.ebt_grad, choices=["auto", "explicit", "double", "jvp", "full"],

@@ -314,24 +314,38 @@ class KVCache:
         return out
 
 
-def capture_cuda_graph(fn, warmup: int = 2, pool=None, warmup_fn=None):
-    """Run `warmup_fn or fn` `warmup` times on a side stream, then capture one call of fn as a CUDA graph:
-    returns (graph, its output). A replay reruns every kernel on the same memory without the CPU
-    launching them one by one. `pool` (another graph's .pool()) lets graphs that never run at the same
-    time share memory. autocast's weight-cast cache stays off meanwhile (its copies would be freed
-    under the graph)."""
+def capture_cuda_graph(fn, warmup: int = 2):
+    """Run fn() `warmup` times on a side stream, then capture one call as a CUDA graph: returns (graph,
+    its output). A replay reruns every kernel on the same memory without the CPU launching them one by
+    one."""
+    return capture_cuda_graphs([fn], warmup)[0]
+
+
+def capture_cuda_graphs(fns, warmup: int = 2, warmup_fns=None) -> list:
+    """Graphs that never run at the same time (e.g. one per step count): each of `warmup_fns` (default
+    fns) run `warmup` times on a side stream, then each of fns captured, all into one memory pool.
+    Returns [(graph, its output)]. Every warm-up comes before any capture and the allocator's cache
+    is emptied in between, so the warm-ups' memory is never held beside the graphs' pool (a later
+    warm-up next to an earlier graph would need both at once). autocast's weight-cast cache stays off
+    meanwhile (its copies would be freed under the graph)."""
     cast = lambda: torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),  # noqa: E731
                                   enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), cast():
-        for _ in range(warmup):
-            (warmup_fn or fn)()
+        for f in warmup_fns or fns:
+            for _ in range(warmup):
+                f()
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool), cast():
-        out = fn()
-    return graph, out
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    out, pool = [], None
+    for fn in fns:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool), cast():
+            out.append((graph, fn()))
+        pool = pool if pool is not None else graph.pool()
+    return out
 
 
 class Attention(nn.Module):

@@ -28,7 +28,7 @@ from ebt.errors import CheckpointError, ConfigError, EBTError
 from ebt.evaluate import autocast, evaluate_lm, fmt_ppl
 from ebt.think import GRAD_METHODS, RECYCLER, draw_steps
 from ebt.models import build_model
-from ebt.nn import capture_cuda_graph
+from ebt.nn import capture_cuda_graphs
 
 
 class TrainingError(EBTError):
@@ -63,65 +63,73 @@ class CapturedStep:
     second-order terms) and the CPU cannot issue them as fast as the GPU runs them; a replay issues them
     all at once. A graph needs the same shapes every call, no host synchronisation and no host-side
     randomness, so System 2's recipe is met this way:
-    - a random step count is drawn here on the host (as the step itself would draw it), and each count
-      gets its own graph (all in one memory pool: they never run at the same time);
+    - a random step count is drawn here on the host (as the step itself would draw it), and each
+      possible count gets its own graph, all captured at once into one memory pool (they never run at
+      the same time);
     - the replay buffer samples and writes on the device (ebt.models.ebt.ReplayBuffer); until it is full
       the number of replayed rows and the rows to sample from change, so those steps run eagerly;
-    - a graph's warm-up runs do not push rows (`paused`): the replay after capture is the step.
-    `capture` is the capturing function (ebt.nn.capture_cuda_graph; tests pass a stand-in on CPU)."""
+    - the warm-ups before the captures push no rows (`paused`): the replay after capture is the step.
+    `capture` is the capturing function (ebt.nn.capture_cuda_graphs; tests pass a stand-in on CPU)."""
 
-    def __init__(self, model: torch.nn.Module, step, warmup: int = 2, capture=capture_cuda_graph):
+    def __init__(self, model: torch.nn.Module, step, warmup: int = 2, capture=capture_cuda_graphs):
         device = next(model.parameters()).device
-        if capture is capture_cuda_graph and device.type != "cuda":
+        if capture is capture_cuda_graphs and device.type != "cuda":
             raise ConfigError(f"--cuda-graph needs a CUDA device, and the model is on {device}: drop --cuda-graph "
                               f"or train with --device cuda")
         self.model, self.step, self.warmup, self.capture = model, step, warmup, capture
         self.recipe = getattr(getattr(model, "cfg", None), "ebt", None)
         self.replay = getattr(model, "replay", None)
-        self.graphs, self.pool = {}, None  # step count (None: fixed) -> (graph, its outputs)
+        self.graphs = {}  # step count (None: the recipe's fixed one) -> (graph, (outputs, parameter grads))
+
+    def counts(self) -> list:
+        """Every step count the recipe can draw (None: it draws none)."""
+        e = self.recipe
+        if e is None or not e.rand_steps:
+            return [None]
+        return list(range(e.rand_steps_min, e.landscapes + e.rand_steps + 1))
 
     def __call__(self, batch: torch.Tensor, **kw) -> dict:
         if self.recipe is not None and self.recipe.rand_steps:
             kw = {**kw, "n_steps": draw_steps(self.recipe, self.model.training)}
         if self.replay is not None and self.model.training and len(self.replay) < self.replay.capacity:
             return self.step(batch, **kw)  # still filling: eager
-        key = kw.get("n_steps")
-        if key not in self.graphs:
-            self._capture(key, batch, kw)
-        graph, (out, grads) = self.graphs[key]
+        if not self.graphs:
+            self._capture(batch, kw)
+        graph, (out, grads) = self.graphs[kw.get("n_steps")]
         self.static_batch.copy_(batch)
         graph.replay()
         for p, g in zip(self.params, grads):  # the optimizer may have unbound them (set_to_none)
             p.grad = g
         return out
 
-    def _capture(self, key, batch, kw) -> None:
-        if not self.graphs:  # one input buffer for every graph, allocated outside their pool
-            self.static_batch = batch.clone()
-            self.params = [p for p in self.model.parameters() if p.requires_grad]
+    def _capture(self, batch, kw) -> None:
+        self.static_batch = batch.clone()  # the input of every graph, allocated outside their pool
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
 
-        def run():
-            for p in self.params:  # captured from no gradient: each replay writes fresh ones, never adds
-                p.grad = None
-            out = self.step(self.static_batch, **kw)
-            return out, [p.grad for p in self.params]
+        def run(n):
+            def fn():
+                for p in self.params:  # captured from no gradient: each replay writes fresh ones, never adds
+                    p.grad = None
+                out = self.step(self.static_batch, **{**kw, **({} if n is None else {"n_steps": n})})
+                return out, [p.grad for p in self.params]
+            return fn
 
-        def warm():
-            if self.replay is not None:
-                self.replay.paused = True
-            try:
-                return run()
-            finally:
+        def warm(n):
+            def fn():
                 if self.replay is not None:
-                    self.replay.paused = False
+                    self.replay.paused = True
+                try:
+                    return run(n)()
+                finally:
+                    if self.replay is not None:
+                        self.replay.paused = False
+            return fn
 
-        # the eager steps' and warm-ups' cached blocks go back to the driver: the graph's pool is what stays
-        empty = torch.cuda.empty_cache if self.static_batch.is_cuda else (lambda: None)
-        empty()
-        graph, static = self.capture(run, self.warmup, pool=self.pool, warmup_fn=warm)
-        empty()
-        self.pool = self.pool if self.pool is not None else graph.pool()
-        self.graphs[key] = (graph, static)
+        counts = self.counts()
+        graphs = self.capture([run(n) for n in counts], self.warmup, warmup_fns=[warm(n) for n in counts])
+        self.graphs = dict(zip(counts, graphs))
+        if self.static_batch.is_cuda:
+            torch.cuda.empty_cache()  # the eager steps' and warm-ups' cached blocks: the graphs' pool stays
 
 
 def leave_process_group() -> None:

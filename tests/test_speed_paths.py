@@ -270,39 +270,42 @@ def test_captured_step_needs_cuda():
         CapturedStep(tiny("s1"), None)
 
 
-def stand_in_capture(fn, warmup, pool=None, warmup_fn=None):
-    """What ebt.nn.capture_cuda_graph does, on CPU: warm-up runs, then outputs that a replay overwrites in
-    place. A CUDA graph replays the host-side decisions made at capture (shapes, the step count, what
+def stand_in_capture(fns, warmup, warmup_fns=None):
+    """What ebt.nn.capture_cuda_graphs does, on CPU: warm-up runs, then outputs that a replay overwrites
+    in place. A CUDA graph replays the host-side decisions made at capture (shapes, the step count, what
     runs); this stand-in reruns fn, so it checks CapturedStep's bookkeeping (which graph for which step
     count, eager steps while the buffer fills, no rows pushed by warm-ups), not the capture itself (the
     device check does: benchmarks/speed.py --only check). The warm-ups' random draws are undone, as a
     graph's own random offsets leave the eager stream alone."""
     state = torch.get_rng_state()
-    for _ in range(warmup):
-        warmup_fn()
-    static = warmup_fn()  # a capture runs nothing: its outputs' tensors, filled by each replay
+    warmup_fns = warmup_fns or fns
+    for f in warmup_fns:
+        for _ in range(warmup):
+            f()
+    out = []
+    for fn, warm in zip(fns, warmup_fns):
+        static = warm()  # a capture runs nothing: its outputs' tensors, filled by each replay
+
+        class Graph:
+            def __init__(self, fn, static):
+                self.fn, self.static = fn, static
+
+            def replay(self):
+                out, grads = self.fn()
+                for k, t in self.static[0].items():
+                    t.copy_(out[k])
+                for t, g in zip(self.static[1], grads):
+                    t.copy_(g)
+
+        out.append((Graph(fn, static), static))
     torch.set_rng_state(state)
-
-    class Graph:
-        replays = 0
-
-        def replay(self):
-            Graph.replays += 1
-            out, grads = fn()
-            for k, t in static[0].items():
-                t.copy_(out[k])
-            for t, g in zip(static[1], grads):
-                t.copy_(g)
-
-        def pool(self):
-            return "pool"
-
-    return Graph(), static
+    return out
 
 
 def test_captured_s2_step_matches_eager_steps():
     """System 2 through CapturedStep (stand-in capture): the same step counts, replayed rows, buffer and
-    gradients as eager train_step, step for step; one graph per step count, none while the buffer fills."""
+    gradients as eager train_step, step for step; none while the buffer fills, then one graph for every
+    step count the recipe can draw."""
     from ebt.train import CapturedStep
 
     eager = tiny("s2", replay_buffer=6).train()
@@ -323,9 +326,9 @@ def test_captured_s2_step_matches_eager_steps():
             assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))
         assert torch.equal(eager.replay.windows, graphed.replay.windows)
         assert torch.equal(eager.replay.logits, graphed.replay.logits) and eager.replay.next == graphed.replay.next
-    assert [c[2] for c in counts[:2]] == [0, 0]  # 4 + 4 rows fill the 6-row buffer: eager until then
-    assert {c[0] for c in counts} == {2, 3} and all(c[0] == c[1] for c in counts)
-    assert set(step.graphs) == {c[0] for c in counts[2:]}  # one graph per step count drawn once full
+    assert [c[2] for c in counts] == [0, 0] + [2] * 6  # 4 + 4 rows fill the 6-row buffer: eager until then,
+    assert {c[0] for c in counts} == {2, 3} and all(c[0] == c[1] for c in counts)  # then a graph per count
+    assert set(step.graphs) == {2, 3}
 
 
 def test_s2_step_with_a_full_buffer_reads_nothing_back_on_the_host():
