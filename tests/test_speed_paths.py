@@ -121,6 +121,28 @@ def test_closed_form_cross_entropy_gradient():
         assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-14)
 
 
+def test_loss_only_cross_entropy_eager_and_compiled():
+    """token_nll (System 2's logged first-step loss on CUDA, compiled there): token_loss's values without
+    writing log-probabilities; pad and no pad, huge logits, a target whose probability underflows."""
+    from ebt.models.transformer import compiled_token_nll, token_nll
+
+    torch.manual_seed(0)
+    z = 30 * torch.randn(4, 5, 11, dtype=torch.float64)
+    z[1, 2, 0] = -1000.0
+    t = torch.randint(1, 11, (4, 5))
+    t[0, :3] = 0
+    t[1, 2] = 0
+    for pad in (0, None):
+        ref = token_loss(z, t, pad)
+        for fn in (token_nll, compiled_token_nll()):
+            out = fn(z, t, pad)
+            assert float(out["loss"]) == pytest.approx(float(ref["loss"]), rel=1e-12)
+            assert float(out["nll_sum"]) == pytest.approx(float(ref["nll_sum"]), rel=1e-12)
+            assert int(out["n_tokens"]) == int(ref["n_tokens"])
+    zb = z.to(torch.bfloat16)  # low-precision logits are reduced in float32, as cross-entropy does
+    assert float(token_nll(zb, t, 0)["loss"]) == pytest.approx(float(token_loss(zb, t, 0)["loss"]), rel=1e-6)
+
+
 def test_closed_form_loss_where_the_target_probability_underflows():
     """-log p_t from max z - log(max p) - z_t: finite and equal to log-softmax's where p_t is 0 in floats."""
     z = torch.zeros(2, 3, 7, dtype=torch.float64)

@@ -15,8 +15,8 @@ from torch import nn
 
 from ebt.config import EBTConfig, ModelConfig
 from ebt.errors import ConfigError
-from ebt.models.transformer import (check_window, compiled_token_loss_grad, make_input_embedding, prediction_loss,
-                                   token_loss_grad)
+from ebt.models.transformer import (check_window, compiled_token_loss_grad, compiled_token_nll, make_input_embedding,
+                                   prediction_loss, token_loss_grad)
 from ebt.energy_grad import context_kv, energy_grad
 from ebt.nn import Backbone, KVCache, candidate_frame, init_weights, to_layout, vocab_in, vocab_out
 from ebt.think import (GRAD_METHODS, RECYCLER, alpha_param_groups, auto_grad_method, autograd_loss_grad,
@@ -317,6 +317,8 @@ class EBT(nn.Module):
                         ce[0], g = token_loss_grad(z_k, targets, self.cfg.pad_token_id,
                                                    out=RECYCLER.take(z_k.shape, z_k.dtype, z_k.device))
                         RECYCLER.give(g)
+                    elif self.cfg.candidate == "tokens" and self.compile_grad:  # one fused reduction
+                        ce[0] = compiled_token_nll()(z_k, targets, self.cfg.pad_token_id)
                     else:
                         ce[0] = prediction_loss(z_k, targets, self.cfg)
 

@@ -72,6 +72,23 @@ def token_loss_grad(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | N
     return res, grad.to(logits.dtype) if grad_layout is None else to_layout(grad, *grad_layout)
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | None) -> dict:
+    """`token_loss`'s values (no gradient) as log-sum-exp minus the target's logit. Compiled
+    (`compiled_token_nll`) it is one fused reduction over the logits that writes nothing of their size,
+    where cross-entropy writes the (B, S, V) log-probabilities and reads them back: System 2 logs its
+    first step's loss this way on CUDA."""
+    lf = logits if logits.dtype not in (torch.bfloat16, torch.float16) else logits.float()
+    nll = torch.logsumexp(lf, -1) - lf.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    keep = torch.ones_like(nll) if pad_id is None else (targets != pad_id).to(nll.dtype)
+    n, nll_sum = keep.sum(), (nll * keep).sum()
+    count = targets.numel() if pad_id is None else (targets != pad_id).sum()
+    return {"loss": nll_sum / n, "nll_sum": nll_sum, "n_tokens": _count(count, targets.device)}
+
+
+def compiled_token_nll():
+    return compiled(token_nll)
+
+
 def compiled_token_loss_grad():
     """token_loss_grad through torch.compile: its softmax, reductions, gather and scatter fuse into a couple
     of passes over the (B, S, V) logits instead of six, with no (B, S, V) temporaries."""
