@@ -321,13 +321,14 @@ def capture_cuda_graph(fn, warmup: int = 2):
     return capture_cuda_graphs([fn], warmup)[0]
 
 
-def capture_cuda_graphs(fns, warmup: int = 2, warmup_fns=None) -> list:
+def capture_cuda_graphs(fns, warmup: int = 2, warmup_fns=None, release: bool = False) -> list:
     """Graphs that never run at the same time (e.g. one per step count): each of `warmup_fns` (default
     fns) run `warmup` times on a side stream, then each of fns captured, all into one memory pool.
-    Returns [(graph, its output)]. Every warm-up comes before any capture and the allocator's cache
-    is emptied in between, so the warm-ups' memory is never held beside the graphs' pool (a later
-    warm-up next to an earlier graph would need both at once). autocast's weight-cast cache stays off
-    meanwhile (its copies would be freed under the graph)."""
+    Returns [(graph, its output)]. Every warm-up comes before any capture, so a warm-up never runs
+    beside an earlier graph's memory; with `release` the allocator's cache is emptied in between, so the
+    warm-ups' memory is not held beside the graphs' pool either (a training step's: gigabytes; a decode
+    step's is not worth the synchronisation). autocast's weight-cast cache stays off meanwhile (its
+    copies would be freed under the graph)."""
     cast = lambda: torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),  # noqa: E731
                                   enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
     side = torch.cuda.Stream()
@@ -337,8 +338,9 @@ def capture_cuda_graphs(fns, warmup: int = 2, warmup_fns=None) -> list:
             for _ in range(warmup):
                 f()
     torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
+    if release:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
     out, pool = [], None
     for fn in fns:
         graph = torch.cuda.CUDAGraph()

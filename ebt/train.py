@@ -126,7 +126,8 @@ class CapturedStep:
             return fn
 
         counts = self.counts()
-        graphs = self.capture([run(n) for n in counts], self.warmup, warmup_fns=[warm(n) for n in counts])
+        graphs = self.capture([run(n) for n in counts], self.warmup, warmup_fns=[warm(n) for n in counts],
+                              release=True)
         self.graphs = dict(zip(counts, graphs))
         if self.static_batch.is_cuda:
             torch.cuda.empty_cache()  # the eager steps' and warm-ups' cached blocks: the graphs' pool stays

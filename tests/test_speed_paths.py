@@ -292,7 +292,7 @@ def test_captured_step_needs_cuda():
         CapturedStep(tiny("s1"), None)
 
 
-def stand_in_capture(fns, warmup, warmup_fns=None):
+def stand_in_capture(fns, warmup, warmup_fns=None, release=False):
     """What ebt.nn.capture_cuda_graphs does, on CPU: warm-up runs, then outputs that a replay overwrites
     in place. A CUDA graph replays the host-side decisions made at capture (shapes, the step count, what
     runs); this stand-in reruns fn, so it checks CapturedStep's bookkeeping (which graph for which step
