@@ -13,6 +13,7 @@ their own next prompt token ("forced") while the others take the model's choice.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -91,17 +92,27 @@ class Decoder:
             self.prefix = 1 if model.step_emb is not None else 0
             keys = sorted({model.landscape_key(k) for k in range(cfg.ebt.landscapes)})
             # room for a multiple of 8 positions: the static step attends over the whole buffer (under
-            # a mask), whose length then needs no padding for aligned products (ebt.energy_grad)
+            # a mask), whose length then needs no padding for aligned products (ebt.energy_grad). Static
+            # decoding takes the whole context, so one decoder (and its graph) serves every later call
+            max_len = cfg.context_length if self.static else max_len
             length = -(-(max_len + self.prefix) // 8) * 8
             caches = {k: KVCache(cfg.n_layer, length, **shape) for k in keys}
             self.ctx = _Contexts(model, caches, self.prefix)
-            if self.prefix:  # the step token at position 0 of each landscape's context stream
-                for k, cache in caches.items():
-                    h = model.step_emb.weight[k].expand(batch, 1, -1)
-                    model.backbone(h, torch.zeros(1, dtype=torch.long, device=w.device), cache=cache, pos=0)
         else:
             self.cache = KVCache(cfg.n_layer, max_len, **shape)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new sequence: nothing written yet. What earlier sequences left in the caches is never
+        read (the views and the static step's mask cover written positions only); the step tokens'
+        keys and values are written anew, as the weights may have changed since."""
         self.length = 0
+        if self.is_ebt:
+            self.ctx.length = 0
+            m = self.model
+            for k, cache in (self.ctx.caches.items() if self.prefix else ()):  # position 0 of each stream
+                h = m.step_emb.weight[k].expand(cache.k[0].shape[0], 1, -1)
+                m.backbone(h, torch.zeros(1, dtype=torch.long, device=h.device), cache=cache, pos=0)
 
     def _static_step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token (B, 1) at index `pos` (a (1,) tensor): static shapes only, no host synchronisation."""
@@ -217,12 +228,42 @@ def generate(model, prompts: list[list[int]], cfg: GenerateConfig | None = None,
 
     def next_logits(seq, t):
         if "dec" not in state:  # prefill: the common part of the prompts at once
-            state["dec"] = Decoder(model, seq.shape[0], seq.shape[1], cfg.think, cfg.cuda_graph)
+            state["dec"] = _decoder(model, seq.shape[0], seq.shape[1], cfg)
             return state["dec"].feed(seq[:, :t])
         return state["dec"].feed(seq[:, t - 1:t])
 
     with compiled_thinking(model, cfg.compile):
         return _decode(model, prompts, cfg, next_logits, return_logits)
+
+
+_STATIC = weakref.WeakKeyDictionary()  # model -> (what its static decoder was built for, the decoder)
+
+
+def _decoder(model, batch: int, max_len: int, cfg: GenerateConfig) -> Decoder:
+    """A decoder for one generate call. A static one (cuda_graph, EBT) is kept with the model and reset
+    for the next call with the same batch, thinking, precision and weights' storage, so its CUDA graph
+    is captured once, not per call (as torch.compile compiles once). One is kept per model; it holds
+    the KV caches and the graph's memory (small next to the weights; `release_static_decoder` frees it)."""
+    if not (cfg.cuda_graph and hasattr(model, "energy_from")):
+        return Decoder(model, batch, max_len, cfg.think, cfg.cuda_graph)
+    dev = model.tok_emb.weight.device
+    key = (batch, repr(cfg.think), bool(getattr(model, "compile_grad", False)), getattr(model, "explicit_grad", None),
+           torch.is_autocast_enabled(dev.type),
+           torch.get_autocast_dtype(dev.type), tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters()))
+    kept = _STATIC.get(model)
+    if kept is not None and kept[0] == key:
+        dec = kept[1]
+        dec.reset()
+        return dec
+    _STATIC.pop(model, None)  # the old graph's memory goes before the new one is captured
+    dec = Decoder(model, batch, max_len, cfg.think, cfg.cuda_graph)
+    _STATIC[model] = (key, dec)
+    return dec
+
+
+def release_static_decoder(model) -> None:
+    """Free the static decoder (KV caches, CUDA graph) kept with `model` by generate(cuda_graph=True)."""
+    _STATIC.pop(model, None)
 
 
 @contextlib.contextmanager

@@ -285,6 +285,38 @@ def test_static_shape_decoding_matches_dynamic(rec):
     assert a == b and torch.allclose(la, lb, rtol=1e-9, atol=1e-9)
 
 
+def test_static_decoder_is_kept_across_calls_and_matches_dynamic():
+    """generate(cuda_graph=True) keeps its static decoder (and on CUDA its captured graph) with the model:
+    later calls with other prompts and lengths, and after the weights changed in place, reuse it and still
+    choose the tokens of decoding without a cache; another batch size or the weights' storage changing builds a new one."""
+    from ebt.generate import _STATIC, GenerateConfig, generate, generate_uncached, release_static_decoder
+
+    model = tiny("s2", S=24).eval()
+    think_cfg = ThinkConfig(steps=2, score_final=False)
+    runs = [([[1, 2, 3], [4, 5, 6, 7, 8]], 6), ([[9, 8, 7, 6], [5, 4, 3, 2]], 9), ([[3], [11, 12]], 4)]
+    kept = None
+    for i, (prompts, new) in enumerate(runs):
+        if i == 2:
+            with torch.no_grad():
+                for p in model.parameters():  # in place (an optimizer step): the kept decoder stays valid
+                    p.mul_(1.01)
+        cfg = dict(max_new_tokens=new, think=think_cfg)
+        a, la = generate_uncached(model, prompts, GenerateConfig(**cfg), return_logits=True)  # no cache at all
+        b, lb = generate(model, prompts, GenerateConfig(**cfg, cuda_graph=True), return_logits=True)
+        assert a == b and torch.allclose(la, lb, rtol=1e-8, atol=1e-8), i
+        assert kept is None or _STATIC[model][1] is kept  # reused, not rebuilt
+        kept = _STATIC[model][1]
+    generate(model, [[1, 2]], GenerateConfig(max_new_tokens=3, think=think_cfg, cuda_graph=True))
+    assert _STATIC[model][1] is not kept  # batch 1: a decoder of its own, the old one dropped
+    kept = _STATIC[model][1]
+    model.float()  # new parameter storage: the old decoder's buffers (and a graph's addresses) are stale
+    a = generate_uncached(model, [[1, 2]], GenerateConfig(max_new_tokens=3, think=think_cfg))
+    assert generate(model, [[1, 2]], GenerateConfig(max_new_tokens=3, think=think_cfg, cuda_graph=True)) == a
+    assert _STATIC[model][1] is not kept
+    release_static_decoder(model)
+    assert model not in _STATIC
+
+
 def test_captured_step_needs_cuda():
     from ebt.train import CapturedStep
 
