@@ -102,6 +102,14 @@ class Decoder:
             self.cache = KVCache(cfg.n_layer, max_len, **shape)
         self.reset()
 
+    def attach(self, model) -> None:
+        """Point a kept decoder at its model again (`detach` drops the reference between calls, so the
+        model can be freed while the module-level store keeps its decoder only weakly keyed)."""
+        self.model = self.ctx.model = model
+
+    def detach(self) -> None:
+        self.model = self.ctx.model = None
+
     def reset(self) -> None:
         """Start a new sequence: nothing written yet. What earlier sequences left in the caches is never
         read (the views and the static step's mask cover written positions only); the step tokens'
@@ -232,8 +240,12 @@ def generate(model, prompts: list[list[int]], cfg: GenerateConfig | None = None,
             return state["dec"].feed(seq[:, :t])
         return state["dec"].feed(seq[:, t - 1:t])
 
-    with compiled_thinking(model, cfg.compile):
-        return _decode(model, prompts, cfg, next_logits, return_logits)
+    try:
+        with compiled_thinking(model, cfg.compile):
+            return _decode(model, prompts, cfg, next_logits, return_logits)
+    finally:
+        if state.get("dec") is not None and state["dec"].static:
+            state["dec"].detach()  # kept in _STATIC, weakly keyed by the model: no reference back to it
 
 
 _STATIC = weakref.WeakKeyDictionary()  # model -> (what its static decoder was built for, the decoder)
@@ -253,6 +265,7 @@ def _decoder(model, batch: int, max_len: int, cfg: GenerateConfig) -> Decoder:
     kept = _STATIC.get(model)
     if kept is not None and kept[0] == key:
         dec = kept[1]
+        dec.attach(model)
         dec.reset()
         return dec
     _STATIC.pop(model, None)  # the old graph's memory goes before the new one is captured

@@ -315,6 +315,11 @@ def test_static_decoder_is_kept_across_calls_and_matches_dynamic():
     assert _STATIC[model][1] is not kept
     release_static_decoder(model)
     assert model not in _STATIC
+    generate(model, [[1, 2]], GenerateConfig(max_new_tokens=3, think=think_cfg, cuda_graph=True))
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None and len(_STATIC) == 0  # the kept decoder does not keep its model alive
 
 
 def test_captured_step_needs_cuda():
