@@ -452,7 +452,7 @@ def plan(a, dev):
         out = [{"section": "train", "kind": "transformer", "size": size, "path": "eager"}]
         for rec, variant in recipes:
             graph = []
-            if dev.type == "cuda" and variant is None:
+            if dev.type == "cuda" and variant is None and rec == "s1":  # S2's graphs: at the end (below)
                 graph = ["graph"] + (["graph_compiled"] if "compiled" in a.methods else [])
             for path in [*a.methods, *graph, "official"]:
                 out.append({"section": "train", "kind": "ebt", "recipe": rec, "variant": variant, "size": size,
@@ -474,6 +474,9 @@ def plan(a, dev):
     for size in rest:
         items += training(size, [("s1", None)])
     if dev.type == "cuda":  # a failed graph capture can spoil the CUDA context: these come last
+        # System 2 captured (one graph per step count; not yet run on a GPU), then the compiled baseline
+        items += [{"section": "train", "kind": "ebt", "recipe": "s2", "variant": None, "size": first, "path": path}
+                  for path in ["graph"] + (["graph_compiled"] if "compiled" in a.methods else [])]
         items.append({"section": "train", "kind": "transformer", "size": first, "path": "compiled"})
         items += [{"section": "generate", "size": first, "batch": b, "path": "cuda_graph"} for b in a.gen_batch]
         items += [{"section": "train", "kind": "transformer", "size": s, "path": "compiled"} for s in rest]
