@@ -245,8 +245,8 @@ def check_item(it, a, dev):
     for rec in ("s1", "s2"):
         torch.manual_seed(0)
         e = recipe(rec)
-        if rec == "s2":
-            e.replay_buffer = 8
+        if rec == "s2":  # every buffered row replayed: the batch of the S2 graph check below (one compilation)
+            e.replay_buffer, e.replay_fraction = 4, 1.0
         m = build_model(ModelConfig(model="ebt", size="4xs", vocab_size=500, context_length=32, ebt=e))
         m = m.to(dev, torch.float64).train()
         x = torch.randint(0, 500, (4, 33), device=dev)
