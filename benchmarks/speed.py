@@ -64,7 +64,8 @@ def _peak_gib(dev, base):
 
 def _reserved_gib(dev):
     """CUDA: the most memory the caching allocator held from the driver (a graph's private pool
-    included), what the device really gave up; None elsewhere."""
+    included, also one captured before the measurement: the allocated peak counts only what a replay
+    adds), what the device really gave up; None elsewhere."""
     import torch
 
     return torch.cuda.max_memory_reserved() / 2**30 if dev.type == "cuda" else None
@@ -183,7 +184,8 @@ def think_item(it, a, dev):
             _sync(dev)
             times.append(time.perf_counter() - t)
     med = sorted(times)[len(times) // 2]
-    return {"tokens_per_s": a.batch * a.context / med, "ms": med * 1e3, "peak_gib": _peak_gib(dev, base)}
+    return {"tokens_per_s": a.batch * a.context / med, "ms": med * 1e3, "peak_gib": _peak_gib(dev, base),
+            "reserved_gib": _reserved_gib(dev)}
 
 
 def gen_item(it, a, dev):
@@ -219,7 +221,7 @@ def gen_item(it, a, dev):
         short = max(4, new // 8)
         dt_short = timed(short)[0] if path_short(it) else None
     res = {"tokens_per_s": it["batch"] * new / dt, "new_tokens": new, "peak_gib": _peak_gib(dev, base),
-           "first_tokens": out[0][:8]}
+           "reserved_gib": _reserved_gib(dev), "first_tokens": out[0][:8]}
     if dt_short is not None and dt > dt_short:
         per_token = (dt - dt_short) / (new - short)
         res.update(marginal_tokens_per_s=it["batch"] / per_token, fixed_ms=(dt_short - short * per_token) * 1e3)
