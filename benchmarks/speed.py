@@ -121,7 +121,7 @@ def train_item(it, a, dev):
         from ebt.train import CapturedStep
 
         ebt_step = CapturedStep(model, model.train_step)
-    times, warm = [], a.warmup
+    times = []
     if path in ("graph", "graph_compiled") and getattr(model, "replay", None) is not None:
         # System 2: eager until the buffer is full, then a graph for every step count; all before timing
         for i in range(64):
@@ -131,7 +131,7 @@ def train_item(it, a, dev):
             with autocast(dev, a.precision):
                 ebt_step(x, method=method)
             opt.zero_grad(set_to_none=True)
-    for i in range(warm + a.steps):
+    for i in range(a.warmup + a.steps):
         torch.manual_seed(1000 + i)  # every path draws the same S2 step counts, alphas and noise
         _sync(dev)
         t = time.perf_counter()
@@ -144,7 +144,7 @@ def train_item(it, a, dev):
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(dev)
-        if i >= warm:
+        if i >= a.warmup:
             times.append(time.perf_counter() - t)
     times.sort()
     med = times[len(times) // 2]
@@ -218,18 +218,14 @@ def gen_item(it, a, dev):
         dt, out = timed(new)
         # a shorter call splits the whole call's time into a per-token rate and a fixed part (set-up, the
         # prefill, a graph's capture): what a longer generation approaches, and what each call pays once
-        short = max(4, new // 8)
-        dt_short = timed(short)[0] if path_short(it) else None
+        short = max(4, new // 8)  # not for the straightforward path: re-running the prefix has no constant rate
+        dt_short = timed(short)[0] if it["path"] != "official" else None
     res = {"tokens_per_s": it["batch"] * new / dt, "new_tokens": new, "peak_gib": _peak_gib(dev, base),
            "reserved_gib": _reserved_gib(dev), "first_tokens": out[0][:8]}
     if dt_short is not None and dt > dt_short:
         per_token = (dt - dt_short) / (new - short)
         res.update(marginal_tokens_per_s=it["batch"] / per_token, fixed_ms=(dt_short - short * per_token) * 1e3)
     return res
-
-
-def path_short(it):
-    return it["path"] != "official"  # the straightforward path re-runs the prefix: no constant rate
 
 
 def check_item(it, a, dev):
@@ -266,58 +262,40 @@ def check_item(it, a, dev):
         for path in paths:
             res[f"{rec} {path}"] = max(float((grads[path][n] - g).norm() / g.norm().clamp_min(1e-300))
                                        for n, g in grads["full"].items())
-    # the S1 step captured as a CUDA graph against the eager step, over three replays (a deterministic
-    # start, init_scale 0: a graph draws its random numbers from its own offsets). The captured model is
-    # a copy that has run no eager step (as in `ebt train --cuda-graph`); each part reports on its own.
+    # each recipe's step captured through CapturedStep against the eager step, in float64. Deterministic
+    # but for what a graph draws from its own random offsets: a zero start, and for S2 no Langevin noise
+    # or random alpha, with every buffered row replayed (4 of 4), so only the replayed rows' order differs.
+    # S1: three replays; S2: its first call fills the buffer (eager in both), then a graph per step count.
+    # The captured model has run no eager step of its own (as in `ebt train --cuda-graph`); each part
+    # reports on its own.
     from ebt.train import CapturedStep
 
-    torch.manual_seed(0)
-    m = build_model(ModelConfig(model="ebt", size="4xs", vocab_size=500, context_length=32,
-                                ebt=recipe("s1", init_scale=0.0))).to(dev, torch.float64).train()
-    for name, method, compiled in (("", "double", False), (" (compiled explicit)", "explicit", True)):
-        try:
-            mg = copy.deepcopy(m)
-            mg.compile_grad = compiled
-            step = CapturedStep(mg, mg.train_step)
-            worst = 0.0
-            for rep in range(3):
-                x = torch.randint(0, 500, (4, 33), device=dev)
-                m.zero_grad(set_to_none=True)
-                m.train_step(x, method="double")
-                step(x, method=method)
-                worst = max(worst, max(float((p.grad - q.grad).norm() / p.grad.norm())
-                                       for p, q in zip(m.parameters(), mg.parameters())))
-            res[f"s1 cuda graph{name} vs eager"] = worst
-        except Exception as e:  # noqa: BLE001 (report, keep the other figures)
-            res[f"s1 cuda graph{name} vs eager"] = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
-    # System 2 through CapturedStep: one graph per drawn step count, the replay buffer sampled and written
-    # on the device. Deterministic apart from the replayed rows' order (a graph draws from its own offsets):
-    # a zero start, no Langevin noise, no random alpha, and every buffered row replayed (4 of 4).
-    torch.manual_seed(0)
-    e2 = recipe("s2", init_scale=0.0, langevin=0.0, alpha_rand_scale=1.0, replay_buffer=4, replay_fraction=1.0)
-    m = build_model(ModelConfig(model="ebt", size="4xs", vocab_size=500, context_length=32,
-                                ebt=e2)).to(dev, torch.float64).train()
-    for name, method, compiled in (("", "double", False), (" (compiled explicit)", "explicit", True)):
-        try:
-            me, mg = copy.deepcopy(m), copy.deepcopy(m)
-            mg.compile_grad = compiled
-            step = CapturedStep(mg, mg.train_step)
-            worst, counts = 0.0, []
-            for rep in range(7):  # the first fills the buffer (eager in both)
-                x = torch.randint(0, 500, (4, 33), device=dev)
-                me.zero_grad(set_to_none=True)
-                torch.manual_seed(100 + rep)
-                a_out = me.train_step(x, method="double")
-                torch.manual_seed(100 + rep)
-                step(x, method=method)
-                counts.append(int(a_out["steps"]))
-                worst = max(worst, max(float((p.grad - q.grad).norm() / p.grad.norm())
-                                       for p, q in zip(me.parameters(), mg.parameters()) if p.grad is not None))
-            worst = max(worst, float((me.replay.logits - mg.replay.logits).norm() / me.replay.logits.norm()))
-            res[f"s2 cuda graph{name} vs eager"] = worst
-            res[f"s2 cuda graph{name}: step counts, graphs"] = f"{counts}, {sorted(step.graphs)}"
-        except Exception as e:  # noqa: BLE001 (report, keep the other figures)
-            res[f"s2 cuda graph{name} vs eager"] = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
+    for rec, reps, kw in (("s1", 3, {}), ("s2", 7, dict(langevin=0.0, alpha_rand_scale=1.0, replay_buffer=4,
+                                                          replay_fraction=1.0))):
+        torch.manual_seed(0)
+        m = build_model(ModelConfig(model="ebt", size="4xs", vocab_size=500, context_length=32,
+                                    ebt=recipe(rec, init_scale=0.0, **kw))).to(dev, torch.float64).train()
+        for name, method, compiled in (("", "double", False), (" (compiled explicit)", "explicit", True)):
+            try:
+                me, mg = copy.deepcopy(m), copy.deepcopy(m)
+                mg.compile_grad = compiled
+                step = CapturedStep(mg, mg.train_step)
+                worst, counts = 0.0, []
+                for rep in range(reps):
+                    x = torch.randint(0, 500, (4, 33), device=dev)
+                    me.zero_grad(set_to_none=True)
+                    torch.manual_seed(100 + rep)  # the same host-drawn step counts
+                    counts.append(int(me.train_step(x, method="double")["steps"]))
+                    torch.manual_seed(100 + rep)
+                    step(x, method=method)
+                    worst = max(worst, max(float((p.grad - q.grad).norm() / p.grad.norm())
+                                           for p, q in zip(me.parameters(), mg.parameters()) if p.grad is not None))
+                if me.replay is not None:
+                    worst = max(worst, float((me.replay.logits - mg.replay.logits).norm() / me.replay.logits.norm()))
+                    res[f"{rec} cuda graph{name}: step counts, graphs"] = f"{counts}, {sorted(step.graphs)}"
+                res[f"{rec} cuda graph{name} vs eager"] = worst
+            except Exception as e:  # noqa: BLE001 (report, keep the other figures)
+                res[f"{rec} cuda graph{name} vs eager"] = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
     return res
 
 
@@ -449,13 +427,12 @@ def plan(a, dev):
     first size, thinking, generation, the larger sizes, then the compiled Transformer++ (slow to build)."""
     first, rest = a.sizes[0], a.sizes[1:]
     items = [{"section": "check"}] if dev.type == "cuda" else []
+    graph_paths = ["graph"] + (["graph_compiled"] if "compiled" in a.methods else []) if dev.type == "cuda" else []
 
     def training(size, recipes):
         out = [{"section": "train", "kind": "transformer", "size": size, "path": "eager"}]
         for rec, variant in recipes:
-            graph = []
-            if dev.type == "cuda" and variant is None and rec == "s1":  # S2's graphs: at the end (below)
-                graph = ["graph"] + (["graph_compiled"] if "compiled" in a.methods else [])
+            graph = graph_paths if rec == "s1" else []  # S2's graphs: at the end (below)
             for path in [*a.methods, *graph, "official"]:
                 out.append({"section": "train", "kind": "ebt", "recipe": rec, "variant": variant, "size": size,
                             "path": path})
@@ -478,7 +455,7 @@ def plan(a, dev):
     if dev.type == "cuda":  # a failed graph capture can spoil the CUDA context: these come last
         # System 2 captured (one graph per step count; not yet run on a GPU), then the compiled baseline
         items += [{"section": "train", "kind": "ebt", "recipe": "s2", "variant": None, "size": first, "path": path}
-                  for path in ["graph"] + (["graph_compiled"] if "compiled" in a.methods else [])]
+                  for path in graph_paths]
         items.append({"section": "train", "kind": "transformer", "size": first, "path": "compiled"})
         items += [{"section": "generate", "size": first, "batch": b, "path": "cuda_graph"} for b in a.gen_batch]
         items += [{"section": "train", "kind": "transformer", "size": s, "path": "compiled"} for s in rest]

@@ -260,8 +260,8 @@ def _decoder(model, batch: int, max_len: int, cfg: GenerateConfig) -> Decoder:
         return Decoder(model, batch, max_len, cfg.think, cfg.cuda_graph)
     dev = model.tok_emb.weight.device
     key = (batch, repr(cfg.think), bool(getattr(model, "compile_grad", False)), getattr(model, "explicit_grad", None),
-           torch.is_autocast_enabled(dev.type),
-           torch.get_autocast_dtype(dev.type), tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters()))
+           torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type),
+           tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters()))
     kept = _STATIC.get(model)
     if kept is not None and kept[0] == key:
         dec = kept[1]

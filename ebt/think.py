@@ -546,11 +546,17 @@ def _candidate_input(model, z, pool=None):
 
 # Recipe pieces every EBT shares (text, video, images): how many steps, which step size, alpha's group.
 
+def step_range(cfg) -> range:
+    """The step counts a randomised training forward draws from: rand_steps_min .. landscapes + R."""
+    return range(cfg.rand_steps_min, cfg.landscapes + cfg.rand_steps + 1)
+
+
 def draw_steps(cfg, training: bool) -> int:
-    """Steps of one training forward: randint(rand_steps_min, landscapes + R + 1) when randomised,
-    else (and always in evaluation) landscapes + R."""
+    """Steps of one training forward: uniform over `step_range` when randomised, else (and always in
+    evaluation) landscapes + R."""
     if training and cfg.rand_steps:
-        return int(torch.randint(cfg.rand_steps_min, cfg.landscapes + cfg.rand_steps + 1, ()))
+        r = step_range(cfg)
+        return int(torch.randint(r.start, r.stop, ()))
     return cfg.eval_steps
 
 

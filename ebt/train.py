@@ -26,7 +26,7 @@ from ebt.checkpoint import (load_state, load_training_state, load_weights, publi
 from ebt.config import RunConfig, to_dict
 from ebt.errors import CheckpointError, ConfigError, EBTError
 from ebt.evaluate import autocast, evaluate_lm, fmt_ppl
-from ebt.think import GRAD_METHODS, RECYCLER, draw_steps
+from ebt.think import GRAD_METHODS, RECYCLER, draw_steps, step_range
 from ebt.models import build_model
 from ebt.nn import capture_cuda_graphs
 
@@ -68,7 +68,8 @@ class CapturedStep:
       the same time);
     - the replay buffer samples and writes on the device (ebt.models.ebt.ReplayBuffer); until it is full
       the number of replayed rows and the rows to sample from change, so those steps run eagerly;
-    - the warm-ups before the captures push no rows (`paused`): the replay after capture is the step.
+    - the warm-ups before the captures push no rows (`paused`): the replay after capture is the step;
+      the allocator's cache (the eager steps' and warm-ups' memory) is emptied before the captures.
     `capture` is the capturing function (ebt.nn.capture_cuda_graphs; tests pass a stand-in on CPU)."""
 
     def __init__(self, model: torch.nn.Module, step, warmup: int = 2, capture=capture_cuda_graphs):
@@ -84,9 +85,7 @@ class CapturedStep:
     def counts(self) -> list:
         """Every step count the recipe can draw (None: it draws none)."""
         e = self.recipe
-        if e is None or not e.rand_steps:
-            return [None]
-        return list(range(e.rand_steps_min, e.landscapes + e.rand_steps + 1))
+        return list(step_range(e)) if e is not None and e.rand_steps else [None]
 
     def __call__(self, batch: torch.Tensor, **kw) -> dict:
         if self.recipe is not None and self.recipe.rand_steps:
@@ -129,8 +128,6 @@ class CapturedStep:
         graphs = self.capture([run(n) for n in counts], self.warmup, warmup_fns=[warm(n) for n in counts],
                               release=True)
         self.graphs = dict(zip(counts, graphs))
-        if self.static_batch.is_cuda:
-            torch.cuda.empty_cache()  # the eager steps' and warm-ups' cached blocks: the graphs' pool stays
 
 
 def leave_process_group() -> None:

@@ -61,15 +61,19 @@ def token_loss_grad(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | N
     # -log p_t without a log-softmax pass: logsumexp = max z - log(max p), as softmax's largest entry
     # is exp(0) / sum (>= 1/V, never underflows); then nll = logsumexp - z_t
     lse = lf.amax(-1) - torch.log(grad.amax(-1))
-    nll = lse - lf.gather(-1, t).squeeze(-1)
-    keep = torch.ones_like(nll) if pad_id is None else (targets != pad_id).to(nll.dtype)
-    n = keep.sum()
-    nll_sum = (nll * keep).sum()
+    res, keep, n = _nll_result(lse - lf.gather(-1, t).squeeze(-1), targets, pad_id)
     grad.scatter_add_(-1, t, torch.full_like(t, -1, dtype=grad.dtype))
     grad.mul_((keep * (scale / n)).unsqueeze(-1))
-    count = targets.numel() if pad_id is None else (targets != pad_id).sum()
-    res = {"loss": nll_sum / n, "nll_sum": nll_sum, "n_tokens": _count(count, targets.device)}
     return res, grad.to(logits.dtype) if grad_layout is None else to_layout(grad, *grad_layout)
+
+
+def _nll_result(nll, targets, pad_id) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """token_loss's dict from per-position negative log-likelihoods (pad targets left out), the 0/1
+    weights that left them out, and their sum."""
+    keep = torch.ones_like(nll) if pad_id is None else (targets != pad_id).to(nll.dtype)
+    n, nll_sum = keep.sum(), (nll * keep).sum()
+    count = targets.numel() if pad_id is None else (targets != pad_id).sum()
+    return {"loss": nll_sum / n, "nll_sum": nll_sum, "n_tokens": _count(count, targets.device)}, keep, n
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | None) -> dict:
@@ -78,11 +82,7 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | None) -
     where cross-entropy writes the (B, S, V) log-probabilities and reads them back: System 2 logs its
     first step's loss this way on CUDA."""
     lf = logits if logits.dtype not in (torch.bfloat16, torch.float16) else logits.float()
-    nll = torch.logsumexp(lf, -1) - lf.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    keep = torch.ones_like(nll) if pad_id is None else (targets != pad_id).to(nll.dtype)
-    n, nll_sum = keep.sum(), (nll * keep).sum()
-    count = targets.numel() if pad_id is None else (targets != pad_id).sum()
-    return {"loss": nll_sum / n, "nll_sum": nll_sum, "n_tokens": _count(count, targets.device)}
+    return _nll_result(torch.logsumexp(lf, -1) - lf.gather(-1, targets.unsqueeze(-1)).squeeze(-1), targets, pad_id)[0]
 
 
 def compiled_token_nll():
