@@ -322,7 +322,8 @@ def capture_cuda_graph(fn, warmup: int = 2):
 
 
 def capture_cuda_graphs(fns, warmup: int = 2, warmup_fns=None, release: bool = False) -> list:
-    """Graphs that never run at the same time (e.g. one per step count): each of `warmup_fns` (default
+    """Graphs that never run at the same time (e.g. one per step count), each replay's outputs used before
+    the next replay (a replay may overwrite the other graphs' outputs): each of `warmup_fns` (default
     fns) run `warmup` times on a side stream, then each of fns captured, all into one memory pool.
     Returns [(graph, its output)]. Every warm-up comes before any capture, so a warm-up never runs
     beside an earlier graph's memory; with `release` the allocator's cache is emptied in between, so the

@@ -70,6 +70,9 @@ class CapturedStep:
       the number of replayed rows and the rows to sample from change, so those steps run eagerly;
     - the warm-ups before the captures push no rows (`paused`): the replay after capture is the step;
       the allocator's cache (the eager steps' and warm-ups' memory) is emptied before the captures.
+    A replay's outputs (its losses and the gradients it binds to .grad) last until the next replay: the
+    graphs share their pool, so another count's graph writes its temporaries over them. Use them first
+    (clip, optimizer step, summed logs), as the training loop does; clone what must outlive the step.
     `capture` is the capturing function (ebt.nn.capture_cuda_graphs; tests pass a stand-in on CPU)."""
 
     def __init__(self, model: torch.nn.Module, step, warmup: int = 2, capture=capture_cuda_graphs):

@@ -335,30 +335,39 @@ def stand_in_capture(fns, warmup, warmup_fns=None, release=False):
     runs); this stand-in reruns fn, so it checks CapturedStep's bookkeeping (which graph for which step
     count, eager steps while the buffer fills, no rows pushed by warm-ups), not the capture itself (the
     device check does: benchmarks/speed.py --only check). The warm-ups' random draws are undone, as a
-    graph's own random offsets leave the eager stream alone."""
+    graph's own random offsets leave the eager stream alone. The graphs share one memory pool, so a
+    replay may write its temporaries over any other graph's outputs: each replay here fills the others'
+    outputs with NaN (-1 for integers), and a caller that reads a replay's outputs after the next replay
+    reads garbage, as it would on the device."""
     state = torch.get_rng_state()
     warmup_fns = warmup_fns or fns
     for f in warmup_fns:
         for _ in range(warmup):
             f()
-    out = []
+    graphs = []
+
+    class Graph:
+        def __init__(self, fn, static):
+            self.fn, self.static = fn, static
+
+        def tensors(self):
+            return [*self.static[0].values(), *(g for g in self.static[1] if g is not None)]
+
+        def replay(self):
+            out, grads = self.fn()
+            for other in graphs:
+                if other is not self:
+                    for t in other.tensors():
+                        t.fill_(float("nan") if t.is_floating_point() else -1)
+            for k, t in self.static[0].items():
+                t.copy_(out[k])
+            for t, g in zip(self.static[1], grads):
+                t.copy_(g)
+
     for fn, warm in zip(fns, warmup_fns):
-        static = warm()  # a capture runs nothing: its outputs' tensors, filled by each replay
-
-        class Graph:
-            def __init__(self, fn, static):
-                self.fn, self.static = fn, static
-
-            def replay(self):
-                out, grads = self.fn()
-                for k, t in self.static[0].items():
-                    t.copy_(out[k])
-                for t, g in zip(self.static[1], grads):
-                    t.copy_(g)
-
-        out.append((Graph(fn, static), static))
+        graphs.append(Graph(fn, warm()))  # a capture runs nothing: its outputs' tensors, filled by each replay
     torch.set_rng_state(state)
-    return out
+    return [(g, g.static) for g in graphs]
 
 
 def test_captured_s2_step_matches_eager_steps():
@@ -370,7 +379,7 @@ def test_captured_s2_step_matches_eager_steps():
     eager = tiny("s2", replay_buffer=6).train()
     graphed = copy.deepcopy(eager)
     step = CapturedStep(graphed, graphed.train_step, capture=stand_in_capture)
-    counts = []
+    counts, prev = [], None
     for i in range(8):
         x = window(eager, B=4)
         for m in (eager, graphed):
@@ -380,6 +389,9 @@ def test_captured_s2_step_matches_eager_steps():
         torch.manual_seed(100 + i)
         b = step(x, method="explicit")
         counts.append((int(a["steps"]), int(b["steps"]), len(step.graphs)))
+        if prev is not None and counts[-2][2] and counts[-2][1] != counts[-1][1]:
+            assert prev["loss"].isnan()  # the graphs share a pool: a replay's outputs last until the next
+        prev = b
         assert float(a["loss"]) == float(b["loss"]) and float(a["replay_rows"]) == float(b["replay_rows"])
         for p, q in zip(eager.parameters(), graphed.parameters()):
             assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))
@@ -388,6 +400,7 @@ def test_captured_s2_step_matches_eager_steps():
     assert [c[2] for c in counts] == [0, 0] + [2] * 6  # 4 + 4 rows fill the 6-row buffer: eager until then,
     assert {c[0] for c in counts} == {2, 3} and all(c[0] == c[1] for c in counts)  # then a graph per count
     assert set(step.graphs) == {2, 3}
+    assert any(a[1] != b[1] for a, b in zip(counts[2:], counts[3:]))  # a switch of graphs (the NaN check ran)
 
 
 def test_s2_step_with_a_full_buffer_reads_nothing_back_on_the_host():
