@@ -2,8 +2,9 @@
 
 Measured in the same invocation (compare ratios, not absolute figures across runs):
 - training tokens/s and peak memory: Transformer++, EBT S1 (time_embed and "default"), EBT S2 (fresh
-  tokens/s; replayed rows are extra work); fast = EBT.train_step with --methods (jvp, double), one
-  unroll step's graph at a time, context once per landscape; straightforward = the official algorithm
+  tokens/s; replayed rows are extra work); fast = EBT.train_step with --methods (by default what
+  `ebt train` takes without and with --compile: explicit and compiled on CPU, double and compiled on
+  CUDA), one unroll step's graph at a time, context once per landscape; straightforward = the official algorithm
   (ebt.compat.official_algorithm: doubled sequence with an explicit mask, context recomputed in every
   energy evaluation, every step's graph kept until one backward);
 - thinking tokens/s and memory for 2/4/8/16 steps (scoring a batch, S2 model), fast = context once,
@@ -526,7 +527,9 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="timed training steps per item")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", default="auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--methods", nargs="+", default=["jvp", "double"], help="fast EBT gradient methods")
+    p.add_argument("--methods", nargs="+", help="fast EBT gradient methods (explicit, compiled, double, jvp; "
+                   "default: what ebt train takes without and with --compile, explicit and compiled on CPU, "
+                   "double and compiled on CUDA)")
     p.add_argument("--think-steps", type=int, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--think-reps", type=int, default=3)
     p.add_argument("--gen-batch", type=int, nargs="+", default=[1, 8])
@@ -555,6 +558,7 @@ def main():
     import torch
 
     dev = torch.device(a.device)
+    a.methods = a.methods or [{"cpu": "explicit"}.get(dev.type, "double"), "compiled"]
     load_compile_cache(a.compile_cache)
     if a.one:
         print(json.dumps(run_item(json.loads(a.one), a, dev)))
