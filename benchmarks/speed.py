@@ -557,8 +557,10 @@ def main():
         a.new_tokens, a.steps, a.warmup, a.think_reps = 224, 5, 3, 3
     import torch
 
+    from ebt.think import auto_grad_method
+
     dev = torch.device(a.device)
-    a.methods = a.methods or [{"cpu": "explicit"}.get(dev.type, "double"), "compiled"]
+    a.methods = a.methods or [auto_grad_method(dev, compiled=False), "compiled"]  # ebt train's "auto"
     load_compile_cache(a.compile_cache)
     if a.one:
         print(json.dumps(run_item(json.loads(a.one), a, dev)))

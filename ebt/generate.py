@@ -82,7 +82,7 @@ class Decoder:
 
     def __init__(self, model, batch: int, max_len: int, think_cfg: ThinkConfig | None, cuda_graph: bool = False):
         self.model, self.is_ebt = model, hasattr(model, "energy_from")
-        self.static = cuda_graph and self.is_ebt
+        self.static = Decoder.is_static(model, cuda_graph)
         self.graph = None
         w = model.tok_emb.weight
         cfg = model.cfg
@@ -101,6 +101,11 @@ class Decoder:
         else:
             self.cache = KVCache(cfg.n_layer, max_len, **shape)
         self.reset()
+
+    @staticmethod
+    def is_static(model, cuda_graph: bool) -> bool:
+        """Whether decoding runs the static-shape step (an EBT asked for a CUDA graph)."""
+        return bool(cuda_graph) and hasattr(model, "energy_from")
 
     def attach(self, model) -> None:
         """Point a kept decoder at its model again (`detach` drops the reference between calls, so the
@@ -256,7 +261,7 @@ def _decoder(model, batch: int, max_len: int, cfg: GenerateConfig) -> Decoder:
     for the next call with the same batch, thinking, precision and weights' storage, so its CUDA graph
     is captured once, not per call (as torch.compile compiles once). One is kept per model; it holds
     the KV caches and the graph's memory (small next to the weights; `release_static_decoder` frees it)."""
-    if not (cfg.cuda_graph and hasattr(model, "energy_from")):
+    if not Decoder.is_static(model, cfg.cuda_graph):
         return Decoder(model, batch, max_len, cfg.think, cfg.cuda_graph)
     dev = model.tok_emb.weight.device
     key = (batch, repr(cfg.think), bool(getattr(model, "compile_grad", False)), getattr(model, "explicit_grad", None),

@@ -70,9 +70,10 @@ def token_loss_grad(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | N
 def _nll_result(nll, targets, pad_id) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """token_loss's dict from per-position negative log-likelihoods (pad targets left out), the 0/1
     weights that left them out, and their sum."""
-    keep = torch.ones_like(nll) if pad_id is None else (targets != pad_id).to(nll.dtype)
+    real = None if pad_id is None else targets != pad_id
+    keep = torch.ones_like(nll) if real is None else real.to(nll.dtype)
     n, nll_sum = keep.sum(), (nll * keep).sum()
-    count = targets.numel() if pad_id is None else (targets != pad_id).sum()
+    count = targets.numel() if real is None else real.sum()
     return {"loss": nll_sum / n, "nll_sum": nll_sum, "n_tokens": _count(count, targets.device)}, keep, n
 
 
