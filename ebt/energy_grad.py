@@ -206,7 +206,7 @@ def _context(blocks, n_head, eps, h, rope, cache=None):
             k, v = kc[i], vc[i]
         if i == len(blocks) - 1:
             break
-        h = h + F.linear(_merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)), wo)
+        h = h + F.linear(_merge(ebt_nn.attend(q, k, v, mask, causal=mask is None)), wo)
         b, _ = _rms(h, ffn_norm, eps)
         g1, g3 = F.linear(b, w13).chunk(2, -1)
         h = h + F.linear(F.silu(g1) * g3, w2)

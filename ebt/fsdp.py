@@ -24,6 +24,7 @@ by parameter name) so they load anywhere; an FSDP run resumes under FSDP with an
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import torch.distributed as dist
@@ -43,13 +44,24 @@ def check_fsdp(world: int, cfg) -> None:
     if getattr(cfg, "ebt_grad", "auto") not in ("auto", "full"):
         raise ConfigError(f"--fsdp trains an EBT through forward + backward of the whole unroll (--ebt-grad full); "
                           f"--ebt-grad {cfg.ebt_grad} runs its own backward, which FSDP's hooks do not see")
+    if fully_shard_fn() is None:
+        raise ConfigError(f"--fsdp needs torch >= 2.7 (FSDP2's public fully_shard, with ignored_params); this is "
+                          f"torch {torch.__version__}: upgrade torch, or drop --fsdp to train with data parallelism")
+
+
+def fully_shard_fn():
+    """FSDP2's fully_shard as used here (public, with ignored_params: torch >= 2.7), or None on an older torch."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6 keeps it under torch.distributed._composable, without ignored_params
+        return None
+    return fully_shard if "ignored_params" in inspect.signature(fully_shard).parameters else None
 
 
 def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Shard `model` in place over all processes (one unit, kept unsharded from forward to backward)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
+    fully_shard = fully_shard_fn()
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     # FSDP2 cannot shard 0-d parameters (an EBT's step size alpha): they stay whole on every process and
     # their gradient is averaged here, as DDP would

@@ -176,6 +176,14 @@ def causal_mask(tq: int, tk: int, device) -> torch.Tensor:
     return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(tk - tq)
 
 
+def _f64_cpu_compiling(q: torch.Tensor) -> bool:
+    """torch 2.11 and 2.12's inductor (at least) emit a CPU flash-attention backward that fails in float64
+    (pytorch#185539: "expected scalar type Double but found Float"; fixed by 2.13). Float64 on CPU is a
+    checking mode, so attend writes the scores out there when compiled, which every version compiles;
+    eager float64 keeps the fused kernel."""
+    return q.dtype == torch.float64 and q.device.type == "cpu" and torch.compiler.is_compiling()
+
+
 def attend(q, k, v, mask: torch.Tensor | None = None, causal: bool = False, fused: bool = True) -> torch.Tensor:
     """Scaled dot-product attention over (B, H, T, hd) tensors.
 
@@ -188,7 +196,7 @@ def attend(q, k, v, mask: torch.Tensor | None = None, causal: bool = False, fuse
     if causal and mask is None and tq != tk:
         mask = None if tq == 1 else causal_mask(tq, tk, q.device)
         causal = False
-    if fused:
+    if fused and not _f64_cpu_compiling(q):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     if causal and mask is None:

@@ -3,6 +3,7 @@ graph included) and as one process (Transformer++), and bit-for-bit resume from 
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,10 @@ from safetensors.torch import load_file
 from test_train import _free_port, run_config, tiny_data  # noqa: F401  (the fixture)
 
 from ebt.errors import ConfigError
+from ebt.fsdp import fully_shard_fn
 from ebt.train import train
+
+needs_fsdp2 = pytest.mark.skipif(fully_shard_fn() is None, reason=f"--fsdp needs torch >= 2.7, this is {torch.__version__}")
 
 
 def weights(run_dir):
@@ -44,14 +48,35 @@ def test_fsdp_needs_several_processes(tiny_data, tmp_path):  # noqa: F811
     from ebt.config import TrainConfig
     from ebt.fsdp import check_fsdp
 
-    check_fsdp(2, TrainConfig(fsdp=True))
+    if fully_shard_fn() is not None:  # accepted (where this torch has FSDP2; otherwise see the next test)
+        check_fsdp(2, TrainConfig(fsdp=True))
     with pytest.raises(ConfigError, match="ebt-grad full"):
         check_fsdp(2, TrainConfig(fsdp=True, ebt_grad="jvp"))
     with pytest.raises(ConfigError, match="--compile"):
         check_fsdp(2, TrainConfig(fsdp=True, compile=True))
 
 
+def test_fsdp_on_a_torch_without_fsdp2_says_which_torch(monkeypatch):
+    """torch 2.4-2.5 have no public fully_shard and 2.6 has no ignored_params (an EBT's 0-d step size
+    stays whole): the run stops before sharding, naming the torch it needs, not with an ImportError."""
+    import torch.distributed.fsdp as fsdp_mod
+
+    from ebt.config import TrainConfig
+    from ebt.fsdp import check_fsdp
+
+    def fully_shard(module, *, mesh=None, reshard_after_forward=True):  # torch 2.6's signature, abridged
+        return module
+
+    monkeypatch.setattr(fsdp_mod, "fully_shard", fully_shard, raising=False)
+    with pytest.raises(ConfigError, match=r"needs torch >= 2\.7 .* this is torch " + re.escape(torch.__version__)):
+        check_fsdp(2, TrainConfig(fsdp=True))
+    monkeypatch.delattr(fsdp_mod, "fully_shard")
+    with pytest.raises(ConfigError, match=r"needs torch >= 2\.7"):
+        check_fsdp(2, TrainConfig(fsdp=True))
+
+
 @pytest.mark.slow
+@needs_fsdp2
 def test_fsdp_ebt_matches_ddp_and_resumes(tiny_data, tmp_path):  # noqa: F811
     """S1 EBT: every step differentiates the energy with create_graph inside the forward and the loss's
     backward goes through that graph; FSDP2 (one unit, unsharded from forward to backward) must give
@@ -71,6 +96,7 @@ def test_fsdp_ebt_matches_ddp_and_resumes(tiny_data, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
+@needs_fsdp2
 def test_fsdp_transformer_matches_one_process(tiny_data, tmp_path):  # noqa: F811
     data_dir = tiny_data[0]
     cli_train(data_dir, tmp_path / "single", "transformer", 1)
