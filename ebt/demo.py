@@ -31,6 +31,7 @@ def demo(out: str = "runs/demo", data_dir: str = "data/default", steps: int = 30
     from ebt.data.loader import TokenData
     from ebt.data.shards import prepare_dataset
     from ebt.evaluate import fmt_ppl
+    from ebt.checkpoint import find_checkpoint
     from ebt.train import train
 
     t0 = time.perf_counter()
@@ -49,7 +50,7 @@ def demo(out: str = "runs/demo", data_dir: str = "data/default", steps: int = 30
             log(f"   (already trained: reusing {run.train.out_dir})")
             finals[model] = json.loads(done.read_text())
         else:
-            resume = (Path(run.train.out_dir) / "checkpoint" / "config.json").exists()
+            resume = find_checkpoint(run.train.out_dir) is not None
             finals[model] = train(run, resume=resume, log=log)
         times[model] = time.perf_counter() - t
 

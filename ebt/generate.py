@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ebt.energy_grad import context_decode_step
+from ebt.config import bounded, check_bounds
 from ebt.errors import ConfigError
 from ebt.nn import KVCache, capture_cuda_graph
 from ebt.think import ThinkConfig, think
@@ -26,16 +27,19 @@ from ebt.think import ThinkConfig, think
 
 @dataclass
 class GenerateConfig:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0
+    max_new_tokens: int = bounded(64, int, 1)
+    temperature: float = bounded(0.0, float, 0)  # 0: greedy
+    top_p: float = bounded(1.0, float, 0, 1, lo_open=True)
+    seed: int = bounded(0, int, 0)
     eos_id: int | None = None  # a row stops (its output is cut) at this token
     cuda_graph: bool = False  # EBT: decode with static shapes, the one-token step captured as a CUDA graph
     # (on CUDA; elsewhere the same static-shape step runs eagerly)
     think: ThinkConfig | None = None  # EBT thinking per token (None: the trained steps, final pass not scored)
     compile: bool = False  # EBT: think through the written-out energy gradient under torch.compile
     # (ebt/energy_grad.py); with cuda_graph every decode step has one shape, so it compiles once
+
+    def __post_init__(self):
+        check_bounds(self)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:

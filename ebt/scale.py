@@ -215,11 +215,23 @@ def plan(study: StudyConfig) -> list[StudyRun]:
             for v in study.values for m in study.models for s in study.seeds]
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file the study wrote earlier; a damaged one is named, not a traceback."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is unreadable or corrupt ({e}); delete it (a run's file: retrain that run) and "
+                        f"run the study again") from e
+    if not isinstance(d, dict):
+        raise DataError(f"{path} is not a JSON object; delete it and run the study again")
+    return d
+
+
 def is_finished(r: StudyRun) -> bool:
     f = r.out_dir / "final_metrics.json"
     if not f.is_file():
         return False
-    final = json.loads(f.read_text())
+    final = read_json(f)
     return final.get("step") == r.run.train.steps and "val" in final
 
 
@@ -237,7 +249,7 @@ def check_study_dir(study: StudyConfig) -> None:
     path = Path(study.out_dir) / "study.json"
     mine = {k: v for k, v in to_dict(study).items() if k not in EXECUTION_FIELDS}
     if path.is_file():
-        old = {k: v for k, v in json.loads(path.read_text()).items() if k not in EXECUTION_FIELDS}
+        old = {k: v for k, v in read_json(path).items() if k not in EXECUTION_FIELDS}
         diff = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
         if diff:
             raise ConfigError(f"{study.out_dir} holds a study with other settings ({', '.join(f'{k}: {old.get(k)!r}' for k in diff)}); "
@@ -265,6 +277,8 @@ def run_study(study: StudyConfig, log=print) -> dict:
     runs = plan(study)
     check_study_dir(study)
     k, n = study.shard_parts
+    from ebt.checkpoint import find_checkpoint
+
     mine = [r for i, r in enumerate(runs) if i % n == k]
     log(f"study: {study.axis} = {study.values}, models {study.models}, seeds {study.seeds}: {len(runs)} runs, "
         f"{len(mine)} in shard {study.shard}")
@@ -273,7 +287,7 @@ def run_study(study: StudyConfig, log=print) -> dict:
         if is_finished(r):
             log(f"{tag}: finished, skipped ({r.out_dir})")
             continue
-        resume = (r.out_dir / "checkpoint" / "config.json").is_file()
+        resume = find_checkpoint(r.out_dir) is not None
         log(f"{tag}: {'resuming' if resume else 'training'} -> {r.out_dir}")
         t0 = time.perf_counter()
         if study.launcher == "torchrun":
@@ -285,9 +299,9 @@ def run_study(study: StudyConfig, log=print) -> dict:
             train(r.run, resume=resume, log=lambda *a: None)
         seconds = time.perf_counter() - t0
         timing = r.out_dir / "scale_timing.json"
-        prev = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
+        prev = read_json(timing).get("seconds", 0.0) if timing.is_file() else 0.0
         timing.write_text(json.dumps({"seconds": prev + seconds}) + "\n")
-        final = json.loads((r.out_dir / "final_metrics.json").read_text())
+        final = read_json(r.out_dir / "final_metrics.json")
         log(f"{tag}: val loss {final['val']['loss']:.4f}, ppl {final['val']['ppl']:.2f} ({seconds:.0f} s)")
     return report(study, runs, log)
 
@@ -368,12 +382,12 @@ def collect(runs: list[StudyRun], metric: str) -> list[dict]:
     for r in runs:
         if not is_finished(r):
             continue
-        final = json.loads((r.out_dir / "final_metrics.json").read_text())
+        final = read_json(r.out_dir / "final_metrics.json")
         timing = r.out_dir / "scale_timing.json"
         rows.append({"model": r.model, "value": r.value, "seed": r.seed, "out_dir": str(r.out_dir),
                      "val_loss": final["val"]["loss"], "val_ppl": final["val"]["ppl"],
                      "metric": final["val"][metric], **resources(r, final),
-                     "seconds": json.loads(timing.read_text())["seconds"] if timing.is_file() else None})
+                     "seconds": read_json(timing).get("seconds", 0.0) if timing.is_file() else None})
     return rows
 
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad as fwAD
 from torch.profiler import record_function as phase  # names the step's parts in a profile (no cost otherwise)
 
+from ebt.config import bounded, check_bounds
 from ebt.errors import ConfigError
 from ebt.nn import compiled, to_layout, vocab_in, vocab_layout, vocab_out, vocab_t
 
@@ -572,9 +573,8 @@ def recipe_alpha(alpha: torch.Tensor, cfg, draw_shape, stochastic: bool) -> torc
 
 
 def alpha_param_groups(alpha: torch.nn.Parameter, cfg) -> list[dict]:
-    """A learnable alpha gets its own optimizer group: its lr multiplier and no weight decay."""
-    if not cfg.alpha_learnable:
-        return []
+    """alpha's own optimizer group, as the official trainer's: lr x its multiplier, no weight decay. A fixed
+    alpha keeps its (idle) group too, so the groups and their learning rates are the official ones."""
     return [{"params": [alpha], "lr_mult": cfg.alpha_lr_mult, "weight_decay": 0.0, "name": "alpha"}]
 
 
@@ -585,30 +585,23 @@ SELECT = ("min", "max", "drop")
 
 @dataclass
 class ThinkConfig:
-    steps: int | None = None  # optimisation steps; None: what the model was trained with
-    candidates: int = 1  # independent random starts; one is kept per (row, position)
+    steps: int | None = bounded(None, int, 1)  # optimisation steps; None: what the model was trained with
+    candidates: int = bounded(1, int, 1)  # independent random starts; one is kept per (row, position)
     select: str = "min"  # min: lowest final energy; max: highest; drop: largest energy decrease
-    alpha: float | None = None  # absolute step size instead of the model's
-    alpha_factor: float = 1.0  # multiplies the step size (after `alpha`)
-    noise: float = 0.0  # Langevin std on the logits before each step (0: none, as the official validation)
+    alpha: float | None = bounded(None, float, 0, lo_open=True)  # absolute step size instead of the model's
+    alpha_factor: float = bounded(1.0, float, 0, lo_open=True)  # multiplies the step size (after `alpha`)
+    noise: float = bounded(0.0, float, 0)  # Langevin std on the logits before each step (0: none, as the official validation)
     accept_lower: bool = False  # keep a step at a position only where it lowers that position's energy
-    tol: float | None = None  # adaptive: a position stops once |energy change| < tol (None: run all steps)
+    tol: float | None = bounded(None, float, 0)  # adaptive: a position stops once |energy change| < tol (None: run all steps)
     trace: bool = False  # keep the selected candidate's energy at every step (a (steps+1, B, S) tensor)
     score_final: bool = True  # measure the final candidate's energy; False saves that pass when nothing
     # needs it (one candidate, no acceptance, no adaptive stop, no trace): `energy` is then the energy of
     # the candidate that entered the last step
 
     def __post_init__(self):
-        if self.candidates < 1:
-            raise ConfigError(f"candidates must be >= 1 (got {self.candidates})")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError(f"steps must be >= 1 (got {self.steps})")
+        check_bounds(self)
         if self.select not in SELECT:
             raise ConfigError(f"unknown selection rule {self.select!r}; choose one of {SELECT}")
-        if self.alpha is not None and not self.alpha > 0 or not self.alpha_factor > 0:
-            raise ConfigError("alpha and alpha_factor must be > 0")
-        if self.noise < 0 or self.tol is not None and self.tol < 0:
-            raise ConfigError("noise and tol must be >= 0")
 
 
 @dataclass

@@ -1,11 +1,11 @@
 """The training loop, in plain PyTorch.
 
-AdamW with parameter groups, linear warm-up then cosine to lr * min_lr_ratio, global grad-norm
-clipping, gradient accumulation, bf16 autocast on CUDA, token-weighted validation, JSON-lines metrics
-(+ optional TensorBoard / Weights & Biases), atomic checkpoints that resume bit for bit on CPU, and
-DistributedDataParallel under `torchrun`. The loop does not know which model it trains: a model maps
-a (B, S+1) window to a dict with "loss" (and "nll_sum"/"n_tokens" for token-weighted averages).
-"""
+AdamW with the official parameter groups and schedule (linear warm-up, then cosine to lr * min_lr_ratio),
+global grad-norm clipping, gradient accumulation, bf16 autocast on CUDA, token-weighted validation,
+JSON-lines metrics (+ optional TensorBoard / Weights & Biases), atomic checkpoints that resume bit for
+bit on CPU, and DistributedDataParallel under `torchrun`. The loop does not know which model it trains:
+a model maps a (B, S+1) window to a dict with "loss" (and "nll_sum"/"n_tokens" for token-weighted
+averages)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ebt.checkpoint import (load_state, load_training_state, load_weights, publish_checkpoint, read_config,
-                            save_checkpoint, set_rng_state, staging_dir, unwrap)
+from ebt.checkpoint import (NonFiniteWeights, find_checkpoint, load_pt, load_state, load_training_state,
+                            load_weights, publish_checkpoint, read_config, remove_checkpoint, save_checkpoint,
+                            save_staged, set_rng_state, unwrap)
 from ebt.config import RunConfig, to_dict
 from ebt.errors import CheckpointError, ConfigError, EBTError
 from ebt.evaluate import autocast, evaluate_lm, fmt_ppl
@@ -161,50 +162,112 @@ def average_gradients(model: torch.nn.Module, world: int) -> None:
         p.grad.copy_(g.view_as(p))
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up to 1 over `warmup` steps, then cosine from 1 down to `min_ratio` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float, divider: float = -1.0,
+              mult: float = 1.0) -> float:
+    """The official schedule (optimization.py, WarmUpCosineAnnealingLR) at optimizer step `step` (from 0),
+    as a fraction of the group's peak, `mult` x the run's peak lr: linear warm-up over `warmup` steps from
+    0 (divider -1) or from peak / divider, then PyTorch's cosine towards ONE floor, min_ratio x the run's
+    peak, for every group (alpha's group, mult > 1, decays to the run's floor, not to its own peak x
+    min_ratio)."""
+    t = step + 1  # the official scheduler steps once when it is built: step k runs at its (k+1)-th value
+    if t <= warmup:
+        start = 0.0 if divider == -1 else 1 / divider
+        return start + (1 - start) * t / warmup
+    floor = min_ratio / mult if mult > 0 else 0.0  # a zero multiplier keeps alpha fixed
+    # no clamp past `total`, as CosineAnnealingLR; train() never runs past it
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, total - warmup)))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linear and embedding weights), none on norms and scalars.
+def param_groups(model: torch.nn.Module, weight_decay: float, matrices_only: bool = False) -> list[dict]:
+    """AdamW groups as the official trainer builds them: one group decays every parameter, norms and
+    embeddings included; matrices_only (opt-in) decays only weights of >= 2 dimensions instead.
 
-    A model can add its own groups (say, a learnable step size with a learning-rate multiplier) by
-    defining `extra_param_groups()` returning dicts with "params" and optionally "lr_mult" and
-    "weight_decay"; those parameters are left out of the default groups.
-    """
+    A model can add its own groups (an EBT's alpha: lr x multiplier, no decay) by defining
+    `extra_param_groups()` returning dicts with "params" and optionally "lr_mult" and "weight_decay";
+    those parameters are left out of the others. The model's own groups come last, so group 0 is the
+    run's peak lr (the one the metrics log)."""
     extra = list(getattr(model, "extra_param_groups", lambda: [])())
     taken = {id(p) for g in extra for p in g["params"]}
-    rest = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in taken]
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    if not matrices_only:
+        groups = [{"params": rest, "weight_decay": weight_decay, "name": "decay"}]
+        return [g for g in groups + extra if g["params"]]
     groups = [
-        {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": weight_decay, "name": "decay"},
-        {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0, "name": "no_decay"},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "name": "decay"},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "name": "no_decay"},
     ]
     return [g for g in groups + extra if g["params"]]
 
 
 def make_optimizer(model, cfg, lr: float, device: torch.device):
-    groups = param_groups(model, cfg.weight_decay)
-    for g in groups:
-        g["lr"] = lr * g.pop("lr_mult", 1.0)
+    """AdamW over `param_groups`, each on the official schedule (`lr_factor`), peak lr x its multiplier."""
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_matrices_only)
+    mults = [g.pop("lr_mult", 1.0) for g in groups]
+    for g, mult in zip(groups, mults):
+        g["lr"] = lr * mult
     kwargs = {"fused": True} if device.type == "cuda" else {"foreach": False}  # foreach=False: same math, fewer copies on CPU
     opt = torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), **kwargs)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+    c = cfg
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [
+        lambda s, m=m: lr_factor(s, c.warmup_steps, c.steps, c.min_lr_ratio, c.warmup_base_lr_divider, m)
+        for m in mults])
     return opt, sched
+
+
+def optimizer_step(model, own_step, fwd, rows: torch.Tensor, optimizer, scheduler, cfg, device: torch.device,
+                   world: int = 1, init: torch.Tensor | None = None):
+    """One optimizer step in the official trainer's order: forward and backward of each micro-batch of
+    `rows` (own_step: the model's own forward + backward, e.g. EBT.train_step; else fwd's loss.backward()),
+    gradients averaged over ranks, clipped by global norm, AdamW step, schedule step. init: the EBT's
+    starting candidates (a reference replay), else the model draws them. Returns (loss, summed model
+    metrics, gradient norm before clipping) in the run's precision (fp64 keeps float64). The training
+    loop and `ebt check-reference` (ebt.compat.official) share it."""
+    accum = cfg.grad_accum
+    micro = rows.shape[0] // accum
+    dt = _dtype(cfg.precision)
+    step_loss, extras = torch.zeros((), device=device, dtype=dt), {}
+    for m in range(accum):
+        part = slice(m * micro, (m + 1) * micro)
+        batch = rows[part].to(device, non_blocking=True)
+        if own_step is not None:
+            kw = {} if init is None else {"init": init[part].to(device)}
+            with autocast(device, cfg.precision):
+                out = own_step(batch, scale=1.0 / accum, **kw)
+        else:
+            sync = contextlib.nullcontext() if world == 1 or m == accum - 1 else fwd.no_sync()
+            with sync, autocast(device, cfg.precision):
+                out = fwd(batch)
+            (out["loss"] / accum).backward()
+        step_loss += out["loss"].detach().to(dt) / accum
+        for k, v in out.items():  # model metrics (an EBT's per-step CE, energy gap, alpha...)
+            if k not in ("loss", "nll_sum", "n_tokens"):
+                extras[k] = extras.get(k, 0.0) + v.detach().to(dt) / accum
+    if world > 1 and own_step is not None:
+        average_gradients(model, world)
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP: a DTensor
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, extras, gnorm
 
 
 class MetricsLog:
     """JSON lines in out_dir/metrics.jsonl, mirrored to TensorBoard / W&B when enabled (rank 0 only)."""
 
-    def __init__(self, out_dir: Path, cfg, run_config: dict, enabled: bool):
+    def __init__(self, out_dir: Path, cfg, run_config: dict, enabled: bool, keep_until: int | None = None):
+        """keep_until: the step a resumed run continues from; rows logged after it (by the run that died
+        after its last checkpoint) are dropped so no step appears twice. None: a new run, a new file."""
         self.enabled, self.tb, self.wandb = enabled, None, None
         if not enabled:
             return
-        self.file = open(out_dir / "metrics.jsonl", "a")
+        path = out_dir / "metrics.jsonl"
+        kept = _rows_until(path, keep_until) if keep_until is not None else []
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        self.file = open(path, "a")
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -212,12 +275,14 @@ class MetricsLog:
                 raise ConfigError("--tensorboard needs the tensorboard package: pip install 'ebt[tensorboard]'") from e
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))
         if cfg.wandb:
+            check_wandb()
+            import wandb
+
             try:
-                import wandb
-            except ImportError as e:
-                raise ConfigError("--wandb needs the wandb package: pip install 'ebt[wandb]' "
-                                  "(credentials are read from WANDB_API_KEY)") from e
-            self.wandb = wandb.init(project=cfg.wandb_project, config=run_config, dir=str(out_dir))
+                self.wandb = wandb.init(project=cfg.wandb_project, config=run_config, dir=str(out_dir))
+            except Exception as e:  # wandb's own errors (bad key, no network) are not ours to trace back
+                raise ConfigError(f"--wandb: Weights & Biases refused to start ({str(e).strip()[:200]}); "
+                                  f"check WANDB_API_KEY, or drop --wandb") from e
 
     def log(self, split: str, step: int, **values):
         if not self.enabled:
@@ -238,6 +303,32 @@ class MetricsLog:
                 self.tb.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def _rows_until(path: Path, step: int) -> list[str]:
+    """The lines of a metrics file logged at or before `step` (a torn last line is dropped)."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    return kept
+
+
+def check_wandb() -> None:
+    """--wandb takes its key from WANDB_API_KEY only (never ~/.netrc), and needs the package: checked at start."""
+    if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
+        raise ConfigError("--wandb needs WANDB_API_KEY in the environment (or WANDB_MODE=offline); "
+                          "set it, or drop --wandb")
+    try:
+        import wandb  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("--wandb needs the wandb package: pip install 'ebt[wandb]' "
+                          "(credentials are read from WANDB_API_KEY)") from e
 
 
 def _dtype(precision: str) -> torch.dtype:
@@ -316,9 +407,72 @@ def frame_features(run: RunConfig, resume_from: Path | None, out_dir: Path, is_m
 
 # ----------------------------------------------------------------------------------------------- train
 
-def train(run: RunConfig, resume: bool = False, log=print) -> dict:
-    """Train `run.model` on `run.data` as `run.train` says. Returns the final evaluation."""
+def resume_from(src: Path, model, optimizer, scheduler, mcfg, cfg, rank: int, device, log) -> tuple[int, int]:
+    """Load weights, optimizer, schedule, RNG and replay buffer, all from the one checkpoint `src`.
+    Returns (step, tokens seen)."""
+    saved = read_config(src)
+    if saved["model"] != to_dict(mcfg):
+        raise CheckpointError(f"{src} was trained with model config {saved['model']}, not {to_dict(mcfg)}: "
+                              f"resume with the same model flags or use a new --out directory")
+    state = load_training_state(src)
+    if cfg.fsdp:
+        from ebt.fsdp import load_full_state
+
+        load_full_state(model, optimizer, load_state(src), state["optimizer"])
+    else:
+        load_weights(model, {k: v.to(device) for k, v in load_state(src).items()}, str(src))
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:  # other parameter groups: an older version or other settings
+            raise CheckpointError(f"{src / 'optimizer.pt'} does not fit this run's optimizer ({e}): it was "
+                                  f"written by an older ebt or with other optimizer settings "
+                                  f"(--decay-matrices-only); resume with the settings it was written with, "
+                                  f"or start anew with --force") from e
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    if getattr(model, "replay", None) is not None:
+        f = src / f"replay_rank{rank}.pt"
+        if f.is_file():
+            try:
+                model.replay.load_state_dict({k: v.to(device) if isinstance(v, torch.Tensor) else v
+                                              for k, v in load_pt(f, "replay buffer").items()})
+            except (ConfigError, AttributeError) as e:
+                raise CheckpointError(f"{f}: {e}" if isinstance(e, ConfigError) else
+                                      f"{f} is not a replay buffer (corrupt); resume from another checkpoint") from e
+        else:
+            log(f"rank {rank}: no replay buffer in {src} (saved with {state['trainer'].get('world_size')} "
+                f"processes); this rank starts with an empty one")
+    return state["trainer"]["step"], state["trainer"]["tokens_seen"]
+
+
+def start_point(out_dir: Path, resume: bool, force: bool) -> Path | None:
+    """The checkpoint a run continues from (None: a new run). A new run never silently replaces a
+    checkpoint: it refuses one it finds unless `force`."""
+    found = find_checkpoint(out_dir)
+    if resume:
+        if found is None:
+            raise CheckpointError(f"--resume: {out_dir} holds no checkpoint to continue; drop --resume to start "
+                                  f"a new run there")
+        return found
+    if found is not None and not force:
+        raise CheckpointError(f"{found} already holds a checkpoint: pass --resume to continue it, --force to "
+                              f"start again and replace it, or choose another --out directory (nothing was "
+                              f"overwritten)")
+    return None
+
+
+def open_ood_splits(run: RunConfig, features) -> dict:
+    """The out-of-distribution splits the data has, opened (and so checked) before training starts."""
+    have = _available_splits(run.data.data_dir)
+    return {s: open_split(run.data, s, run.model.context_length, features) for s in run.data.ood_splits if s in have}
+
+
+def train(run: RunConfig, resume: bool = False, log=print, force: bool = False) -> dict:
+    """Train `run.model` on `run.data` as `run.train` says. Returns the final evaluation.
+    resume: continue from the run's checkpoint; force: start anew over an existing checkpoint."""
     cfg, mcfg = run.train, run.model
+    if cfg.wandb:
+        check_wandb()
     rank, world, device = setup_distributed(cfg.device)
     is_main = rank == 0
     micro = cfg.batch_size // (world * cfg.grad_accum) if cfg.batch_size % (world * cfg.grad_accum) == 0 else 0
@@ -327,9 +481,13 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
                           f"x grad_accum ({cfg.grad_accum})")
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoint"
-    features = frame_features(run, ckpt_dir if resume else None, out_dir, is_main)
+    src = start_point(out_dir, resume, force)  # every file of a resumed checkpoint is read from src
+    if force and src is None and is_main:
+        remove_checkpoint(out_dir)
+    features = frame_features(run, src, out_dir, is_main)
     data = open_split(run.data, run.data.train_split, mcfg.context_length, features, verify=run.data.verify)
     val = open_split(run.data, run.data.val_split, mcfg.context_length, features)
+    ood = open_ood_splits(run, features)
     if isinstance(data, ImageSplit):
         if mcfg.candidate != "image":
             raise ConfigError(f"{run.data.data_dir} holds images: train an image model (--model ebt or dit) with "
@@ -357,34 +515,13 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     lr = cfg.lr if cfg.lr is not None else mcfg.default_lr
     optimizer, scheduler = make_optimizer(model, cfg, lr, device)
     start_step, tokens_seen = 0, 0
-    if resume:
-        saved = read_config(ckpt_dir)
-        if saved["model"] != to_dict(mcfg):
-            raise CheckpointError(f"{ckpt_dir} was trained with model config {saved['model']}, not {to_dict(mcfg)}: "
-                                  f"resume with the same model flags or use a new --out directory")
-        state = load_training_state(ckpt_dir)
-        if cfg.fsdp:
-            from ebt.fsdp import load_full_state
-
-            load_full_state(model, optimizer, load_state(ckpt_dir), state["optimizer"])
-        else:
-            load_weights(model, {k: v.to(device) for k, v in load_state(ckpt_dir).items()}, str(ckpt_dir))
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start_step, tokens_seen = state["trainer"]["step"], state["trainer"]["tokens_seen"]
-        if getattr(model, "replay", None) is not None:
-            f = ckpt_dir / f"replay_rank{rank}.pt"
-            if f.is_file():
-                model.replay.load_state_dict(torch.load(f, map_location=device, weights_only=False))
-            else:
-                log(f"rank {rank}: no replay buffer in {ckpt_dir} (saved with {state['trainer'].get('world_size')} "
-                    f"processes); this rank starts with an empty one")
+    if src is not None:
+        start_step, tokens_seen = resume_from(src, model, optimizer, scheduler, mcfg, cfg, rank, device, log)
+        if start_step > cfg.steps:
+            raise ConfigError(f"--steps {cfg.steps} is below the step of the checkpoint in {src} ({start_step}): "
+                              f"pass --steps above {start_step} to train further")
         if is_main:
-            log(f"resumed from {ckpt_dir} at step {start_step}")
-    elif is_main and (ckpt_dir / "config.json").exists():
-        raise CheckpointError(f"{ckpt_dir} already holds a checkpoint: pass --resume to continue it, "
-                              f"or choose another --out directory (nothing was overwritten)")
+            log(f"resumed from {src} at step {start_step}")
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(run_dict, indent=2, sort_keys=True) + "\n")
@@ -420,13 +557,24 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     elif world > 1 and not cfg.fsdp:
         fwd = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
-    metrics = MetricsLog(out_dir, cfg, run_dict, enabled=is_main)
+    metrics = MetricsLog(out_dir, cfg, run_dict, enabled=is_main, keep_until=start_step if src is not None else None)
     extra = {name: d for name, d in (("tokenizer", Path(run.data.data_dir) / "tokenizer"),
                                      ("features", out_dir / "features")) if d.is_dir()}
 
     replay = getattr(model, "replay", None)
+    last_good = (src, start_step) if src is not None else None  # the newest checkpoint known to be finite
+
+    def nonfinite(what: str):
+        hint = getattr(unwrap(model), "nonfinite_hint", "lower the learning rate (--lr), check the data, "
+                       "or raise --warmup-steps")
+        where = (f"the last good checkpoint is {ckpt_dir} (step {last_good[1]}): fix the setting, then continue "
+                 f"it with --resume" if last_good else "no checkpoint was written (none holds finite weights)")
+        return TrainingError(f"{what}: {hint}; {where}")
 
     def checkpoint(step):
+        nonlocal last_good
+        if int(bad_step) >= 0:  # one host sync per save: a non-finite step never reaches a checkpoint
+            raise nonfinite(f"loss, energy or gradient became non-finite at step {int(bad_step)}")
         if cfg.fsdp:  # full tensors, gathered by every process
             from ebt.fsdp import full_state
 
@@ -434,18 +582,22 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
         else:
             saved_model, saved_optimizer = model, optimizer
         if is_main:
-            save_checkpoint(ckpt_dir, saved_model, run_dict, saved_optimizer, scheduler,
-                            {"step": step, "tokens_seen": tokens_seen, "world_size": world,
-                             "data_position": {"step": step, "seed": cfg.seed}},
-                            extra_dirs=extra, publish=False)
+            try:
+                save_checkpoint(ckpt_dir, saved_model, run_dict, saved_optimizer, scheduler,
+                                {"step": step, "tokens_seen": tokens_seen, "world_size": world,
+                                 "data_position": {"step": step, "seed": cfg.seed}},
+                                extra_dirs=extra, publish=False)
+            except NonFiniteWeights as e:
+                raise nonfinite(f"the weights held NaN or inf when saving after {step} steps") from e
         if world > 1:
             dist.barrier()
         if replay is not None:  # every rank writes its own buffer into the staged checkpoint
-            torch.save(replay.state_dict(), staging_dir(ckpt_dir) / f"replay_rank{rank}.pt")
+            save_staged(ckpt_dir, f"replay_rank{rank}.pt", replay.state_dict())
         if world > 1:
             dist.barrier()
         if is_main:
             publish_checkpoint(ckpt_dir)
+        last_good = (ckpt_dir, step)
         if world > 1:
             dist.barrier()
 
@@ -469,6 +621,7 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
             f"{data.num_tokens:,} train tokens | {world} process(es) on {device} | global batch {cfg.batch_size} "
             f"x {mcfg.context_length} tokens, {cfg.grad_accum} micro-step(s)")
     history = []
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, checked lazily
     if start_step == 0:
         history.append({"step": 0, **validate(0)})
     from tqdm.auto import tqdm
@@ -477,50 +630,26 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
     use_bar = cfg.progress and is_main and sys.stderr.isatty()
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not use_bar, desc="train", dynamic_ncols=True)
     model.train()
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, checked lazily
     t0, tokens_at_t0, loss_sum = time.perf_counter(), tokens_seen, torch.zeros((), device=device)
     extras: dict[str, torch.Tensor] = {}  # summed over the log interval, like loss_sum
     last = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
     for step in range(start_step, last):
         rows = data.train_batch(step, cfg.batch_size, cfg.seed, rank, world)
-        step_loss = torch.zeros((), device=device)
-        for m in range(cfg.grad_accum):
-            batch = rows[m * micro:(m + 1) * micro].to(device, non_blocking=True)
-            if own_step is not None:
-                with autocast(device, cfg.precision):
-                    out = own_step(batch, scale=1.0 / cfg.grad_accum)
-            else:
-                sync = contextlib.nullcontext() if world == 1 or m == cfg.grad_accum - 1 else fwd.no_sync()
-                with sync, autocast(device, cfg.precision):
-                    out = fwd(batch)
-                (out["loss"] / cfg.grad_accum).backward()
-            step_loss += out["loss"].detach().float() / cfg.grad_accum
-            for k, v in out.items():  # model metrics (an EBT's per-step CE, energy gap, alpha...)
-                if k not in ("loss", "nll_sum", "n_tokens"):
-                    extras[k] = extras.get(k, 0.0) + v.detach().float() / cfg.grad_accum
-        if world > 1 and own_step is not None:
-            average_gradients(model, world)
-        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP: a DTensor
+        step_loss, step_extras, gnorm = optimizer_step(model, own_step, fwd, rows, optimizer, scheduler, cfg,
+                                                       device, world)
+        for k, v in step_extras.items():  # summed over the log interval
+            extras[k] = extras.get(k, 0.0) + v
         finite = torch.isfinite(step_loss) & torch.isfinite(gnorm)
         for v in extras.values():
             finite &= torch.isfinite(v).all()
         bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step), bad_step)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         tokens_seen += cfg.batch_size * (1 if mcfg.candidate == "image" else mcfg.context_length)
         loss_sum += step_loss
         bar.update(1)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             if int(bad_step) >= 0:  # one host sync per log interval, not per step
-                hint = getattr(unwrap(model), "nonfinite_hint", "lower the learning rate (--lr), check the data, "
-                               "or raise --warmup-steps")
-                raise TrainingError(
-                    f"loss, energy or gradient became non-finite at step {int(bad_step)}: {hint}; "
-                    f"the last good checkpoint is in {ckpt_dir}")
+                raise nonfinite(f"loss, energy or gradient became non-finite at step {int(bad_step)}")
             n = done % cfg.log_every or cfg.log_every
             dt = time.perf_counter() - t0
             train_loss = float(loss_sum) / n
@@ -552,12 +681,10 @@ def train(run: RunConfig, resume: bool = False, log=print) -> dict:
         final["val"] = validate(cfg.steps)
         history.append({"step": cfg.steps, **final["val"]})
     checkpoint(cfg.steps)
-    for split in run.data.ood_splits:
-        if split in _available_splits(run.data.data_dir):
-            ood = open_split(run.data, split, mcfg.context_length, features)
-            res = evaluate_lm(model, ood, cfg.eval_batch_size, cfg.eval_windows, device, cfg.precision)
-            metrics.log(split, cfg.steps, loss=res["loss"], ppl=res["ppl"], tokens=res["tokens"])
-            final[split] = res
+    for split, split_data in ood.items():
+        res = evaluate_lm(model, split_data, cfg.eval_batch_size, cfg.eval_windows, device, cfg.precision)
+        metrics.log(split, cfg.steps, loss=res["loss"], ppl=res["ppl"], tokens=res["tokens"])
+        final[split] = res
     final["history"] = history
     if is_main:
         (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")

@@ -16,6 +16,7 @@ from ebt.train import make_optimizer
 from ebt.config import TrainConfig
 
 CASES = ["ebt_s1_small", "ebt_s1_default_small", "ebt_s2_small", "transformer_small"]
+TRAJECTORIES = ["ebt_s1", "transformer"]  # official_trajectory_<name>: whole training runs
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -29,11 +30,12 @@ def test_reference_case_matches_official(reference_dir, case):
 
 
 def test_check_reference_cli_passes_all_and_fails_on_tampered(reference_dir, tmp_path):
-    files = sorted(str(p) for p in reference_dir.glob("official_*.safetensors"))
-    assert len(files) == 4
+    files = [str(reference_dir / f"official_{case}.safetensors") for case in CASES]  # the one-step cases
+    files += [str(reference_dir / f"official_trajectory_{name}.safetensors") for name in TRAJECTORIES]
     r = subprocess.run([sys.executable, "-m", "ebt.cli", "check-reference", *files], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("worst relative error") == 4
+    assert r.stdout.count("worst relative error") == 6
+    assert "step9.lr" in r.stdout and "final.alpha" in r.stdout  # the trajectories were replayed
     # a reference whose gradient was changed must fail
     from safetensors.torch import load_file, save_file
     from safetensors import safe_open
@@ -151,7 +153,8 @@ def test_alpha_gets_its_own_group_with_multiplier_and_no_decay():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
     fixed = build_model(ModelConfig(model="ebt", size="4xs", vocab_size=50, context_length=8, ebt=recipe("s2")))
     opt, _ = make_optimizer(fixed, TrainConfig(), 1e-3, torch.device("cpu"))
-    assert all(g["name"] != "alpha" for g in opt.param_groups) and not fixed.alpha.requires_grad
+    g = [g for g in opt.param_groups if g["name"] == "alpha"][0]  # as the official trainer: an idle group
+    assert g["params"][0] is fixed.alpha and not fixed.alpha.requires_grad and g["weight_decay"] == 0.0
 
 
 def test_s2_training_randomness():

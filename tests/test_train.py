@@ -57,17 +57,90 @@ def weights(run_dir):
     return load_file(str(run_dir / "checkpoint" / "model.safetensors"))
 
 
-def test_lr_schedule_warmup_then_cosine_to_tenth():
-    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
-    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
-    assert lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
-    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
-    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+def official_lr(k, peak, W, divider, total, eta):
+    """The official trainer's lr at optimizer step k (from 0) for a group of peak `peak`, written out from
+    optimization.py: its scheduler has stepped once when built, so step k runs at t = k + 1; warm-up
+    peak * t / W (from 0) or peak / d + (peak - peak / d) * t / W; then CosineAnnealingLR at epoch t - W."""
+    t = k + 1
+    if W and t <= W:
+        return peak * t / W if divider == -1 else peak / divider + (peak - peak / divider) * t / W
+    return eta + (peak - eta) * (1 + math.cos(math.pi * (t - W) / (total - W))) / 2
 
 
-def test_param_groups_decay_only_matrices():
+def schedule(model, **kw):
+    """The lr of every group at each of cfg.steps optimizer steps, as make_optimizer schedules them."""
+    from ebt.train import make_optimizer
+
+    cfg = TrainConfig(**kw)
+    opt, sched = make_optimizer(model, cfg, 1e-3, torch.device("cpu"))
+    out = []
+    for _ in range(cfg.steps):
+        out.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("divider", [-1, 10.0, 0.5])
+@pytest.mark.parametrize("warmup", [0, 1, 4])
+def test_lr_schedule_is_the_official_one(divider, warmup):
+    model = build_model(ModelConfig(size="4xs", n_layer=1, d_model=16, n_head=2, vocab_size=16,
+                                    context_length=8))
+    got = schedule(model, steps=12, warmup_steps=warmup, warmup_base_lr_divider=divider, min_lr_ratio=0.2)
+    want = [official_lr(k, 1e-3, warmup, divider, 12, 2e-4) for k in range(12)]
+    assert [g[0] for g in got] == pytest.approx(want, rel=1e-12, abs=0)
+    assert got[-1][0] == pytest.approx(2e-4, rel=1e-12)  # the last step runs at the floor
+
+
+def test_lr_schedule_written_out():
+    # from 0: 1/W at the first step (the official scheduler steps once when built), the peak at step W-1
+    assert [lr_factor(k, 4, 20, 0.1) for k in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    # from peak / 10
+    assert [lr_factor(k, 2, 20, 0.1, divider=10) for k in range(2)] == pytest.approx([0.55, 1.0])
+    # the cosine is one step into its phase at the first step after warm-up; the floor at the last step
+    assert lr_factor(4, 4, 20, 0.1) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 16)) / 2)
+    assert lr_factor(11, 4, 20, 0.1) == pytest.approx(0.55)
+    assert lr_factor(19, 4, 20, 0.1) == pytest.approx(0.1)
+    # a group at 1500 x the peak decays towards the run's floor (peak * 0.1), not towards its own peak * 0.1
+    assert 1500 * lr_factor(19, 4, 20, 0.1, mult=1500) == pytest.approx(0.1)
+    assert 1500 * lr_factor(11, 4, 20, 0.1, mult=1500) == pytest.approx(0.1 + (1500 - 0.1) / 2)
+    with pytest.raises(ConfigError, match="warmup_base_lr_divider"):
+        TrainConfig(warmup_base_lr_divider=0.0)
+
+
+def test_alpha_lr_decays_to_the_runs_floor():
+    model = build_model(ModelConfig(model="ebt", size="4xs", n_layer=1, d_model=16, n_head=2, vocab_size=16,
+                                    context_length=8))
+    got = schedule(model, steps=10, warmup_steps=3, warmup_base_lr_divider=-1, min_lr_ratio=0.1)
+    names = [g["name"] for g in make_groups(model)]
+    assert names == ["decay", "alpha"]
+    mult = model.cfg.ebt.alpha_lr_mult
+    want = [official_lr(k, 1e-3 * mult, 3, -1, 10, 1e-4) for k in range(10)]
+    assert [g[1] for g in got] == pytest.approx(want, rel=1e-12, abs=0)
+    assert got[-1] == pytest.approx([1e-4, 1e-4], rel=1e-12)  # one eta_min for every group
+
+
+def make_groups(model, **kw):
+    return param_groups(model, 0.01, **kw)
+
+
+@pytest.mark.parametrize("model_name", ["transformer", "ebt"])
+def test_param_groups_decay_everything_but_alpha(model_name):
+    model = build_model(ModelConfig(model=model_name, size="4xs", vocab_size=64, context_length=8))
+    groups = {g["name"]: g for g in make_groups(model)}
+    decayed = {id(p) for p in groups["decay"]["params"]}
+    assert groups["decay"]["weight_decay"] == 0.01
+    named = dict(model.named_parameters())
+    assert id(named["tok_emb.weight"]) in decayed and id(named["backbone.norm.weight"]) in decayed  # official
+    assert all(id(p) in decayed for n, p in named.items() if n != "alpha")
+    if model_name == "ebt":
+        assert groups["alpha"]["params"] == [model.alpha] and groups["alpha"]["weight_decay"] == 0.0
+    assert set(groups) == ({"decay", "alpha"} if model_name == "ebt" else {"decay"})
+
+
+def test_param_groups_decay_only_matrices_opt_in():
     model = build_model(ModelConfig(size="4xs", vocab_size=64, context_length=8))
-    groups = {g["name"]: g for g in param_groups(model, 0.01)}
+    groups = {g["name"]: g for g in make_groups(model, matrices_only=True)}
     assert groups["decay"]["weight_decay"] == 0.01 and groups["no_decay"]["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in groups["decay"]["params"])
     assert all(p.dim() == 1 for p in groups["no_decay"]["params"])  # the RMSNorm scales

@@ -1,5 +1,5 @@
 """Import weights named as in the official EBT implementation, and check our models against the
-reference tensors it produced (../shared/reference, format in its README.md).
+reference tensors it produced (tests/data/official, format in its README.md).
 
 Only names and facts carry over from the official code; the mapping below is ours.
 """
@@ -7,6 +7,7 @@ Only names and facts carry over from the official code; the mapping below is our
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -33,15 +34,25 @@ _RULES = [
 # official tensors that are settings here, not weights (the noise std is EBTConfig.langevin)
 _SETTINGS = {"langevin_dynamics_noise_std"}
 
-# official hyperparameters whose other values change the model in ways this library does not implement
+# official EBT hyperparameters whose other values change the model in ways this library does not implement
+# (the Transformer++ reads none of them; initialisation settings do not matter to trained weights)
 _SUPPORTED = {
     "absolute_clamp": 0.0, "clamp_futures_grad": False, "clamp_max_after_warm_up": 0.0, "contrastive_loss": False,
-    "ebt_act_func": "silu", "ebt_norm": "rms", "ffn_dim_multiplier": 1, "langevin_dynamics_noise_learnable": False,
+    "ebt_act_func": "silu", "ebt_norm": "rms", "langevin_dynamics_noise_learnable": False,
     "normalize_initial_condition": True, "normalize_initial_condition_only_first_step": False,
     "num_modality_processing_mlp_layers": 1, "randomize_mcmc_num_steps_final_landscape": False,
     "sharpen_predicted_distribution": 0.0, "soften_target_prob_dist": 0.0, "vocab_to_embed_uses_prob_dist": False,
-    "weight_initialization_method": "xavier", "denoising_initial_condition": "random_noise",
+    "denoising_initial_condition": "random_noise",
 }
+
+
+def _unsupported(hp: dict, model: str) -> dict:
+    """The official settings of a checkpoint this library cannot reproduce, with their values."""
+    bad = {k: hp[k] for k, v in _SUPPORTED.items() if model == "ebt" and k in hp and hp[k] != v}
+    mult, d = hp.get("ffn_dim_multiplier"), hp["embedding_dim"]
+    if mult is not None and int(d * mult) != d:  # official: None means a feed-forward width equal to D, as ours
+        bad["ffn_dim_multiplier"] = mult
+    return bad
 
 
 def official_to_ours(name: str) -> str:
@@ -57,20 +68,23 @@ def convert_state_dict(official: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def config_from_hparams(hp: dict, model: str, vocab_size: int, pad_token_id: int | None = 0) -> ModelConfig:
     """Our ModelConfig for a model described by the official hyperparameters."""
-    unsupported = {k: hp[k] for k, v in _SUPPORTED.items() if k in hp and hp[k] != v}
+    unsupported = _unsupported(hp, model)
     if unsupported:
         raise CheckpointError(f"official settings not implemented here: {unsupported} (supported: "
-                              f"{ {k: _SUPPORTED[k] for k in unsupported} })")
+                              f"{ {k: _SUPPORTED.get(k, 'None or 1') for k in unsupported} })")
     ebt = None
     if model == "ebt":
+        rand = hp["randomize_mcmc_num_steps"]
         ebt = EBTConfig(
             variant=hp["ebt_type"], landscapes=hp["mcmc_num_steps"], alpha=hp["mcmc_step_size"],
             alpha_learnable=hp["mcmc_step_size_learnable"], alpha_lr_mult=hp["mcmc_step_size_lr_multiplier"],
-            rand_steps=hp["randomize_mcmc_num_steps"], rand_steps_min=hp["randomize_mcmc_num_steps_min"],
+            # official: a minimum of 0 draws from 1 (and means nothing without random steps)
+            rand_steps=rand, rand_steps_min=max(hp["randomize_mcmc_num_steps_min"], 1) if rand else 0,
             detach=not hp["no_mcmc_detach"], truncate=hp["truncate_mcmc"], loss_last_only=hp["truncate_mcmc"],
             alpha_rand_scale=hp["randomize_mcmc_step_size_scale"], langevin=hp["langevin_dynamics_noise"],
             init_scale=hp["gaussian_random_noise_scaling"],
-            replay_buffer=192 if hp.get("mcmc_replay_buffer") else 0,
+            replay_buffer=hp.get("mcmc_replay_buffer_size", 192) if hp.get("mcmc_replay_buffer") else 0,
+            replay_fraction=hp.get("mcmc_replay_buffer_sample_bs_percent", 0.5),
         )
     elif model != "transformer":
         raise CheckpointError(f"official model type {model!r} is not supported (use 'ebt' or 'transformer')")
@@ -106,7 +120,7 @@ def load_reference(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |ours - ref| / max |ref|, the measure of ../shared/reference/README.md."""
+    """max |ours - ref| / max |ref|, the measure of tests/data/official/README.md."""
     ours, ref = ours.detach().to(torch.float64).reshape(ref.shape), ref.to(torch.float64)
     return float((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
 
@@ -125,6 +139,8 @@ def check_reference(path: str | Path, methods=("full", "double", "jvp", "explici
     from ebt.models import build_model
 
     meta, t = load_reference(path)
+    if meta.get("kind") == "trajectory":
+        return check_trajectory(meta, t)
     cfg = config_from_meta(meta)
     model = build_model(cfg).double()
     official = {k[len("param."):]: v for k, v in t.items() if k.startswith("param.")}
@@ -171,27 +187,104 @@ def _loss_and_grads(model, out, t, tag: str) -> list[tuple[str, float]]:
     return rows
 
 
-def convert_official(ckpt_path: str | Path, out_dir: str | Path, pad_token_id: int | None = 0) -> Path:
+def trainer_config(meta: dict):
+    """Our TrainConfig for the official trainer settings in a trajectory file's hparams (float64, CPU)."""
+    from ebt.config import TrainConfig
+
+    hp = meta["hparams"]
+    total = hp["max_scheduling_steps"]
+    if total <= 0:  # official: -1 means max_steps
+        total = hp.get("max_steps", meta["steps"])
+    return TrainConfig(
+        steps=total, batch_size=meta["batch"], lr=hp["peak_learning_rate"],
+        min_lr_ratio=1 / hp["min_lr_scale"], warmup_steps=hp["warm_up_steps"],
+        warmup_base_lr_divider=hp["warm_up_base_lr_divider"], weight_decay=hp["weight_decay"],
+        beta1=hp["beta1"], beta2=hp["beta2"],
+        grad_clip=max(0.0, hp.get("gradient_clip_val") or 0.0),  # official: <= 0 or None, no clipping
+        device="cpu", precision="fp64")
+
+
+def check_trajectory(meta: dict, t: dict[str, torch.Tensor]) -> list[tuple[str, float]]:
+    """Replay a trajectory file (meta kind "trajectory": N optimizer steps of the official trainer) through
+    what `ebt train` runs: the model built from the hparams in float64, `make_optimizer` on a TrainConfig
+    of the trainer's settings (`trainer_config`) and `optimizer_step` per step, with the file's batches and
+    starting candidates. Rows: per step the loss, the learning rates (the largest relative error over the
+    groups, the EBT's in the order [alpha, the rest]), the gradient norm before clipping and an EBT's
+    last-step cross-entropy; then every final weight."""
+    from ebt.models import build_model
+    from ebt.train import make_optimizer, optimizer_step
+
+    cfg, tcfg = config_from_meta(meta), trainer_config(meta)
+    model = build_model(cfg).double()
+    official = {k[len("param."):]: v for k, v in t.items() if k.startswith("param.")}
+    model.load_state_dict(convert_state_dict(official), strict=True)
+    model.eval()  # as the one-step cases: no random step count, step size or noise, no replay
+    device = torch.device("cpu")
+    optimizer, scheduler = make_optimizer(model, tcfg, tcfg.lr, device)
+    own_step = getattr(model, "train_step", None)
+    rows = []
+    for k in range(meta["steps"]):
+        groups = sorted(optimizer.param_groups, key=lambda g: g.get("name") != "alpha")  # stable: alpha first
+        lrs = torch.tensor([g["lr"] for g in groups], dtype=torch.float64)
+        loss, extras, gnorm = optimizer_step(model, own_step, model, t[f"step{k}.tokens"], optimizer,
+                                             scheduler, tcfg, device, init=t.get(f"step{k}.init_logits"))
+        rows += [(f"step{k}.loss", rel_err(loss, t[f"step{k}.loss"])),
+                 (f"step{k}.lr", _entrywise_err(lrs, t[f"step{k}.lr"])),
+                 (f"step{k}.grad_norm", rel_err(gnorm, t[f"step{k}.grad_norm"]))]
+        last = f"step{k}.final_step_loss"
+        if last in t:
+            rows.append((last, rel_err(extras["ce_last"], t[last])))
+    params = dict(model.named_parameters())
+    for name in sorted(k for k in t if k.startswith("final.") and k[len("final."):] not in _SETTINGS):
+        rows.append((name, rel_err(params[official_to_ours(name[len("final."):])], t[name])))
+    return rows
+
+
+def _entrywise_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """The largest relative error of any entry (each learning rate on its own scale); inf if counts differ."""
+    if ours.numel() != ref.numel():
+        return float("inf")
+    ref = ref.to(torch.float64).reshape(-1)
+    return float(((ours - ref).abs() / ref.abs().clamp_min(1e-300)).max())
+
+
+def convert_official(ckpt_path: str | Path, out_dir: str | Path, pad_token_id: int | None = 0,
+                     trust_pickle: bool = False) -> Path:
     """Turn a checkpoint saved by the official code (a PyTorch Lightning .ckpt with `state_dict` and
     `hyper_parameters`) into our checkpoint directory (config.json + model.safetensors).
 
-    The .ckpt is unpickled (Lightning stores hyperparameters as Python objects): convert only files
-    you trust."""
+    The .ckpt is read with weights_only=True (tensors and plain values). One whose hyperparameters are
+    pickled Python objects is refused unless trust_pickle, since unpickling can run code."""
     from ebt.checkpoint import save_checkpoint
     from ebt.config import to_dict
+
+    cfg, model = read_official(ckpt_path, pad_token_id, trust_pickle)
+    return save_checkpoint(out_dir, model, {"model": to_dict(cfg), "converted_from": str(ckpt_path)})
+
+
+def read_official(ckpt_path: str | Path, pad_token_id: int | None = 0, trust_pickle: bool = False):
+    """(our ModelConfig, our model with the checkpoint's weights) for an official Lightning .ckpt."""
+    from ebt.checkpoint import load_weights
     from ebt.models import build_model
 
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise CheckpointError(f"{ckpt_path} does not exist")
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{ckpt_path} holds pickled Python objects besides tensors and plain values, and "
+                              f"unpickling can run code: refused. If you trust the file, pass --trust-pickle") from e
     except Exception as e:
-        raise CheckpointError(f"{ckpt_path} is not a readable PyTorch checkpoint ({e})") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{ckpt_path} is not a readable PyTorch checkpoint ({first})") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise CheckpointError(f"{ckpt_path} has no 'state_dict' and 'hyper_parameters': not a Lightning checkpoint "
                               f"of the official code")
     hp = ckpt["hyper_parameters"]
+    if not isinstance(hp, dict) and not hasattr(hp, "__dict__"):
+        raise CheckpointError(f"{ckpt_path}: 'hyper_parameters' is a {type(hp).__name__}, not the official "
+                              f"trainer's settings")
     hp = dict(vars(hp) if not isinstance(hp, dict) else hp)
     state = {}
     for key, value in ckpt["state_dict"].items():
@@ -215,7 +308,40 @@ def convert_official(ckpt_path: str | Path, out_dir: str | Path, pad_token_id: i
         raise CheckpointError(f"{ckpt_path} lacks the hyperparameters {missing}")
     cfg = config_from_hparams(hp, model_type, state["embeddings.weight"].shape[0], pad_token_id)
     model = build_model(cfg)
-    from ebt.checkpoint import load_weights
-
     load_weights(model, {k: v.float() for k, v in convert_state_dict(state).items()}, source=str(ckpt_path))
-    return save_checkpoint(out_dir, model, {"model": to_dict(cfg), "converted_from": str(ckpt_path)})
+    return cfg, model
+
+
+def expected_outputs(ckpt_path: str | Path) -> Path:
+    """Where a checkpoint's expected outputs lie: NAME.expected.safetensors beside NAME.ckpt."""
+    ckpt_path = Path(ckpt_path)
+    return ckpt_path.with_name(ckpt_path.name[: -len(ckpt_path.suffix)] + ".expected.safetensors")
+
+
+def check_checkpoint(ckpt_path: str | Path) -> list[tuple[str, float]]:
+    """Convert an official checkpoint as `ebt convert-official` does and compare, in float32, what the
+    model computes for the window in NAME.expected.safetensors with what the official model computed:
+    per step the candidate and the energy fed into the step (official validation, no Langevin noise)
+    for an EBT, the logits for a Transformer++. Rows as `check_reference`."""
+    from safetensors.torch import load_file
+
+    exp = expected_outputs(ckpt_path)
+    if not exp.is_file():
+        raise CheckpointError(f"{exp} not found: checking {ckpt_path} needs the official outputs beside it")
+    cfg, model = read_official(ckpt_path)
+    t = load_file(str(exp))
+    model.eval()
+    tokens = t["input.tokens"][:, :-1]
+    if cfg.model == "transformer":
+        with torch.no_grad():
+            return [("logits", rel_err(model.logits(tokens), t["logits"]))]
+    n_ref = sum(1 for k in t if k.startswith("step") and k.endswith(".logits"))
+    if n_ref != cfg.ebt.eval_steps:
+        raise CheckpointError(f"{exp} has {n_ref} steps; the official validation of this model runs "
+                              f"{cfg.ebt.eval_steps}")
+    logits, energies = model.unroll(tokens, t["input.init_logits"], n_ref, stochastic=False, build_graph=False)
+    rows = []
+    for k, (z, e) in enumerate(zip(logits, energies)):
+        rows += [(f"step{k}.logits", rel_err(z, t[f"step{k}.logits"])),
+                 (f"step{k}.energy", rel_err(e, t[f"step{k}.energy"]))]
+    return rows

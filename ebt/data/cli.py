@@ -4,6 +4,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ebt.config import Bound
 from ebt.data.corpus import DEFAULT_SOURCES
 from ebt.data.sources import SOURCES
 from ebt.errors import DataError
@@ -36,6 +37,20 @@ def cmd_prepare(args):
     return 0
 
 
+def _corpus_lines(corpus):
+    if not corpus:
+        return []
+    lines = [f"sources   {', '.join(corpus.get('sources_used', []))}"
+             + (f" (ood: {corpus['ood_source']})" if corpus.get("ood_source") else "")]
+    for name, reason in corpus.get("sources_skipped", {}).items():
+        lines.append(f"  skipped {name}: {reason}")
+    lines.append("licences")
+    for name, lic in corpus.get("licenses", {}).items():
+        pkg = f" ({lic['package_license']})" if lic.get("package_license") else ""
+        lines.append(f"  {name:<12} text: {lic['text']}; from {lic['package']}{pkg}")
+    return lines
+
+
 def summary(data_dir):
     """A few lines describing a prepared dataset (for `ebt data info`)."""
     from ebt.data.loader import load_manifest
@@ -48,16 +63,10 @@ def summary(data_dir):
     for split, e in m["splits"].items():
         lines.append(f"  {split:<14} {e['tokens']:>13,} tokens  {e['documents']:>8,} documents  "
                      f"{len(e['shards'])} shard(s)")
-    corpus = m.get("corpus", {})
-    if corpus:
-        lines.append(f"sources   {', '.join(corpus.get('sources_used', []))}"
-                     + (f" (ood: {corpus['ood_source']})" if corpus.get("ood_source") else ""))
-        for name, reason in corpus.get("sources_skipped", {}).items():
-            lines.append(f"  skipped {name}: {reason}")
-        lines.append("licences")
-        for name, lic in corpus.get("licenses", {}).items():
-            pkg = f" ({lic['package_license']})" if lic.get("package_license") else ""
-            lines.append(f"  {name:<12} text: {lic['text']}; from {lic['package']}{pkg}")
+    try:
+        lines += _corpus_lines(m.get("corpus", {}))
+    except (AttributeError, KeyError, TypeError):  # only a description: a hand-edited one must not stop info
+        lines.append("warning: the corpus record in manifest.json is malformed")
     if "settings" not in m:
         lines.append("warning: preparation did not finish; re-run `ebt data prepare --force`")
     return "\n".join(lines)
@@ -77,7 +86,10 @@ def cmd_verify(args):
 
     problems = verify_dataset(args.dir)
     if problems:
-        raise DataError(f"{len(problems)} problem(s) in {args.dir}:\n  " + "\n  ".join(problems))
+        for p in problems:  # the full list goes to stdout; the error itself stays one line
+            print(p)
+        more = f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else ""
+        raise DataError(f"{len(problems)} problem(s) in {args.dir}: {problems[0]}{more}")
     n = sum(len(e["shards"]) for e in load_manifest(args.dir)["splits"].values())
     print(f"ok: {n} shard(s) in {args.dir} match their sizes and sha256")
     return 0
@@ -90,17 +102,20 @@ def add_data_commands(subparsers):
         description="Download the default English corpus (or read your files / a Hugging Face dataset),\n"
                     "split it by document into train/val (+ an out-of-distribution split), train or\n"
                     "fetch a tokenizer and write memory-mapped token shards. Safe to re-run: a folder\n"
-                    "already prepared with the same settings is left alone.")
+                    "already prepared with the same settings is left alone. It deletes or overwrites\n"
+                    "only files it wrote itself; a folder holding anything else needs --force.")
     p.add_argument("--out", default="data/default", help="output folder (default: data/default)")
     p.add_argument("--tokenizer", default="bpe",
                    help="bpe (trained on the train split), neox, gpt2, or a saved tokenizer folder")
-    p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
+    p.add_argument("--vocab-size", type=Bound(int, 258, 65535), default=8192,
+                   help="BPE vocabulary size, 258..65535 (default 8192)")
     p.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES),
                    help=f"corpus sources (default: {','.join(DEFAULT_SOURCES)}; valid: {', '.join(SOURCES)})")
     p.add_argument("--ood-source", default="wikipedia",
                    help="source kept whole as the out-of-distribution split, or 'none' (default wikipedia)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of characters for val (default 0.05)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the document split (default 0)")
+    p.add_argument("--val-fraction", type=Bound(float, 0, 1, lo_open=True, hi_open=True), default=0.05,
+                   help="share of characters for val, between 0 and 1 (default 0.05)")
+    p.add_argument("--seed", type=Bound(int, 0), default=0, help="seed of the document split (default 0)")
     p.add_argument("--files", nargs="+", metavar="PATH",
                    help="your own .txt/.md/.jsonl/.json/.parquet files or folders instead of the corpus")
     p.add_argument("--ood-files", nargs="+", metavar="PATH", help="your own out-of-distribution files")
@@ -108,9 +123,12 @@ def add_data_commands(subparsers):
     p.add_argument("--hf-split", default="train", help="split of the HF dataset (default train)")
     p.add_argument("--hf-config", default=None, help="config (subset) of the HF dataset")
     p.add_argument("--text-field", default="text", help="JSON field / column holding the text (default text)")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many documents (files / HF)")
+    p.add_argument("--limit", type=Bound(int, 1), default=None,
+                   help="use at most this many documents (files / HF)")
     p.add_argument("--cache-dir", default=None, help="download cache (default: OUT/downloads)")
-    p.add_argument("--force", action="store_true", help="rebuild even if OUT is already prepared")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even if OUT is already prepared, or write into a folder holding other files "
+                        "(they are never deleted or overwritten)")
     p.set_defaults(func=cmd_prepare)
 
     p = subparsers.add_parser(

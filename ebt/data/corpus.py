@@ -77,15 +77,21 @@ def _stats(docs):
     return {"documents": len(docs), "chars": sum(len(d.text) for d in docs), "by_source": by}
 
 
+def check_sources(sources, ood_source):
+    """The source names to load (ood last), or a ConfigError naming the unknown ones."""
+    names = list(dict.fromkeys(list(sources) + ([ood_source] if ood_source else [])))
+    unknown = [n for n in names if n not in src.SOURCES]
+    if unknown:
+        raise ConfigError(f"unknown source(s) {unknown}; valid: {sorted(src.SOURCES)}")
+    return names
+
+
 def build_corpus(out_dir, sources=DEFAULT_SOURCES, ood_source="wikipedia", val_fraction=0.05,
                  seed=0, cache_dir=None, log=print):
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "downloads"
     registry = src.SOURCES  # looked up at call time so tests can swap the registry
-    names = list(dict.fromkeys(list(sources) + ([ood_source] if ood_source else [])))
-    unknown = [n for n in names if n not in registry]
-    if unknown:
-        raise ConfigError(f"unknown source(s) {unknown}; valid: {sorted(registry)}")
+    names = check_sources(sources, ood_source)
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be between 0 and 1 (got {val_fraction}); try 0.05")
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ebt.data.sampling import EpochSampler
-from ebt.data.shards import FORMAT, read_manifest
+from ebt.data.shards import FORMAT, NEW_DIR, NOT_OURS, manifest_problem, read_manifest
 from ebt.data.tokenizers import Tokenizer
 from ebt.errors import ConfigError, DataError
 
@@ -34,9 +34,13 @@ def load_manifest(data_dir):
     if manifest is None:
         raise DataError(f"{Path(data_dir) / 'manifest.json'} not found: {data_dir} is not a prepared "
                         f"dataset; {_fix(data_dir)}")
+    path = Path(data_dir) / "manifest.json"
     if manifest.get("format") != FORMAT:
-        raise DataError(f"{data_dir}/manifest.json has format {manifest.get('format')!r}, expected "
-                        f"{FORMAT!r}; {_fix(data_dir)}")
+        raise DataError(f"{path} has format {manifest.get('format')!r}, not {FORMAT!r}: it {NOT_OURS}; "
+                        f"prepare the data into a new folder ({NEW_DIR})")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path} {problem}; {_fix(data_dir)}")
     return manifest
 
 
@@ -106,6 +110,11 @@ class TokenData:
 
     def _stack(self, ids):
         rows = np.stack([self.window(int(i)) for i in ids]).astype(np.int64)
+        top = int(rows.max()) if rows.size else 0
+        if top >= self.vocab_size:  # one max per batch: far cheaper than an IndexError deep in the embedding
+            raise DataError(f"the {self.split!r} split of {self.data_dir} holds token id {top}, outside its "
+                            f"vocabulary of {self.vocab_size}: the shards are corrupt or from another "
+                            f"tokenizer; {_fix(self.data_dir)}")
         return torch.from_numpy(rows)
 
     def train_batch(self, step, global_batch, seed, rank=0, world_size=1):

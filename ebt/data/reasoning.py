@@ -268,6 +268,16 @@ def _sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _our_meta(meta_path, name):
+    """The metadata of a set written here before (by any generator version, finished or not), else None."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, not JSON, not UTF-8
+        return None
+    ours = isinstance(meta, dict) and meta.get("name") == name
+    return meta if ours and str(meta.get("format")).startswith("ebt-reasoning-") else None
+
+
 def write_reasoning_set(name: str, out_dir, n: int = 2000, seed: int = 1234) -> Path:
     """Write out_dir/reasoning/{name}.jsonl and its metadata {name}.json. Returns the jsonl path;
     does nothing if both are there from the same (n, seed) and generator version."""
@@ -277,12 +287,17 @@ def write_reasoning_set(name: str, out_dir, n: int = 2000, seed: int = 1234) -> 
         raise ConfigError("a reasoning set needs at least 1 document; pass n >= 1 (2000 is the default)")
     d = Path(out_dir) / "reasoning"
     path, meta_path = d / f"{name}.jsonl", d / f"{name}.json"
-    if meta_path.is_file() and path.is_file():
-        old = json.loads(meta_path.read_text())
-        # the sha256 catches a jsonl edited or cut short since the metadata was written
-        if (old.get("format"), old.get("n"), old.get("seed")) == (FORMAT, n, seed) and old.get("sha256") == _sha256(path):
-            return path
+    old = _our_meta(meta_path, name)
+    taken = [p for p in (meta_path, path) if p.exists() or p.is_symlink()]
+    if taken and old is None:  # a file of the user's under our name: never overwrite it
+        raise DataError(f"{taken[0]} already exists and was not written by `ebt eval --reasoning`; it is "
+                        f"never overwritten: move it away")
+    # the sha256 catches a jsonl edited or cut short since the metadata was written
+    if old and path.is_file() and (old.get("format"), old.get("n"), old.get("seed")) == (FORMAT, n, seed) \
+            and old.get("sha256") == _sha256(path):
+        return path
     gen = GENERATORS[name]
+    write_json(meta_path, {"name": name, "format": FORMAT, "writing": True})  # ours, before the jsonl
     write_jsonl(path, ({"text": t, "id": i} for i, t in enumerate(gen(n, seed))))
     meta = {"name": name, "n": n, "seed": seed, "format": FORMAT, "generator": gen.__doc__.strip(),
             "created_by": f"ebt {__version__}", "sha256": _sha256(path)}

@@ -16,6 +16,30 @@ from ebt.errors import ConfigError, DataError
 
 NAMES = ("bpe", "neox", "gpt2")
 EOS, PAD = "<|endoftext|>", "<|pad|>"
+FILES = ("tokenizer.json", "tokenizer_meta.json")  # what Tokenizer.save writes (prepare deletes only these)
+_REDO = "the folder is damaged; replace it with one written by `ebt data prepare` (DATA_DIR/tokenizer)"
+
+
+def first_line(e):
+    # a one-line error message, whatever the library raised
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _read_meta(path):
+    """tokenizer_meta.json as a dict with name, eos_id, pad_id and vocab_size, or a DataError naming it."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise DataError(f"{path} is not readable JSON ({first_line(e)}); {_REDO}") from e
+    ints = ("eos_id", "pad_id", "vocab_size")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or \
+            not all(isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool) for k in ints):
+        raise DataError(f"{path} lacks name, eos_id, pad_id or vocab_size (or they are not a name and "
+                        f"integers); {_REDO}")
+    if not (0 <= meta["eos_id"] < meta["vocab_size"] and 0 <= meta["pad_id"] < meta["vocab_size"]):
+        raise DataError(f"{path}: eos_id {meta['eos_id']} or pad_id {meta['pad_id']} is outside the "
+                        f"vocabulary of {meta['vocab_size']}; {_REDO}")
+    return meta
 
 
 class Tokenizer:
@@ -40,19 +64,23 @@ class Tokenizer:
     def save(self, directory):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self.tk.save(str(d / "tokenizer.json"))
+        self.tk.save(str(d / FILES[0]))
         meta = {"name": self.name, "eos_id": self.eos_id, "pad_id": self.pad_id,
                 "vocab_size": self.vocab_size}
-        (d / "tokenizer_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (d / FILES[1]).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def load(cls, directory):
         d = Path(directory)
-        if not (d / "tokenizer.json").is_file() or not (d / "tokenizer_meta.json").is_file():
+        if not (d / FILES[0]).is_file() or not (d / FILES[1]).is_file():
             raise DataError(f"{d} has no tokenizer.json + tokenizer_meta.json; give a folder written "
                             f"by Tokenizer.save (e.g. DATA_DIR/tokenizer) or re-run `ebt data prepare`")
-        meta = json.loads((d / "tokenizer_meta.json").read_text())
-        tok = cls(HFTokenizer.from_file(str(d / "tokenizer.json")), meta["name"], meta["eos_id"], meta["pad_id"])
+        meta = _read_meta(d / FILES[1])
+        try:
+            tk = HFTokenizer.from_file(str(d / FILES[0]))
+        except Exception as e:  # the Rust side raises a bare Exception for any unreadable file
+            raise DataError(f"{d / FILES[0]} is not a tokenizer ({first_line(e)}); {_REDO}") from e
+        tok = cls(tk, meta["name"], meta["eos_id"], meta["pad_id"])
         if tok.vocab_size != meta["vocab_size"]:
             raise DataError(f"{d}: tokenizer.json has {tok.vocab_size} tokens but tokenizer_meta.json "
                             f"says {meta['vocab_size']}; the folder is inconsistent, re-create it")

@@ -125,6 +125,12 @@ def _save_npy(path, arr):
     os.replace(tmp, path)
 
 
+def _write_meta(path, meta):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _digit_pools(labels, train_fraction=0.8):
     """Indices of train digits and of held-out digits: the first 80% of each class (by index) vs the rest.
 
@@ -139,6 +145,39 @@ def _digit_pools(labels, train_fraction=0.8):
     return np.concatenate(train), np.concatenate(held)
 
 
+OUTPUTS = ("video.json",) + tuple(f"{s}{k}.npy" for s in SPLITS for k in ("", "_bounces"))
+NOT_OURS = "was not written by `ebt data video`"
+
+
+def _our_meta(meta_path):
+    """video.json of a folder `ebt data video` wrote (finished or not), else None."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, not JSON, not UTF-8
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
+def _listed(meta):
+    """The output files a video.json of ours lists (names only, never a path elsewhere)."""
+    files = (meta or {}).get("files")
+    return [f for f in files.values() if f in OUTPUTS] if isinstance(files, dict) else []
+
+
+def _check_outputs(out_dir, source, old):
+    """Refuse to overwrite the source clips, or any file in out_dir that `ebt data video` did not write."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a folder; choose a folder for the clips")
+    paths = [out_dir / (n + t) for n in OUTPUTS for t in ("", ".tmp")]
+    if source != "mnist" and Path(source) in [p.resolve() for p in paths]:
+        raise DataError(f"--source {source} is a file that `ebt data video --out {out_dir}` rewrites; copy "
+                        f"the clips elsewhere or choose another --out folder")
+    taken = [p for p in paths if p.exists() or p.is_symlink()]
+    if old is None and taken:
+        raise DataError(f"{taken[0]} already exists and {NOT_OURS}; it is never overwritten: move it away or "
+                        f"choose another --out folder")
+
+
 def write_video_dataset(out_dir, source="mnist", n_train=2000, n_val=200, n_test=200, seed=0, frames=16,
                         size=64, cache_dir=None, log=print, force=False):
     """Write out_dir/{train,val,test}.npy (uint8 clips) and video.json; for MNIST also {split}_bounces.npy.
@@ -147,7 +186,6 @@ def write_video_dataset(out_dir, source="mnist", n_train=2000, n_val=200, n_test
     other 20%. Otherwise a path to the user's clips (see load_user_clips), split by a seeded shuffle:
     n_val, then n_test clips, and at most n_train of the rest for training."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "downloads"
     is_mnist = source == "mnist"
     if not is_mnist:
@@ -158,15 +196,13 @@ def write_video_dataset(out_dir, source="mnist", n_train=2000, n_val=200, n_test
         raise ConfigError(f"every split needs at least one clip (got train {n_train}, val {n_val}, test {n_test})")
 
     meta_path = out_dir / "video.json"
-    if meta_path.is_file() and not force:
-        try:
-            old = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            old = {}  # a damaged json: rebuild
-        if all(old.get(k) == v for k, v in request.items()) and \
-                all((out_dir / f).is_file() for f in old.get("files", {}).values()):
-            log(f"[video] {out_dir} is up to date (pass force=True to rebuild)")
-            return old
+    old = _our_meta(meta_path)
+    _check_outputs(out_dir, source, old)
+    old_files = _listed(old)
+    if old is not None and not force and all(old.get(k) == v for k, v in request.items()) and \
+            all((out_dir / f).is_file() for f in old_files):
+        log(f"[video] {out_dir} is up to date (pass force=True to rebuild)")
+        return old
 
     if is_mnist:
         images, labels = load_mnist_digits(cache_dir)
@@ -186,6 +222,9 @@ def write_video_dataset(out_dir, source="mnist", n_train=2000, n_val=200, n_test
         data = {split: clips[np.sort(parts[split])] for split in SPLITS}
         bounces = {}  # unknown for someone else's videos
 
+    # mark the folder ours before the first clip file, so an interrupted run is rebuilt, not refused
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_meta(meta_path, {"format": FORMAT, "writing": True})
     files = {}
     for split in SPLITS:
         files[split] = f"{split}.npy"
@@ -200,10 +239,10 @@ def write_video_dataset(out_dir, source="mnist", n_train=2000, n_val=200, n_test
                     digit_split="per class: the first 80% of images by index -> train clips, the rest -> val/test")
     else:
         info["licence"] = "the user's own clips"
-    # the json goes last: a run that dies before it leaves no json, so the next run starts over
-    tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, meta_path)
+    for name in set(old_files) - set(files.values()):  # e.g. an earlier MNIST run's bounces: ours, now wrong
+        (out_dir / name).unlink(missing_ok=True)
+    # the full json goes last: a run that dies before it leaves the marker, so the next run starts over
+    _write_meta(meta_path, info)
     for split in SPLITS:
         log(f"[video] {split}: {info['counts'][split]} clips of {frames} frames "
             f"{info['height']}x{info['width']} -> {out_dir / files[split]}")

@@ -35,8 +35,9 @@ class ReplayBuffer:
     (ebt.train.CapturedStep). `paused` makes push a no-op (a graph's warm-up runs must not add rows).
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, context_length: int | None = None, candidate_size: int | None = None):
         self.capacity, self.size, self.paused = capacity, 0, False
+        self.shapes = (context_length, candidate_size)  # what a loaded buffer's rows must fit
         self.windows: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
         self.cursor: torch.Tensor | None = None  # the next row to write (0-d int64, the buffer's device)
@@ -75,12 +76,35 @@ class ReplayBuffer:
                 "windows": self.windows, "logits": self.logits}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["capacity"] != self.capacity:
-            raise ConfigError(f"replay buffer in the checkpoint holds {state['capacity']} rows, the model "
-                              f"{self.capacity}: resume with the same --replay-buffer")
+        problem = self._problem(state)
+        if problem:
+            raise ConfigError(f"the saved replay buffer {problem}")
         self.size, self.windows, self.logits = state["size"], state["windows"], state["logits"]
         self.cursor = None if self.windows is None else torch.tensor(
             int(state["next"]), dtype=torch.long, device=self.windows.device)
+
+
+    def _problem(self, state) -> str | None:
+        """Why a saved buffer cannot be this one, or None."""
+        ints = ("capacity", "size", "next")
+        if not isinstance(state, dict) or any(type(state.get(k)) is not int for k in ints):
+            return f"lacks {', '.join(ints)} (it is corrupt or not written by `ebt train`)"
+        if state["capacity"] != self.capacity:
+            return (f"holds {state['capacity']} rows, the model {self.capacity}: resume with the same "
+                    f"--replay-buffer")
+        w, z = state.get("windows"), state.get("logits")
+        if w is None and z is None and state["size"] == 0:
+            return None
+        S, C = self.shapes
+        if not (isinstance(w, torch.Tensor) and isinstance(z, torch.Tensor)):
+            return "lacks its windows or candidates (it is corrupt)"
+        fits = (w.dim() >= 2 and z.dim() == 3 and w.shape[0] == z.shape[0] == self.capacity
+                and (S is None or (w.shape[1], z.shape[1]) == (S + 1, S)) and (C is None or z.shape[2] == C))
+        if not fits or not 0 <= state["size"] <= self.capacity or not 0 <= state["next"] < self.capacity:
+            return (f"has windows {tuple(w.shape)}, candidates {tuple(z.shape)}, size {state['size']}, next "
+                    f"{state['next']}; this model needs {self.capacity} rows of context {S} and candidate size {C} "
+                    f"(the file is corrupt or from another model)")
+        return None
 
 
 class EBT(nn.Module):
@@ -100,7 +124,8 @@ class EBT(nn.Module):
         self.energy_head = nn.Linear(d, 1, bias=False)
         init_weights(self)
         self.alpha = nn.Parameter(torch.tensor(float(e.alpha)), requires_grad=e.alpha_learnable)
-        self.replay = ReplayBuffer(e.replay_buffer) if e.replay_buffer else None
+        self.replay = (ReplayBuffer(e.replay_buffer, cfg.context_length, self.candidate_size)
+                       if e.replay_buffer else None)
         self.fused_attention = False  # the second-order graph needs attention with double backward
         self.measure_final_energy = True  # training logs E(initial) - E(final): one extra no-grad forward
         self.grad_method = "auto"  # how train_step takes the second-order term (see train_step)
