@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ebt.config import ModelConfig, from_dict
-from ebt.errors import CheckpointError, ConfigError
+from ebt.errors import CheckpointError, ConfigError, first_line
 
 FORMAT = "ebt-checkpoint-v1"
 WEIGHTS = "model.safetensors"
@@ -52,8 +52,7 @@ def load_pt(path: Path, what: str):
         raise CheckpointError(f"{path} ({what}) holds pickled objects, not only tensors and plain values: refused, "
                               f"since unpickling can run code; resume from a checkpoint written by `ebt train`") from e
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} ({what}) is corrupt ({first}); resume from another checkpoint") from e
+        raise CheckpointError(f"{path} ({what}) is corrupt ({first_line(e)}); resume from another checkpoint") from e
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -144,8 +143,7 @@ class NonFiniteWeights(CheckpointError):
 
 def _write_failed(path: Path, e: Exception) -> CheckpointError:
     shutil.rmtree(staging_dir(path), ignore_errors=True)  # a failed write must not keep holding the disk
-    text = str(e).strip()
-    reason = getattr(e, "strerror", None) or (text.splitlines()[0] if text else type(e).__name__)
+    reason = getattr(e, "strerror", None) or first_line(e)
     return CheckpointError(
         f"could not write checkpoint {path} ({reason}); the previous checkpoint there, if any, is untouched. "
         f"Free disk space or choose another --out directory, then resume.")

@@ -1,6 +1,11 @@
 """Errors a user can act on. The CLI prints their message and exits with status 2 (no traceback)."""
 
 
+def first_line(e: BaseException) -> str:
+    """A one-line account of an exception, whatever a library raised (messages may span lines)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 class EBTError(Exception):
     """Base class: the message says what went wrong and what to do."""
 

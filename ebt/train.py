@@ -25,7 +25,7 @@ from ebt.checkpoint import (NonFiniteWeights, find_checkpoint, load_pt, load_sta
                             load_weights, publish_checkpoint, read_config, remove_checkpoint, save_checkpoint,
                             save_staged, set_rng_state, unwrap)
 from ebt.config import RunConfig, to_dict
-from ebt.errors import CheckpointError, ConfigError, EBTError
+from ebt.errors import CheckpointError, ConfigError, EBTError, first_line
 from ebt.evaluate import autocast, evaluate_lm, fmt_ppl
 from ebt.think import GRAD_METHODS, RECYCLER, draw_steps, step_range
 from ebt.models import build_model
@@ -281,7 +281,7 @@ class MetricsLog:
             try:
                 self.wandb = wandb.init(project=cfg.wandb_project, config=run_config, dir=str(out_dir))
             except Exception as e:  # wandb's own errors (bad key, no network) are not ours to trace back
-                raise ConfigError(f"--wandb: Weights & Biases refused to start ({str(e).strip()[:200]}); "
+                raise ConfigError(f"--wandb: Weights & Biases refused to start ({first_line(e)}); "
                                   f"check WANDB_API_KEY, or drop --wandb") from e
 
     def log(self, split: str, step: int, **values):

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from ebt.config import EBTConfig, ModelConfig
-from ebt.errors import CheckpointError
+from ebt.errors import CheckpointError, first_line
 
 # official name pattern -> our name (shared by the Transformer++ and the EBT backbone)
 _RULES = [
@@ -276,8 +276,7 @@ def read_official(ckpt_path: str | Path, pad_token_id: int | None = 0, trust_pic
         raise CheckpointError(f"{ckpt_path} holds pickled Python objects besides tensors and plain values, and "
                               f"unpickling can run code: refused. If you trust the file, pass --trust-pickle") from e
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{ckpt_path} is not a readable PyTorch checkpoint ({first})") from e
+        raise CheckpointError(f"{ckpt_path} is not a readable PyTorch checkpoint ({first_line(e)})") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise CheckpointError(f"{ckpt_path} has no 'state_dict' and 'hyper_parameters': not a Lightning checkpoint "
                               f"of the official code")

@@ -23,9 +23,9 @@ import numpy as np
 from ebt.data.corpus import (DEFAULT_SOURCES, SPLITS, build_corpus, check_sources, iter_jsonl_texts,
                              split_mask, write_json, write_jsonl)
 from ebt.data.tokenizers import FILES as TOKENIZER_FILES
-from ebt.data.tokenizers import NAMES, batched, check_vocab_size, first_line, get_tokenizer
+from ebt.data.tokenizers import NAMES, batched, check_vocab_size, get_tokenizer
 from ebt.data.user import iter_hf_documents, iter_user_documents
-from ebt.errors import ConfigError, DataError
+from ebt.errors import ConfigError, DataError, first_line
 
 FORMAT = "ebt-tokens-v1"
 

