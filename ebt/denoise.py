@@ -4,8 +4,9 @@ level 0.1, the training level) and out of distribution (0.2).
 Per-image MSE on [0, 255] pixels and PSNR = 10 log10(255^2 / MSE), averaged over the test images, with
 the forward passes each configuration spends: the EBT at 1, 2, 3 steps and applied recursively to its
 own output; the DiT with DDIM started at the level's timestep, at several step counts and 1-3 recursive
-applications. Also a PSNR-versus-passes plot, image grids and a linear probe on each frozen model's
-mean-pooled final tokens.
+applications. Both are noised on the training level's schedule (`ebt.models.dit.level_schedule`), as in
+the official code: level 0.1 is alpha_bar 0.896, level 0.2 is 0.658. Also a PSNR-versus-passes plot,
+image grids and a linear probe on each frozen model's mean-pooled final tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ebt.errors import ConfigError
 from ebt.evaluate import seeded
 from ebt.models.dit import noise_at_level, recursive
 from ebt.think import ThinkConfig, think
@@ -40,6 +42,17 @@ def ebt_denoise(model, noisy: torch.Tensor, steps: int, applications: int = 1) -
     return outs, steps * applications
 
 
+def shared_schedule(ebt_model, dit=None):
+    """The EBT's noise schedule, which the DiT must share: one training level, one set of noisy images."""
+    if dit is not None:
+        a, b = ebt_model.dcfg, dit.net.cfg
+        if (a.noise_level, a.diffusion_steps) != (b.noise_level, b.diffusion_steps):
+            raise ConfigError(f"the EBT was trained at noise level {a.noise_level} and the DiT at "
+                              f"{b.noise_level} ({a.diffusion_steps} vs {b.diffusion_steps} diffusion "
+                              f"steps): train both at one level (--noise-level)")
+    return ebt_model.schedule
+
+
 def _batches(x: torch.Tensor, n: int):
     for i in range(0, len(x), n):
         yield x[i:i + n]
@@ -62,11 +75,12 @@ def denoising_table(ebt_model, dit=None, images: torch.Tensor = None, levels=(0.
 
     dev = next(ebt_model.parameters()).device
     trained = ebt_model.cfg.ebt.eval_steps
+    schedule = shared_schedule(ebt_model, dit)
     for level in levels:
         with seeded(seed, dev):
             for clean in _batches(images, batch_size):
                 clean = clean.to(dev)
-                noisy, _ = noise_at_level(clean, level)
+                noisy, _ = noise_at_level(clean, level, schedule=schedule)
                 add("noisy input", "-", 0, level, noisy, clean)
                 for s in ebt_steps:
                     outs, passes = ebt_denoise(ebt_model, noisy, s)
@@ -131,7 +145,7 @@ def image_grid(ebt_model, dit, clean: torch.Tensor, level: float, out, dit_steps
 
     dev = next(ebt_model.parameters()).device
     with seeded(1, dev):
-        noisy, _ = noise_at_level(clean.to(dev), level)
+        noisy, _ = noise_at_level(clean.to(dev), level, schedule=shared_schedule(ebt_model, dit))
         rows = {"clean": clean, "noisy": noisy,
                 "EBT": ebt_denoise(ebt_model, noisy, ebt_model.cfg.ebt.eval_steps)[0][-1]}
         if dit is not None:

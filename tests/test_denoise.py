@@ -9,13 +9,14 @@ from ebt.config import ModelConfig
 from ebt.denoise import denoising_table, linear_probe, pixel_errors, table_markdown
 from ebt.errors import ConfigError
 from ebt.models import DiTDenoiser, EBTDenoiser, build_model
+from ebt.models.dit import level_alpha_bar, level_schedule
 from ebt.think import ThinkConfig, think
 
 
-def tiny(kind="ebt", channels=1):
+def tiny(kind="ebt", channels=1, noise_level=0.1):
     torch.manual_seed(0)
     return build_model(ModelConfig(model=kind, candidate="image", size="4xs", n_layer=1, d_model=32, n_head=2,
-                                   image_size=16, channels=channels, patch=4))
+                                   image_size=16, channels=channels, patch=4, noise_level=noise_level))
 
 
 def test_energy_gradient_matches_finite_differences():
@@ -64,6 +65,25 @@ def test_training_losses_and_bad_input():
     with pytest.raises(ConfigError, match="expected images of shape"):
         tiny("dit")(torch.rand(4, 1, 32, 32))
     assert isinstance(tiny("dit"), DiTDenoiser) and isinstance(m, EBTDenoiser)
+
+
+def test_ebt_trains_on_the_official_noise_the_dit_shares():
+    m, d = tiny(), tiny("dit")
+    assert torch.equal(m.schedule.alphas_cumprod, level_schedule(0.1).alphas_cumprod)
+    assert torch.equal(m.schedule.alphas_cumprod, d.net.schedule.alphas_cumprod)
+    # training noise of alpha_bar 0.896: on black images with a zero energy head (no step moves the image)
+    # the loss is the Smooth L1 of noise of std 0.32, about 0.5 * (1 - alpha_bar)
+    ab = level_alpha_bar(0.1)
+    clean = torch.zeros(64, 1, 16, 16)
+    torch.manual_seed(1)
+    loss = m.train()(clean)["ce_first"].item()
+    assert loss == pytest.approx(0.5 * (1 - ab), rel=0.05)
+
+
+def test_denoising_table_needs_one_training_level():
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    with pytest.raises(ConfigError, match="train both at one level"):
+        denoising_table(tiny().eval(), tiny("dit", noise_level=0.2).eval(), x, log=lambda *a: None)
 
 
 def test_denoising_table_and_probe():

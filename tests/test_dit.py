@@ -13,7 +13,8 @@ from ebt.models.dit import (
     ddim_denoise,
     ddim_timesteps,
     level_alpha_bar,
-    level_to_timestep,
+    level_schedule,
+    level_timestep,
     noise_at_level,
     recursive,
 )
@@ -66,36 +67,56 @@ def test_schedule_is_ddpm_linear():
     assert torch.allclose(betas.diff(), torch.full((999,), (2e-2 - 1e-4) / 999, dtype=torch.float64))
 
 
-def test_level_one_is_the_standard_schedule_at_its_last_step():
-    s = NoiseSchedule()
-    x0, noise = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
-    xn, ab = noise_at_level(x0, 1.0, noise)
-    assert ab == s.alphas_cumprod[999].item()
-    assert torch.allclose(xn, s.q_sample(x0, 999, noise), atol=1e-6)
-    assert level_to_timestep(1.0, s) == 999
+def test_schedule_scales_its_betas_with_its_length():
+    # the official "linear" schedule: betas scaled by 1000 / timesteps, so 10,000 steps run 1e-5 .. 2e-3
+    s = NoiseSchedule(10000)
+    betas = 1 - s.alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), s.alphas_cumprod[:-1]])
+    assert betas[0].item() == pytest.approx(1e-5) and betas[-1].item() == pytest.approx(2e-3)
+    with pytest.raises(ConfigError, match="betas above 1"):
+        NoiseSchedule(10)
 
 
-def test_level_is_a_stretched_schedule():
-    # level 0.1: 10000 timesteps with the same endpoints, noised at t=999
-    betas = torch.linspace(1e-4, 2e-2, 10000, dtype=torch.float64)
-    assert level_alpha_bar(0.1) == pytest.approx(torch.prod(1 - betas[:1000]).item(), rel=1e-12)
-    # smaller levels noise less; 0.1 (train, in distribution) is much cleaner than 0.2 (OOD test)
-    assert level_alpha_bar(0.1) > 2 * level_alpha_bar(0.2)
-    x0, noise = torch.ones(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
-    d1 = (noise_at_level(x0, 0.1, noise)[0] - x0).norm()
-    d2 = (noise_at_level(x0, 0.2, noise)[0] - x0).norm()
-    assert d1 < d2
+def official_alpha_bar(level: float, train_level: float, steps: int) -> float:
+    """The official denoising code's noise, written out: a linear schedule of T = int(steps / train_level)
+    timesteps with betas scaled by 1000 / T; level `level` is timestep int(level * T) - 1."""
+    T = int(steps / train_level)
+    scale = 1000 / T
+    lo, hi = scale * 1e-4, scale * 0.02
+    t = int(level * T) - 1
+    return math.prod(1 - (lo + (hi - lo) * i / (T - 1)) for i in range(t + 1))
 
 
-def test_level_to_timestep_is_monotone_and_closest():
-    s = NoiseSchedule()
+@pytest.mark.parametrize("steps", [1000, 100])  # the official default and its denoising job scripts
+def test_levels_follow_the_official_schedule(steps):
+    for level in (0.1, 0.2):
+        want = official_alpha_bar(level, 0.1, steps)
+        assert level_alpha_bar(level, 0.1, steps) == pytest.approx(want, rel=1e-10)
+    # in distribution noise std 0.32, out of distribution 0.58 (not 0.82 / 0.94 as the stretched schedule had)
+    assert level_alpha_bar(0.1, 0.1, steps) == pytest.approx(0.896, abs=2e-3)
+    assert level_alpha_bar(0.2, 0.1, steps) == pytest.approx(0.658, abs=2e-3)
+
+
+def test_level_alpha_bar_defaults():
+    assert level_alpha_bar(0.1) == pytest.approx(0.896356, abs=1e-6)  # train at 0.1, 1000 diffusion steps
+    assert level_alpha_bar(0.2) == pytest.approx(0.658430, abs=1e-6)
+    x0, noise = torch.ones(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    xn, ab = noise_at_level(x0, 0.2, noise)
+    assert ab == level_alpha_bar(0.2)
+    assert torch.allclose(xn, math.sqrt(ab) * x0 + math.sqrt(1 - ab) * noise, atol=1e-6)
+    # smaller levels noise less
+    assert (noise_at_level(x0, 0.1, noise)[0] - x0).norm() < (xn - x0).norm()
+
+
+def test_level_timesteps_on_the_training_schedule():
+    s = level_schedule()  # trained at 0.1 over 1000 diffusion steps: 10,000 timesteps
+    assert s.steps == 10000
+    assert [level_timestep(lv, s) for lv in (0.1, 0.2, 1.0)] == [999, 1999, 9999]  # 0.1: the training step
     levels = torch.linspace(0.01, 1.0, 60).tolist()
-    ts = [level_to_timestep(lv, s) for lv in levels]
-    assert all(a <= b for a, b in zip(ts, ts[1:])) and ts[0] < 200 and ts[-1] == 999
-    t = level_to_timestep(0.1, s)
-    ab = level_alpha_bar(0.1)
-    gap = abs(s.alphas_cumprod[t].item() - ab)
-    assert gap <= abs(s.alphas_cumprod[t - 1].item() - ab) and gap <= abs(s.alphas_cumprod[t + 1].item() - ab)
+    ts = [level_timestep(lv, s) for lv in levels]
+    assert all(a <= b for a, b in zip(ts, ts[1:]))
+    assert level_schedule(1.0).steps == 1000 and level_timestep(1.0, level_schedule(1.0)) == 999
+    with pytest.raises(ConfigError, match="below one timestep"):
+        level_timestep(1e-5, s)
 
 
 @pytest.mark.parametrize("level", [0.0, -0.1, 1.5])
@@ -139,6 +160,17 @@ def test_shapes(channels, patch):
     assert m.features(x, 5).shape == (2, (16 // patch) ** 2, 32)
     out = m.loss(x)
     assert out["loss"].dim() == 0 and out["t"].shape == (2,)
+
+
+def test_dit_trains_up_to_the_training_level():
+    # the official denoising DiT: the training level's schedule, timesteps 0..diffusion_steps-1 only
+    m = DiT(tiny(noise_level=0.2, diffusion_steps=100))
+    assert m.schedule.steps == 500
+    assert torch.equal(m.schedule.alphas_cumprod, level_schedule(0.2, 100).alphas_cumprod)
+    t = m.loss(torch.randn(512, 1, 8, 8), generator=torch.Generator().manual_seed(0))["t"]
+    assert t.min() >= 0 and t.max() == 99
+    with pytest.raises(ConfigError, match="noise level"):
+        DiTConfig(noise_level=0.0)
 
 
 def test_size_registry_and_overrides():
@@ -279,9 +311,9 @@ def test_ddim_with_oracle_epsilon_recovers_x0(t_start, n_steps):
 
 
 def test_recursive_applications_and_passes():
-    s = NoiseSchedule()
+    s = level_schedule()
     x0 = squares(3, 8)
-    xn, _ = noise_at_level(x0, 0.1, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)))
+    xn, _ = noise_at_level(x0, 0.1, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)), s)
     oracle = Oracle(x0, s)
     outs, passes = recursive(oracle, xn, 0.1, 7, 3, s)
     assert len(outs) == 3 and passes == 21 == count_forward_passes(7, 3) == oracle.calls
@@ -293,6 +325,6 @@ def test_recursive_applications_and_passes():
     randomise(m)
     outs, passes = recursive(m, xn, 0.2, 4, 2, s)
     assert passes == 8
-    assert torch.equal(outs[1], ddim_denoise(m, outs[0], level_to_timestep(0.2, s), 4, s))
+    assert torch.equal(outs[1], ddim_denoise(m, outs[0], level_timestep(0.2, s), 4, s))
     with pytest.raises(ConfigError, match="applications"):
         recursive(m, xn, 0.2, 4, 0, s)

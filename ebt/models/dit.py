@@ -3,9 +3,10 @@
 A DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers") that predicts the noise epsilon
 of a DDPM linear schedule, plus the pieces the paper's denoising comparison needs:
 
-- `NoiseSchedule`: betas linear in 1e-4..2e-2, `q_sample` noises an image at timestep t;
-- `noise_at_level`: the paper's noise *level* sigma (a fraction of the schedule, see its docstring)
-  and `level_to_timestep`, which finds where a DiT trained on the standard schedule should start;
+- `NoiseSchedule`: the linear schedule of improved DDPM / DiT over any number of timesteps (betas
+  scaled by 1000 / timesteps), `q_sample` noises an image at timestep t;
+- `level_schedule`, `level_timestep`, `noise_at_level`: the paper's noise *level* as the official code
+  defines it (see `level_schedule`): one schedule per training level, each level a timestep of it;
 - `DiT`: patchify -> fixed 2-D sin-cos positions -> adaLN-Zero blocks -> adaLN final layer -> pixels;
 - `ddim_denoise` / `recursive`: DDIM from the level's timestep down to 0, re-applied to its own
   output, counting forward passes (the paper compares 3 EBT passes with 300 DiT passes).
@@ -26,7 +27,9 @@ from ebt.config import resolve_size
 from ebt.errors import ConfigError
 from ebt.nn import attend
 
-BETA_START, BETA_END = 1e-4, 2e-2  # DDPM linear schedule endpoints (Ho et al.), also used by the paper
+BETA_START, BETA_END = 1e-4, 2e-2  # DDPM linear schedule endpoints at 1000 timesteps (Ho et al.)
+DIFFUSION_STEPS = 1000  # the official --diffusion_steps default (its denoising job scripts pass 100)
+TRAIN_LEVEL = 0.1  # the paper's training (in-distribution) noise level
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -34,12 +37,18 @@ BETA_START, BETA_END = 1e-4, 2e-2  # DDPM linear schedule endpoints (Ho et al.),
 
 
 def linear_alphas_cumprod(steps: int) -> torch.Tensor:
-    """alpha_bar_t = prod_{s<=t} (1 - beta_s) for betas linear in BETA_START..BETA_END over `steps`.
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s), betas linear in scale * BETA_START .. scale * BETA_END
+    over `steps` timesteps with scale = 1000 / steps: the "linear" schedule of improved DDPM and DiT,
+    which keeps the whole chain's noise about the same for any number of timesteps.
 
     float64 on the CPU: the products over thousands of steps and the 1 - alpha_bar near t=0 lose
     digits in float32, and CPU scalars can be read with .item() without a device sync.
     """
-    betas = torch.linspace(BETA_START, BETA_END, steps, dtype=torch.float64)
+    scale = 1000 / steps
+    if scale * BETA_END > 1:
+        raise ConfigError(f"a linear schedule over {steps} timesteps has betas above 1: use at least "
+                          f"{math.ceil(1000 * BETA_END)} timesteps")
+    betas = torch.linspace(scale * BETA_START, scale * BETA_END, steps, dtype=torch.float64)
     return torch.cumprod(1.0 - betas, dim=0)
 
 
@@ -50,7 +59,7 @@ def _broadcast(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class NoiseSchedule:
-    """The standard DDPM linear schedule over `steps` timesteps (0 .. steps-1).
+    """The scaled linear schedule (`linear_alphas_cumprod`) over `steps` timesteps (0 .. steps-1).
 
     A plain object, not a module: `model.to(bfloat16)` must not round alpha_bar.
     """
@@ -81,38 +90,49 @@ class NoiseSchedule:
         return _broadcast(ab.sqrt(), x0) * x0 + _broadcast((1 - ab).sqrt(), x0) * noise
 
 
-def level_alpha_bar(level: float, steps: int = 1000) -> float:
-    """alpha_bar of noise level `level` (ebt-method.md 4).
-
-    The level is a fraction of the schedule: the linear schedule (same endpoints) is stretched to
-    round(steps / level) timesteps and the image is noised at timestep steps-1 of that stretched
-    schedule. Stretching makes each beta smaller, so a smaller level means less noise; level 1 is
-    the standard schedule at its last step.
-    """
+def _check_level(level: float) -> None:
     if not 0 < level <= 1:
         raise ConfigError(f"noise level must lie in (0, 1] (a fraction of the schedule), got {level}")
-    return linear_alphas_cumprod(round(steps / level))[steps - 1].item()
+
+
+def level_schedule(train_level: float = TRAIN_LEVEL, steps: int = DIFFUSION_STEPS) -> NoiseSchedule:
+    """The schedule of the official denoising code: int(steps / train_level) timesteps of the scaled
+    linear schedule, built from the *training* level and shared by training and evaluation.
+
+    The models train on its first `steps` timesteps (the EBT at the last of them, the DiT uniformly
+    over them); an evaluation level picks a timestep of this same schedule (`level_timestep`).
+    """
+    _check_level(train_level)
+    return NoiseSchedule(int(steps / train_level))
+
+
+def level_timestep(level: float, schedule: NoiseSchedule) -> int:
+    """int(level * T) - 1 on a schedule of T timesteps: where images are noised at `level` and where the
+    DiT's DDIM starts. At the training level of `level_schedule` this is steps - 1."""
+    _check_level(level)
+    t = int(level * schedule.steps) - 1
+    if t < 0:
+        raise ConfigError(f"noise level {level} is below one timestep of a {schedule.steps}-step schedule")
+    return t
+
+
+def level_alpha_bar(level: float, train_level: float = TRAIN_LEVEL, steps: int = DIFFUSION_STEPS) -> float:
+    """alpha_bar of noise level `level` for models trained at `train_level` (ebt-method.md 4)."""
+    schedule = level_schedule(train_level, steps)
+    return schedule.alpha_bar(level_timestep(level, schedule)).item()
 
 
 def noise_at_level(x0: torch.Tensor, level: float, noise: torch.Tensor | None = None,
-                   steps: int = 1000) -> tuple[torch.Tensor, float]:
-    """Noise x0 at the paper's noise level (see `level_alpha_bar`). Returns (x_noisy, alpha_bar).
+                   schedule: NoiseSchedule | None = None) -> tuple[torch.Tensor, float]:
+    """Noise x0 at the paper's noise level on `schedule` (default: `level_schedule()`, trained at 0.1).
+    Returns (x_noisy, alpha_bar).
 
     The paper trains at level 0.1 (in distribution) and tests at 0.1 and 0.2 (out of distribution).
     """
-    ab = level_alpha_bar(level, steps)
+    schedule = level_schedule() if schedule is None else schedule
+    t = level_timestep(level, schedule)
     noise = torch.randn_like(x0) if noise is None else noise
-    return math.sqrt(ab) * x0 + math.sqrt(1 - ab) * noise, ab
-
-
-def level_to_timestep(level: float, schedule: NoiseSchedule) -> int:
-    """The timestep of the standard (unstretched) schedule whose alpha_bar is closest to the level's.
-
-    A DiT is trained on the standard schedule, so this is where DDIM starts for an image noised at
-    `level`. alpha_bar decreases with t, so the result is non-decreasing in the level.
-    """
-    ab = level_alpha_bar(level, schedule.steps)
-    return int((schedule.alphas_cumprod - ab).abs().argmin())
+    return schedule.q_sample(x0, t, noise), schedule.alpha_bar(t).item()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,7 +148,8 @@ class DiTConfig:
     n_layer: int | None = None
     d_model: int | None = None
     n_head: int | None = None
-    diffusion_steps: int = 1000  # timesteps of the training schedule (and of the timestep embedding's range)
+    diffusion_steps: int = DIFFUSION_STEPS  # training timesteps 0..diffusion_steps-1 (`level_schedule`)
+    noise_level: float = TRAIN_LEVEL  # training level: a schedule of diffusion_steps / noise_level timesteps
 
     def __post_init__(self):
         self.n_layer, self.d_model, self.n_head = resolve_size(self.size, self.n_layer, self.d_model, self.n_head)
@@ -145,6 +166,7 @@ class DiTConfig:
             raise ConfigError(f"d_model={self.d_model} must be a multiple of 4 for 2-D sin-cos positions")
         if self.diffusion_steps < 2:
             raise ConfigError(f"diffusion_steps must be >= 2, got {self.diffusion_steps}")
+        _check_level(self.noise_level)
 
     @property
     def grid(self) -> int:
@@ -278,7 +300,7 @@ class DiT(nn.Module):
         super().__init__()
         cfg = DiTConfig() if cfg is None else cfg
         self.cfg = cfg
-        self.schedule = NoiseSchedule(cfg.diffusion_steps)
+        self.schedule = level_schedule(cfg.noise_level, cfg.diffusion_steps)
         self.patch_embed = nn.Conv2d(cfg.channels, cfg.d_model, kernel_size=cfg.patch, stride=cfg.patch)
         # fixed, not learned; persistent=False keeps it out of checkpoints (it is recomputed from cfg)
         self.register_buffer("pos_embed", sincos_2d(cfg.d_model, cfg.grid), persistent=False)
@@ -330,10 +352,11 @@ class DiT(nn.Module):
         return self.unpatchify(self.final(h, c))
 
     def loss(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """The DDPM "simple" loss: MSE between predicted and true noise, t uniform over the schedule."""
+        """The DDPM "simple" loss: MSE between predicted and true noise, t uniform over the training
+        timesteps 0..diffusion_steps-1 (up to the training level; as the official denoising DiT)."""
         self._check(x0)
         B = x0.shape[0]
-        t = torch.randint(0, self.schedule.steps, (B,), generator=generator, device=x0.device)
+        t = torch.randint(0, self.cfg.diffusion_steps, (B,), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.schedule.q_sample(x0, t, noise)
         eps = self(x_t, t)
@@ -393,11 +416,13 @@ def recursive(model: nn.Module, x_noisy: torch.Tensor, level: float, n_steps: in
     """The paper's DiT baseline: DDIM started at the level's timestep, re-applied to its own output.
 
     Every application treats its input as an image noised at `level` (the denoiser does not know
-    how much noise is left). Returns ([output of each application], forward passes).
+    how much noise is left). `schedule` is the DiT's training schedule: every level is a timestep of
+    it, so beyond the training level DDIM starts at timesteps the DiT never trained on (as officially).
+    Returns ([output of each application], forward passes).
     """
     if applications < 1:
         raise ConfigError(f"applications must be >= 1, got {applications}")
-    t_start = level_to_timestep(level, schedule)
+    t_start = level_timestep(level, schedule)
     outputs, x = [], x_noisy
     for _ in range(applications):
         x = ddim_denoise(model, x, t_start, n_steps, schedule)
@@ -406,6 +431,7 @@ def recursive(model: nn.Module, x_noisy: torch.Tensor, level: float, n_steps: in
 
 
 __all__ = [
-    "DiT", "DiTConfig", "NoiseSchedule", "count_forward_passes", "ddim_denoise", "ddim_timesteps",
-    "level_alpha_bar", "level_to_timestep", "linear_alphas_cumprod", "noise_at_level", "recursive",
+    "DIFFUSION_STEPS", "DiT", "DiTConfig", "NoiseSchedule", "TRAIN_LEVEL", "count_forward_passes",
+    "ddim_denoise", "ddim_timesteps", "level_alpha_bar", "level_schedule", "level_timestep",
+    "linear_alphas_cumprod", "noise_at_level", "recursive",
 ]

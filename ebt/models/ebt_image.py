@@ -15,13 +15,14 @@ from torch import nn
 
 from ebt.config import ModelConfig
 from ebt.errors import ConfigError
-from ebt.models.dit import DiT, DiTBlock, DiTConfig, FinalLayer, init_adaln_zero, noise_at_level, sincos_2d
+from ebt.models.dit import (DiT, DiTBlock, DiTConfig, FinalLayer, init_adaln_zero, level_schedule,
+                            noise_at_level, sincos_2d)
 from ebt.think import alpha_param_groups, draw_steps, recipe_alpha, unroll
 
 
 def dit_config(cfg: ModelConfig) -> DiTConfig:
     return DiTConfig(size=cfg.size, image_size=cfg.image_size, channels=cfg.channels, patch=cfg.patch,
-                     n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head)
+                     n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head, noise_level=cfg.noise_level)
 
 
 def image_loss(pred: torch.Tensor, clean: torch.Tensor) -> dict:
@@ -40,6 +41,7 @@ class EBTDenoiser(nn.Module):
         self.cfg, e = cfg, cfg.ebt
         dc = dit_config(cfg)
         self.dcfg = dc
+        self.schedule = level_schedule(dc.noise_level, dc.diffusion_steps)  # the DiT's: the same noise
         self.patch_embed = nn.Conv2d(dc.channels, dc.d_model, kernel_size=dc.patch, stride=dc.patch)
         self.register_buffer("pos_embed", sincos_2d(dc.d_model, dc.grid), persistent=False)
         self.cond = nn.Embedding(1, dc.d_model)  # the single learned conditioning of every block
@@ -103,7 +105,7 @@ class EBTDenoiser(nn.Module):
         """clean images (B, C, H, W) in [-1, 1] -> noised at the training level, denoised by the unroll,
         Smooth L1 to the clean image."""
         self.check(clean)
-        noisy, _ = noise_at_level(clean, self.cfg.noise_level)
+        noisy, _ = noise_at_level(clean, self.cfg.noise_level, schedule=self.schedule)
         n_steps = self.train_steps()
         xs, energies = unroll(self, noisy, noisy, n_steps, self.training, torch.is_grad_enabled(), self.cfg.ebt)
         first, last = image_loss(xs[0], clean), image_loss(xs[-1], clean)
