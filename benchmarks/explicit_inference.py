@@ -25,7 +25,7 @@ def main():
     a = p.parse_args()
     dev = torch.device(a.device)
     m = build("ebt", "s2", "4xs", 8192, 128, dev).eval()
-    tc = ThinkConfig(steps=2, score_final=False)
+    tc = ThinkConfig(steps=2, score_final=False, noise=0.0)
     rows = {}
     for _ in range(a.rounds):
         for explicit in (False, True):
@@ -37,9 +37,9 @@ def main():
                 generate(m, prompts, GenerateConfig(max_new_tokens=64, think=tc))
                 rows.setdefault((f"generate batch {b}", explicit), []).append(b * 64 / (time.perf_counter() - t))
             x = torch.randint(0, 8192, (8, 128), device=dev)
-            think(m, x, ThinkConfig(steps=8, score_final=False))
+            think(m, x, ThinkConfig(steps=8, score_final=False, noise=0.0))
             t = time.perf_counter()
-            think(m, x, ThinkConfig(steps=8, score_final=False))
+            think(m, x, ThinkConfig(steps=8, score_final=False, noise=0.0))
             rows.setdefault(("think 8 steps, 8 x 128", explicit), []).append(8 * 128 / (time.perf_counter() - t))
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} | torch {torch.__version__} | {dev} | tokens/s per round\n")
     print("| what | autograd | written out | ratio (medians) |\n|---|---|---|---|")

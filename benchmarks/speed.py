@@ -166,7 +166,8 @@ def think_item(it, a, dev):
     if it["path"] in ("compiled", "graph_compiled"):  # the written-out gradient, compiled: one forward
         model.compile_grad = True
     x = torch.randint(0, a.vocab, (a.batch, a.context), device=dev)
-    cfg = ThinkConfig(steps=it["steps"], score_final=False)  # N steps = N energy evaluations, as official
+    # N steps = N energy evaluations, as official; noise 0: the same work as the recorded figures
+    cfg = ThinkConfig(steps=it["steps"], score_final=False, noise=0.0)
     run = lambda: think(model, x, cfg)  # noqa: E731
     if it["path"] in ("graph", "graph_compiled"):  # the whole thinking call captured once as a CUDA graph, then replayed
         from ebt.nn import capture_cuda_graph
@@ -203,7 +204,7 @@ def gen_item(it, a, dev):
         model, fn = OfficialAlgorithmEBT.from_model(model), generate_uncached
     new = a.new_tokens if it["path"] != "official" else min(a.new_tokens, a.official_gen_tokens)
     prompts = torch.randint(0, a.vocab, (it["batch"], a.prompt)).tolist()
-    think_cfg = ThinkConfig(steps=2, score_final=False)
+    think_cfg = ThinkConfig(steps=2, score_final=False, noise=0.0)
     graphs = it["path"] in ("cuda_graph", "graph_compiled")
     comp = it["path"] in ("compiled", "graph_compiled")  # the written-out gradient, compiled
     def timed(n):
@@ -375,7 +376,7 @@ def profile_generation(a, dev, batch=1, tokens=16):
 
     model = build("ebt", "s2", a.sizes[0], a.vocab, a.prompt + a.new_tokens, dev).eval()
     prompts = torch.randint(0, a.vocab, (batch, a.prompt)).tolist()
-    cfg = GenerateConfig(max_new_tokens=tokens, think=ThinkConfig(steps=2, score_final=False),
+    cfg = GenerateConfig(max_new_tokens=tokens, think=ThinkConfig(steps=2, score_final=False, noise=0.0),
                          cuda_graph=dev.type == "cuda", compile=True)
     with autocast(dev, a.precision):
         generate(model, prompts, cfg)

@@ -40,14 +40,14 @@ def think_once(size, vocab, context, batch, steps, device, reps):
     dev = torch.device(device)
     model = build("ebt", size, vocab, context, dev)
     x = torch.randint(0, vocab, (batch, context), device=dev)
-    think(model, x, ThinkConfig(steps=1))  # warm-up
+    think(model, x, ThinkConfig(steps=1, noise=0.0))  # warm-up; noise 0: comparable greedy tokens
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     for _ in range(reps):
-        think(model, x, ThinkConfig(steps=steps))
+        think(model, x, ThinkConfig(steps=steps, noise=0.0))
     if dev.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
@@ -66,7 +66,7 @@ def generation(kind, size, vocab, context, prompt_len, new_tokens, batch, device
     dev = torch.device(device)
     model = build(kind, size, vocab, context, dev)
     prompts = torch.randint(0, vocab, (batch, prompt_len)).tolist()
-    cfg = GenerateConfig(max_new_tokens=new_tokens, think=ThinkConfig(steps=think_steps, score_final=False) if kind == "ebt" else None)
+    cfg = GenerateConfig(max_new_tokens=new_tokens, think=ThinkConfig(steps=think_steps, score_final=False, noise=0.0) if kind == "ebt" else None)
     res = {}
     for name, fn in (("cached", generate), ("uncached", generate_uncached)):
         fn(model, prompts, GenerateConfig(max_new_tokens=2, think=cfg.think))  # warm-up

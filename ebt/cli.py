@@ -8,9 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from ebt.config import (SIZES, Bound, DataConfig, EBTConfig, ModelConfig, RunConfig, TrainConfig, bound_of, from_dict,
-                        to_dict)
-from ebt.errors import EBTError
+from ebt.config import (PRESETS, SIZES, WINDOWS, Bound, DataConfig, EBTConfig, ModelConfig, RunConfig,
+                        TrainConfig, bound_of, from_dict, to_dict)
+from ebt.errors import ConfigError, EBTError
 
 FMT = argparse.RawDescriptionHelpFormatter
 COUNT, AT_LEAST_1, NONNEG, POSITIVE = Bound(int, 0), Bound(int, 1), Bound(float, 0), Bound(float, 0, lo_open=True)
@@ -50,11 +50,12 @@ def _model_args(p):
     g = p.add_argument_group("model")
     g.add_argument("--model", default="transformer", choices=["transformer", "ebt", "dit"],
                    help="model family (dit: the diffusion baseline for --data images:...)")
-    g.add_argument("--size", default="xxs", choices=list(SIZES), help="named size (layers, width, heads, lr)")
+    g.add_argument("--size", choices=list(SIZES), help="named size (layers, width, heads, lr); default xxs")
     g.add_argument("--n-layer", type=bound_of(ModelConfig, "n_layer"), help="override the size's number of layers")
     g.add_argument("--d-model", type=bound_of(ModelConfig, "d_model"), help="override the size's width")
     g.add_argument("--n-head", type=bound_of(ModelConfig, "n_head"), help="override the size's number of heads")
-    g.add_argument("--context-length", type=bound_of(ModelConfig, "context_length"), default=256, help="tokens the model reads (S)")
+    g.add_argument("--context-length", type=bound_of(ModelConfig, "context_length"),
+                   help="tokens the model reads (S; default 256)")
     g.add_argument("--vocab-size", type=bound_of(ModelConfig, "vocab_size"), help="default: the vocabulary of the data's tokenizer")
     g.add_argument("--image-size", type=bound_of(ModelConfig, "image_size"), default=32, help="images: side in pixels (data is padded to it)")
     g.add_argument("--channels", type=int, choices=[1, 3], default=1, help="images: 1 (grayscale) or 3 (RGB)")
@@ -69,7 +70,8 @@ EBT_KNOBS = {
     "--alpha": ("alpha", float, "step size of z_next = p - alpha dE/dp"),
     "--alpha-learnable": ("alpha_learnable", "bool", "learn alpha (its own optimizer group, no decay)"),
     "--alpha-lr-mult": ("alpha_lr_mult", float, "alpha's learning-rate multiplier"),
-    "--rand-steps": ("rand_steps", int, "R: training draws randint(min, landscapes+R+1) steps; eval runs landscapes+R"),
+    "--rand-steps": ("rand_steps", int, "R: training repeats each landscape randint(min, R+2) times; validation "
+                     "repeats the last one R+1 times"),
     "--rand-steps-min": ("rand_steps_min", int, "lower end of the random step count"),
     "--detach": ("detach", "bool", "detach the candidate between steps (S1)"),
     "--truncate": ("truncate", "bool", "second-order graph at the last step only (S2)"),
@@ -116,27 +118,37 @@ def _train_args(p):
                    help="directory made by `ebt data prepare` or `ebt data video`, or images:fashion_mnist | "
                         "images:mnist | images:/a/folder")
     g.add_argument("--verify-data", action="store_true", help="check every shard's sha256 before training")
+    g.add_argument("--windows", choices=list(WINDOWS), help="token windows: packed (default: the document "
+                   "stream cut into S+1 tokens) or document (the official rule: each document's first S+1 "
+                   "tokens, right-padded with eos, which the loss ignores; README 'Data')")
+    g.add_argument("--preset", choices=list(PRESETS), help="paper: the paper's configuration from the "
+                   "official job scripts (NeoX data, S 256, document windows, xxs, batch 256, 1M steps, "
+                   "...); flags given override it, and the run prints what it set")
     g.add_argument("--features", default="pca", choices=["pca", "pixels"], help="video: the fixed frame encoder")
     g.add_argument("--feature-dim", type=bound_of(DataConfig, "feature_dim"), default=64, help="video: PCA components per frame")
     g.add_argument("--grid", type=bound_of(DataConfig, "grid"), default=16, help="video: pixels features are grid x grid")
     g.add_argument("--out", default=d.out_dir, help="run directory (config, metrics, checkpoint)")
-    g.add_argument("--steps", type=bound_of(TrainConfig, "steps"), default=d.steps, help="optimizer steps (the schedule's length)")
-    g.add_argument("--batch-size", type=bound_of(TrainConfig, "batch_size"), default=d.batch_size, help="global batch in sequences per step")
-    g.add_argument("--grad-accum", type=bound_of(TrainConfig, "grad_accum"), default=d.grad_accum, help="micro-steps per optimizer step")
+    g.add_argument("--steps", type=bound_of(TrainConfig, "steps"),
+                   help=f"optimizer steps (the schedule's length; default {d.steps})")
+    g.add_argument("--batch-size", type=bound_of(TrainConfig, "batch_size"),
+                   help=f"global batch in sequences per step (default {d.batch_size})")
+    g.add_argument("--grad-accum", type=bound_of(TrainConfig, "grad_accum"),
+                   help=f"micro-steps per optimizer step (default {d.grad_accum})")
     g.add_argument("--lr", type=bound_of(TrainConfig, "lr"), help="peak learning rate (default: the size's)")
-    g.add_argument("--min-lr-ratio", type=bound_of(TrainConfig, "min_lr_ratio"), default=d.min_lr_ratio,
+    g.add_argument("--min-lr-ratio", type=bound_of(TrainConfig, "min_lr_ratio"),
                    help="cosine floor as a fraction of lr, the same floor for every group (alpha's too)")
-    g.add_argument("--warmup-steps", type=bound_of(TrainConfig, "warmup_steps"), default=d.warmup_steps)
+    g.add_argument("--warmup-steps", type=bound_of(TrainConfig, "warmup_steps"),
+                   help=f"default {d.warmup_steps}")
     g.add_argument("--warmup-base-lr-divider", type=bound_of(TrainConfig, "warmup_base_lr_divider"),
-                   default=d.warmup_base_lr_divider,
                    help="-1: linear warm-up from 0 (official default); d > 0: from lr / d")
-    g.add_argument("--weight-decay", type=bound_of(TrainConfig, "weight_decay"), default=d.weight_decay,
+    g.add_argument("--weight-decay", type=bound_of(TrainConfig, "weight_decay"),
                    help="AdamW decay on every parameter but an EBT's alpha (official)")
     g.add_argument("--decay-matrices-only", action="store_true",
                    help="opt-in, not official: no weight decay on norms and other 1-d weights")
-    g.add_argument("--beta1", type=bound_of(TrainConfig, "beta1"), default=d.beta1)
-    g.add_argument("--beta2", type=bound_of(TrainConfig, "beta2"), default=d.beta2)
-    g.add_argument("--grad-clip", type=bound_of(TrainConfig, "grad_clip"), default=d.grad_clip, help="global grad-norm clip (0: off)")
+    g.add_argument("--beta1", type=bound_of(TrainConfig, "beta1"), help=f"default {d.beta1}")
+    g.add_argument("--beta2", type=bound_of(TrainConfig, "beta2"), help=f"default {d.beta2}")
+    g.add_argument("--grad-clip", type=bound_of(TrainConfig, "grad_clip"),
+                   help=f"global grad-norm clip (0: off; default {d.grad_clip})")
     g.add_argument("--seed", type=bound_of(TrainConfig, "seed"), default=d.seed)
     g.add_argument("--eval-every", type=bound_of(TrainConfig, "eval_every"), default=d.eval_every, help="validate (and save) every N steps")
     g.add_argument("--eval-windows", type=COUNT, default=d.eval_windows, help="validation windows (0: all)")
@@ -181,8 +193,33 @@ def _explicit(args, parser) -> set[str]:
     return {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
 
 
+# train flags that default to None, so that a --preset value applies exactly where the flag was not typed
+PRESET_FLAGS = ("size", "context_length", "windows", "steps", "batch_size", "grad_accum", "min_lr_ratio",
+                "warmup_steps", "warmup_base_lr_divider", "weight_decay", "beta1", "beta2", "grad_clip")
+
+
+def _preset_accum(batch: int, device_batch: int) -> int:
+    """Micro-steps giving each process the official per-device micro-batch (a loss averages over its rows)."""
+    per = device_batch * int(os.environ.get("WORLD_SIZE", "1"))
+    return batch // per if batch % per == 0 and batch >= per else 1
+
+
+def _check_preset(args, model_name: str, data_dir, tokenizer: str | None) -> None:
+    """The paper preset is text pretraining of the Transformer++ or the EBT on GPT-NeoX-20B tokens."""
+    want = PRESETS[args.preset]["tokenizer"]
+    if model_name not in ("transformer", "ebt"):
+        raise ConfigError(f"--preset {args.preset} trains the Transformer++ or the EBT on text (--model "
+                          f"transformer or ebt), not --model {model_name}")
+    if tokenizer != want:
+        what = f"was tokenized with {tokenizer!r}" if tokenizer else "holds no token data"
+        raise ConfigError(f"--preset {args.preset} needs data tokenized with GPT-NeoX-20B, but {data_dir} "
+                          f"{what}; prepare it with `ebt data prepare --tokenizer {want} --out DIR` and pass "
+                          f"--data DIR")
+
+
 def run_config_from_args(args, parser=None) -> RunConfig:
-    """Map `ebt train` flags onto the config dataclasses (the data decides vocabulary and pad id)."""
+    """Map `ebt train` flags onto the config dataclasses (the data decides vocabulary and pad id; a --preset
+    sets the PRESET_FLAGS not typed)."""
     from ebt.data.loader import TokenData
 
     base = RunConfig()
@@ -196,16 +233,25 @@ def run_config_from_args(args, parser=None) -> RunConfig:
                            f"{e}") from e
     given = _explicit(args, parser) if (parser and args.config) else None
 
+    preset, applied = dict(PRESETS[args.preset]) if args.preset else {}, {}
+
     def pick(name, current):
         value = getattr(args, name)
-        return value if (given is None or name in given) else current
+        typed = value is not None if name in PRESET_FLAGS else (given is None or name in given)
+        if typed or name not in preset:
+            return value if typed else current
+        applied[name] = preset[name]
+        return preset[name]
 
     from ebt.train import IMAGES, is_video
 
     m, t, d = base.model, base.train, base.data
     data_dir = pick("data", d.data_dir)
     dcfg = DataConfig(data_dir=data_dir, verify=args.verify_data, features=pick("features", d.features),
-                      feature_dim=pick("feature_dim", d.feature_dim), grid=pick("grid", d.grid))
+                      feature_dim=pick("feature_dim", d.feature_dim), grid=pick("grid", d.grid),
+                      windows=pick("windows", d.windows))
+    if args.preset and (str(data_dir).startswith(IMAGES) or is_video(data_dir)):
+        _check_preset(args, pick("model", m.model), data_dir, None)
     if str(data_dir).startswith(IMAGES):  # images: the candidate is the image itself
         dcfg.image_size, dcfg.channels = args.image_size, args.channels
         kw = dict(candidate="image", vocab_size=1, pad_token_id=None, image_size=args.image_size,
@@ -217,8 +263,11 @@ def run_config_from_args(args, parser=None) -> RunConfig:
                   feature_dim=dcfg.grid ** 2 if dcfg.features == "pixels" else dcfg.feature_dim)
     else:
         probe = TokenData(data_dir, "train", 1)  # reads the manifest: vocabulary and pad id of the tokenizer
+        if args.preset:
+            _check_preset(args, pick("model", m.model), data_dir, probe.tokenizer_name)
+        # document windows are padded with eos, which the official loss ignores (ignore_index = eos id)
         kw = dict(vocab_size=args.vocab_size if args.vocab_size is not None else probe.vocab_size,
-                  pad_token_id=probe.pad_id)
+                  pad_token_id=probe.eos_id if dcfg.windows == "document" else probe.pad_id)
     model = ModelConfig(
         model=pick("model", m.model), size=pick("size", m.size), n_layer=pick("n_layer", m.n_layer),
         d_model=pick("d_model", m.d_model), n_head=pick("n_head", m.n_head),
@@ -226,8 +275,11 @@ def run_config_from_args(args, parser=None) -> RunConfig:
     if model.model == "ebt":
         args.recipe_given = given is None or "recipe" in given
         model.ebt = _ebt_config(args, m.ebt if args.config else None)
+    batch_size = pick("batch_size", t.batch_size)
+    if preset:
+        preset["grad_accum"] = _preset_accum(batch_size, preset["device_batch"])
     train = TrainConfig(
-        out_dir=pick("out", t.out_dir), steps=pick("steps", t.steps), batch_size=pick("batch_size", t.batch_size),
+        out_dir=pick("out", t.out_dir), steps=pick("steps", t.steps), batch_size=batch_size,
         grad_accum=pick("grad_accum", t.grad_accum), lr=pick("lr", t.lr), min_lr_ratio=pick("min_lr_ratio", t.min_lr_ratio),
         warmup_steps=pick("warmup_steps", t.warmup_steps), weight_decay=pick("weight_decay", t.weight_decay),
         warmup_base_lr_divider=pick("warmup_base_lr_divider", t.warmup_base_lr_divider),
@@ -241,6 +293,13 @@ def run_config_from_args(args, parser=None) -> RunConfig:
         cuda_graph=pick("cuda_graph", t.cuda_graph), tensorboard=pick("tensorboard", t.tensorboard), wandb=pick("wandb", t.wandb),
         wandb_project=pick("wandb_project", t.wandb_project), progress=not args.no_progress,
     )
+    if preset and os.environ.get("RANK", "0") == "0":
+        script = "baseline_transformer.sh" if model.model == "transformer" else f"ebt_{args.recipe}.sh"
+        kept = [f"{k}={getattr(args, k)}" for k in PRESET_FLAGS if k in preset and k not in applied]
+        print(f"preset {args.preset} (official job_scripts/nlp/pretrain/{script}): set "
+              + ", ".join(f"{k}={v}" for k, v in applied.items())
+              + f", lr={train.lr or model.default_lr} (size {model.size})"
+              + (f"; kept from flags: {', '.join(kept)}" if kept else ""))
     return RunConfig(model=model, data=dcfg, train=train)
 
 
@@ -293,7 +352,7 @@ def cmd_eval(args):
             raise EBTError("video evaluation takes the EBT checkpoint; pass the Transformer++ as --baseline")
         rep = video_report(path, data_dir, args.baseline, args.think_steps, args.candidates if args.think else (1,),
                            split=args.video_split, max_windows=args.windows or None, out_dir=args.out_dir,
-                           device=device)
+                           device=device, final_landscape=args.final_landscape, noise=args.noise)
         print((Path(args.out_dir) / "video_eval.md").read_text())
         if args.json:
             Path(args.json).write_text(json.dumps(rep, indent=2))
@@ -309,8 +368,9 @@ def cmd_eval(args):
         splits += [s for s in add_reasoning_splits(data_dir, n=args.reasoning_n, seed=args.reasoning_seed)
                    if s not in splits]
     data = {}
+    trained_windows = cfg.get("data", {}).get("windows", "packed")  # score the windows it was trained on
     for split in splits:
-        data[split] = TokenData(data_dir, split, model.cfg.context_length)
+        data[split] = TokenData(data_dir, split, model.cfg.context_length, windows=trained_windows)
         if data[split].vocab_size != model.cfg.vocab_size:
             raise EBTError(f"tokenizer/vocabulary mismatch: {data_dir} has vocabulary {data[split].vocab_size}, the "
                            f"model {model.cfg.vocab_size}; evaluate on data prepared with the model's tokenizer")
@@ -319,11 +379,13 @@ def cmd_eval(args):
         if model.cfg.model != "ebt":
             raise EBTError("--think needs an EBT checkpoint (a Transformer++ does not think); pass it as --baseline")
         baseline = load_model(resolve(args.baseline), device=device) if args.baseline else None
-        steps = args.think_steps or sorted({model.cfg.ebt.eval_steps * m for m in (1, 2, 4)})
-        print(f"thinking grid: steps {steps}, candidates {args.candidates}, adaptive tol {args.tol}, "
-              f"splits {splits}, {windows or 'all'} windows each")
+        steps = args.think_steps or sorted({model.inference_steps() * m for m in (1, 2, 4)})
+        noise = model.cfg.ebt.langevin if args.noise is None else args.noise
+        where = "the last landscape (one step on the others)" if args.final_landscape else "landscape"
+        print(f"thinking grid: steps {steps} per {where}, candidates {args.candidates}, adaptive tol "
+              f"{args.tol}, Langevin noise {noise:g}, splits {splits}, {windows or 'all'} windows each")
         grid = thinking_grid(model, data, steps, args.candidates, args.tol or None, args.batch_size, windows, device,
-                             baseline)
+                             baseline, final_landscape=args.final_landscape, noise=args.noise)
         table = grid_markdown(grid)
         print(table)
         grid.update({"checkpoint": str(path), "data": data_dir, "windows": windows})
@@ -332,7 +394,9 @@ def cmd_eval(args):
         if args.markdown:
             Path(args.markdown).write_text(table)
         return
-    rows = {split: evaluate_lm(model, d, args.batch_size, windows, device, args.precision) for split, d in data.items()}
+    noise = args.noise if model.cfg.model == "ebt" else None  # None: the trained std (a Transformer++: none)
+    rows = {split: evaluate_lm(model, d, args.batch_size, windows, device, args.precision, noise=noise)
+            for split, d in data.items()}
     print(f"{'split':<16} {'tokens':>10} {'loss':>8} {'ppl':>10}")
     for split, r in rows.items():
         print(f"{split:<16} {r['tokens']:>10,} {r['loss']:>8.4f} {fmt_ppl(r['ppl']):>10}")
@@ -365,7 +429,8 @@ def cmd_generate(args):
     if not prompts:
         raise EBTError("no prompt: pass --prompt TEXT (repeatable) or --prompts-file FILE")
     ids = [tok.encode(p) for p in prompts]
-    think_cfg = ThinkConfig(steps=args.steps, candidates=args.candidates, noise=args.noise, score_final=False) \
+    think_cfg = ThinkConfig(steps=args.steps, final_landscape=args.final_landscape,
+                            candidates=args.candidates, noise=args.noise, score_final=False) \
         if model.cfg.model == "ebt" else None
     gcfg = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           seed=args.seed, eos_id=tok.eos_id, think=think_cfg, cuda_graph=args.cuda_graph,
@@ -377,8 +442,8 @@ def cmd_generate(args):
 def cmd_inspect(args):
     from ebt.inspect import inspect_energy
 
-    report = inspect_energy(args.checkpoint, args.text, args.out, steps=args.steps, data_dir=args.data,
-                            device=args.device, windows=args.windows)
+    report = inspect_energy(args.checkpoint, args.text, args.out, steps=args.steps, noise=args.noise,
+                            data_dir=args.data, device=args.device, windows=args.windows)
     print(json.dumps(report, indent=2))
 
 
@@ -513,13 +578,18 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--batch-size", type=AT_LEAST_1, default=32)
     ep.add_argument("--device", default="auto")
     ep.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ep.add_argument("--noise", type=NONNEG, help="EBT: Langevin noise std before every step, validation and "
+                    "thinking (default: the trained std, as the official code; 0: none)")
     ep.add_argument("--json", help="also write the results to this JSON file")
     ep.add_argument("--compile", action="store_true", help="EBT: its written-out energy gradient through "
                     "torch.compile (ebt/energy_grad.py); thinking ran 2.2x faster so on an H200 "
                     "(benchmarks/RESULTS.md); the first batches pay the compilation")
     g = ep.add_argument_group("thinking (EBT): perplexity for a grid of inference budgets")
     g.add_argument("--think", action="store_true", help="evaluate the grid of thinking budgets")
-    g.add_argument("--think-steps", type=AT_LEAST_1, nargs="+", help="step counts (default: trained x 1, 2, 4)")
+    g.add_argument("--think-steps", type=AT_LEAST_1, nargs="+", help="steps per landscape (default: the "
+                   "official inference default x 1, 2, 4; S2: 2 4 8, S1: 1 2 4)")
+    g.add_argument("--final-landscape", action="store_true", help="one step on each earlier landscape and "
+                   "--think-steps on the last (official infer_steps_final_landscape)")
     g.add_argument("--candidates", type=AT_LEAST_1, nargs="+", default=[1, 2, 5, 10], help="self-verification candidates")
     g.add_argument("--tol", type=NONNEG, default=1e-3, help="adaptive stopping tolerance for the extra rows (0: none)")
     g.add_argument("--baseline", help="a Transformer++ checkpoint scored as a flat reference row")
@@ -546,9 +616,13 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--temperature", type=NONNEG, default=0.0, help="0: greedy")
     gp.add_argument("--top-p", type=Bound(float, 0, 1, lo_open=True), default=1.0)
     gp.add_argument("--seed", type=COUNT, default=0)
-    gp.add_argument("--steps", type=AT_LEAST_1, help="EBT: thinking steps per token (default: trained)")
+    gp.add_argument("--steps", type=AT_LEAST_1, help="EBT: thinking steps per landscape for each token "
+                    "(default: the official inference default, S2 2, S1 1)")
+    gp.add_argument("--final-landscape", action="store_true", help="EBT: one step on each earlier landscape, "
+                    "--steps on the last (official infer_steps_final_landscape)")
     gp.add_argument("--candidates", type=AT_LEAST_1, default=1, help="EBT: candidates per token (min energy kept)")
-    gp.add_argument("--noise", type=NONNEG, default=0.0, help="EBT: Langevin noise std while thinking (0: none)")
+    gp.add_argument("--noise", type=NONNEG, help="EBT: Langevin noise std before each thinking step "
+                    "(default: the trained std, as the official inference; 0: none)")
     gp.add_argument("--cuda-graph", action="store_true", help="EBT on CUDA: decode with a static-shape step "
                     "captured once as a CUDA graph (removes per-kernel launch costs; see benchmarks/RESULTS.md)")
     gp.add_argument("--compile", action="store_true", help="EBT: think through the written-out energy gradient "
@@ -566,7 +640,10 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("checkpoint")
     ip.add_argument("--text", required=True, help="the text to show")
     ip.add_argument("--out", default="energy.png")
-    ip.add_argument("--steps", type=AT_LEAST_1, help="thinking steps (default: trained)")
+    ip.add_argument("--steps", type=AT_LEAST_1, help="thinking steps per landscape (default: the official "
+                    "inference default)")
+    ip.add_argument("--noise", type=NONNEG, help="Langevin noise std before each step (default: the trained "
+                    "std; 0: none)")
     ip.add_argument("--data", help="data directory for the natural/shuffled/random statistics (default: trained on)")
     ip.add_argument("--windows", type=AT_LEAST_1, default=64, help="validation windows for the statistics")
     ip.add_argument("--device", default="auto")

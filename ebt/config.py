@@ -110,8 +110,9 @@ class EBTConfig:
     alpha_learnable: bool = True  # [mcmc_step_size_learnable]; clamped at >= alpha_min in use
     alpha_min: float = bounded(1e-4, float, 0, lo_open=True)
     alpha_lr_mult: float = bounded(1500.0, float, 0)  # [mcmc_step_size_lr_multiplier] alpha's own optimizer group, no decay
-    rand_steps: int = bounded(0, int, 0)  # [randomize_mcmc_num_steps] R: training draws randint(rand_steps_min, landscapes+R+1) steps
-    rand_steps_min: int = bounded(0, int, 0)  # [randomize_mcmc_num_steps_min]; evaluation runs landscapes + R steps
+    rand_steps: int = bounded(0, int, 0)  # [randomize_mcmc_num_steps] R: training repeats each landscape
+    # randint(rand_steps_min, R + 2) times (a draw per landscape); validation repeats the last one R + 1 times
+    rand_steps_min: int = bounded(0, int, 0)  # [randomize_mcmc_num_steps_min]; also inference's steps per landscape
     detach: bool = True  # [not no_mcmc_detach] each step starts from the previous candidate, detached
     truncate: bool = False  # [truncate_mcmc] only the last step builds the second-order graph
     loss_last_only: bool = False  # loss on the last step only (S2) instead of the mean over steps (S1)
@@ -129,8 +130,9 @@ class EBTConfig:
             raise ConfigError(f"landscapes must be >= 1 and rand_steps, replay_buffer >= 0: {self}")
         if not self.alpha > 0 or not self.alpha_rand_scale >= 1:
             raise ConfigError(f"alpha must be > 0 and alpha_rand_scale >= 1 (got {self.alpha}, {self.alpha_rand_scale})")
-        if self.rand_steps and not 1 <= self.rand_steps_min <= self.landscapes + self.rand_steps:
-            raise ConfigError(f"rand_steps_min={self.rand_steps_min} must lie in 1..landscapes+rand_steps")
+        if self.rand_steps and not 1 <= self.rand_steps_min <= self.rand_steps + 1:  # official randint(min, R+2)
+            raise ConfigError(f"rand_steps_min={self.rand_steps_min} must lie in 1..rand_steps+1 (each landscape "
+                              f"repeats randint(rand_steps_min, rand_steps + 2) times)")
 
     @property
     def eval_steps(self) -> int:
@@ -176,7 +178,7 @@ class ModelConfig:
     image_size: int = bounded(32, int, 1)  # image only
     channels: int = bounded(1, int, 1, 3)
     patch: int = bounded(4, int, 1)
-    noise_level: float = bounded(0.1, float, 0, 1, lo_open=True)  # image only: the training noise level (a fraction of the stretched schedule)
+    noise_level: float = bounded(0.1, float, 0, 1, lo_open=True)  # image only: the training noise level (sets the official schedule, ebt.models.dit.level_schedule)
     ebt: EBTConfig | None = None  # model="ebt" only; None there means recipe("s1")
 
     def __post_init__(self):
@@ -219,6 +221,9 @@ class DataConfig:
     val_split: str = "val"
     ood_splits: list[str] = field(default_factory=lambda: ["ood"])
     verify: bool = False  # check every shard's sha256 at start (slow on big data)
+    # token windows: "packed" cuts the document stream into S+1 tokens; "document" is the official rule, one
+    # window per document (its first S+1 tokens, right-padded with eos, which the loss then ignores)
+    windows: str = "packed"
     # video data (a directory made by `ebt data video`): the fixed frame encoder fitted on training frames
     features: str = "pca"  # "pca" or "pixels" (area-downsampled to grid x grid)
     feature_dim: int = bounded(64, int, 1)  # pca components (pixels: grid * grid)
@@ -230,6 +235,35 @@ class DataConfig:
 
     def __post_init__(self):
         check_bounds(self)
+        if self.windows not in WINDOWS:
+            raise ConfigError(f"unknown windows {self.windows!r}: use 'packed' or 'document'")
+
+
+WINDOWS = ("packed", "document")
+
+# The paper's text pretraining, read from the official job scripts (alexiglad/EBT at 0ad3628,
+# job_scripts/nlp/pretrain/baseline_transformer.sh, ebt_s1.sh and ebt_s2.sh: all three pass these values;
+# the EBT's own settings are the recipes above, s1 from ebt_s1.sh, s2 from ebt_s2.sh). Keys are config fields.
+PRESETS: dict[str, dict] = {
+    "paper": {
+        "tokenizer": "neox",  # --tokenizer "EleutherAI/gpt-neox-20b": a requirement on the data, not a field
+        "windows": "document",  # data/nlp/collator.py: each document alone, first S+1 tokens, eos-padded
+        "context_length": 256,  # --context_length 256
+        "size": "xxs",  # RUN_NAME "...-xxs-..."; lr: the size's, 0.0012 for xxs = the scripts' lr=(0.0012)
+        "batch_size": 256,  # --batch_size_per_device 32 x 4 GPUs (SBATCH) x --accumulate_grad_batches 2
+        "device_batch": 32,  # --batch_size_per_device: the rows each loss averages over (sets grad_accum)
+        "steps": 1_000_000,  # --max_steps 1000000 (--max_scheduling_steps the same)
+        "warmup_steps": 10_000,  # --warm_up_steps 10000
+        "warmup_base_lr_divider": -1.0,  # train_model.py default: linear warm-up from 0
+        "weight_decay": 0.01,  # --weight_decay 0.01
+        "min_lr_ratio": 0.1,  # --min_lr_scale 10
+        "grad_clip": 1.0,  # --gradient_clip_val 1.0
+        "beta1": 0.9,  # train_model.py default (the scripts pass none)
+        "beta2": 0.999,  # train_model.py default
+        # left to flags: precision (official: float 32-true, --set_matmul_precision "medium", no equivalent
+        # here) and validation (official: 0.05% of documents every --val_check_interval 15000 batches)
+    },
+}
 
 
 @dataclass

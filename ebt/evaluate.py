@@ -27,9 +27,13 @@ def fmt_ppl(ppl: float) -> str:
 
 @torch.no_grad()
 def evaluate_lm(model, data, batch_size: int = 32, max_windows: int | None = None, device="cpu",
-                precision: str = "auto") -> dict:
+                precision: str = "auto", seed: int = 1234, noise: float | None = None) -> dict:
     """Token-weighted validation loss over `data` (a TokenData split). DDP-aware: each rank scores its
-    share of the windows and the sums are all-reduced, so every rank returns the same numbers."""
+    share of the windows and the sums are all-reduced, so every rank returns the same numbers.
+
+    An EBT validates as the official code: eval_steps steps, its trained Langevin noise before every
+    step (noise None; 0: none, another value: that std). Its random starts and noise are drawn from
+    seed + rank, so an evaluation repeats exactly and another seed draws other noise."""
     device = torch.device(device)
     bare = unwrap(model)
     was_training = bare.training
@@ -37,10 +41,11 @@ def evaluate_lm(model, data, batch_size: int = 32, max_windows: int | None = Non
     dist_on = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist_on else (0, 1)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # nll, tokens
-    with seeded(1234 + rank, device):
+    kw = {} if noise is None else {"noise": noise}  # only an EBT's forward takes it
+    with seeded(seed + rank, device):
         for batch in data.eval_batches(batch_size, rank=rank, world_size=world, max_windows=max_windows):
             with autocast(device, precision):
-                out = bare(batch.to(device, non_blocking=True))
+                out = bare(batch.to(device, non_blocking=True), **kw)
             sums[0] += out["nll_sum"].double()
             sums[1] += out["n_tokens"].double()
     if dist_on:
@@ -92,23 +97,26 @@ def evaluate_thinking(model, data, think_cfg, batch_size: int = 16, max_windows:
 
 def thinking_grid(model, splits: dict, steps: list[int], candidates: list[int], tol: float | None,
                   batch_size: int = 16, max_windows: int | None = None, device="cpu", baseline=None,
-                  log=print) -> dict:
+                  log=print, final_landscape: bool = False, noise: float | None = None) -> dict:
     """Perplexity of an EBT for a grid of thinking budgets on several splits ({name: TokenData}).
 
-    The first row (the trained step count, one candidate) is the reference for the relative
-    improvement; every configuration starts from the same random candidates (seeded). `baseline`, a
-    Transformer++, is scored once per split as a flat reference row."""
+    steps: per landscape (ThinkConfig.steps; final_landscape: on the last one only); noise: the Langevin
+    std (None: the trained one). The first row (the first step count, one candidate) is the reference for
+    the relative improvement; every configuration starts from the same random candidates and draws the
+    same noise (seeded). `baseline`, a Transformer++, is scored once per split as a flat reference row."""
     from ebt.think import ThinkConfig
 
     rows = []
     configs = [(s, c, None) for s in steps for c in candidates]
     if tol is not None:
         configs += [(max(steps), c, tol) for c in candidates]
+    where = "on the last landscape" if final_landscape else "per landscape"
+    where = where if model.cfg.ebt.landscapes > 1 else ""
     for s, c, t in configs:
-        row = {"model": "ebt", "steps": s, "candidates": c, "tol": t, "results": {}}
+        row = {"model": "ebt", "steps": s, "where": where, "candidates": c, "tol": t, "results": {}}
+        cfg = ThinkConfig(steps=s, final_landscape=final_landscape, candidates=c, tol=t, noise=noise)
         for name, data in splits.items():
-            row["results"][name] = evaluate_thinking(model, data, ThinkConfig(steps=s, candidates=c, tol=t),
-                                                     batch_size, max_windows, device)
+            row["results"][name] = evaluate_thinking(model, data, cfg, batch_size, max_windows, device)
         rows.append(row)
         log("  " + format_row(row, rows[0]))
     base = rows[0]
@@ -120,6 +128,11 @@ def thinking_grid(model, splits: dict, steps: list[int], candidates: list[int], 
         out["baseline"] = {name: evaluate_lm(baseline, data, batch_size, max_windows, device)
                            for name, data in splits.items()}
     return out
+
+
+def _steps_label(row) -> str:
+    """'3 steps', or with several landscapes '3 steps per landscape' (or 'on the last landscape')."""
+    return f"{row['steps']} steps" + (f" {row['where']}" if row.get("where") else "")
 
 
 def format_row(row, base) -> str:
@@ -136,7 +149,8 @@ def grid_markdown(grid: dict) -> str:
         f"{n} ppl | {n} vs trained" for n in names) + " |"
     lines = [head, "|" + "---|" * (3 + 2 * len(names))]
     for row in grid["rows"]:
-        label = f"{row['steps']} steps, {row['candidates']} cand." + (f", adaptive tol {row['tol']:g}" if row["tol"] else "")
+        tol = f", adaptive tol {row['tol']:g}" if row["tol"] else ""
+        label = f"{_steps_label(row)}, {row['candidates']} cand.{tol}"
         r0 = row["results"][names[0]]
         cells = [label, f"{r0['passes_per_token']:.0f}", f"{r0['steps_per_token']:.2f}"]
         for n in names:

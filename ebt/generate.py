@@ -34,7 +34,9 @@ class GenerateConfig:
     eos_id: int | None = None  # a row stops (its output is cut) at this token
     cuda_graph: bool = False  # EBT: decode with static shapes, the one-token step captured as a CUDA graph
     # (on CUDA; elsewhere the same static-shape step runs eagerly)
-    think: ThinkConfig | None = None  # EBT thinking per token (None: the trained steps, final pass not scored)
+    # EBT thinking per token (None: the official inference default, `inference_steps` per landscape with the
+    # trained Langevin std, final pass not scored)
+    think: ThinkConfig | None = None
     compile: bool = False  # EBT: think through the written-out energy gradient under torch.compile
     # (ebt/energy_grad.py); with cuda_graph every decode step has one shape, so it compiles once
 
@@ -305,7 +307,8 @@ def compiled_thinking(model, on: bool):
 def generate_uncached(model, prompts: list[list[int]], cfg: GenerateConfig | None = None,
                       return_logits: bool = False):
     """The same decoding, re-running the whole prefix for every token (what the official code does).
-    For tests and benchmarks: it must choose the same greedy tokens as `generate`."""
+    For tests and benchmarks: it must choose the same greedy tokens as `generate` without Langevin noise
+    (noise=0); with noise the two draw it in other shapes, so other numbers."""
     cfg = cfg or GenerateConfig()
     is_ebt = hasattr(model, "energy_from")
 

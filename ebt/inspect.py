@@ -41,14 +41,16 @@ def energy_heatmap(trace: torch.Tensor, labels: list[str], out: str | Path, titl
 
 
 @torch.no_grad()
-def window_statistics(model, windows: torch.Tensor, steps: int | None, seed: int = 0) -> dict:
-    """Mean final energy of natural, shuffled and random windows, and Spearman(energy, NLL)."""
+def window_statistics(model, windows: torch.Tensor, steps: int | None, seed: int = 0,
+                      noise: float | None = None) -> dict:
+    """Mean final energy of natural, shuffled and random windows, and Spearman(energy, NLL). steps: per
+    landscape, noise: the Langevin std (None: the model's defaults, ebt.think.ThinkConfig)."""
     from ebt.evaluate import seeded
     from ebt.think import ThinkConfig, think
 
     dev = windows.device
     tokens, targets = windows[:, :-1], windows[:, 1:]
-    cfg = ThinkConfig(steps=steps)
+    cfg = ThinkConfig(steps=steps, noise=noise)
     with seeded(seed, dev):
         natural = think(model, tokens, cfg)
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -67,7 +69,9 @@ def window_statistics(model, windows: torch.Tensor, steps: int | None, seed: int
 
 
 def inspect_energy(checkpoint, text: str, out: str | Path, steps: int | None = None, data_dir: str | None = None,
-                   device: str = "auto", windows: int = 64) -> dict:
+                   device: str = "auto", windows: int = 64, noise: float | None = None) -> dict:
+    """The heatmap (thinking `steps` per landscape, Langevin `noise`: None the model's defaults, seeded) and,
+    with data, `window_statistics`."""
     from ebt.checkpoint import load_model, read_config, resolve
     from ebt.data.loader import TokenData, tokenizer_for_checkpoint
     from ebt.evaluate import seeded
@@ -87,12 +91,12 @@ def inspect_energy(checkpoint, text: str, out: str | Path, steps: int | None = N
     ids = ids[: model.cfg.context_length + 1]
     x = torch.tensor(ids, device=dev)[None]
     with seeded(0, dev):
-        thought = think(model, x[:, :-1], ThinkConfig(steps=steps, trace=True))
+        thought = think(model, x[:, :-1], ThinkConfig(steps=steps, noise=noise, trace=True))
     labels = [tok.decode([i]).replace("\n", "\\n") for i in ids[1:]]
     png = energy_heatmap(thought.trace[:, 0].cpu(), labels, out)
     report = {"png": str(png), "tokens": labels, "final_energy": thought.energy[0].tolist()}
     if data_dir:
         val = TokenData(data_dir, "val", model.cfg.context_length)
         w = torch.cat(list(val.eval_batches(windows, max_windows=windows))).to(dev)
-        report["validation"] = window_statistics(model, w, steps)
+        report["validation"] = window_statistics(model, w, steps, noise=noise)
     return report

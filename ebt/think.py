@@ -11,7 +11,7 @@ a candidate is (vocabulary logits, a frame's features, an image):
     model.energy_from(ctx, p)         -> E       one energy per predicted position, (B, S)
     model.step_alpha(shape, random)   -> alpha   the step size (a scalar or per row and position)
     model.init_candidate(inputs)      -> z0      a random start
-    model.default_think_steps()       -> int     the trained number of steps
+    model.cfg.ebt                     -> EBTConfig   landscapes, Langevin std, step counts (schedules below)
     model.energy_grad(ctx, p)         -> E, dE/dp   optional, used per model.explicit_grad: the
                                                  gradient by plain operations (ebt.energy_grad), so a
                                                  training step needs first-order autograd only
@@ -26,10 +26,16 @@ and noise in parallel chunks (`randn_`): fresh large tensors and torch's serial 
 EBT's CPU step nearly as much as its vocabulary products.
 `unroll` is what training (and the official validation) runs; `think` is inference-time System 2
 thinking: more steps, several candidates with a selection rule, step acceptance and adaptive stopping.
+
+The protocol is the official NLP code's (alexiglad/EBT, model/nlp/ebt.py): the Langevin noise of std
+`langevin` is added before every step in every phase, validation and inference included (noise=0 switches
+it off); which landscape each step runs on is a schedule (`draw_steps` in training, `EBTConfig.eval_steps`
+in validation, `inference_schedule` when thinking); the final candidate is scored without noise.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -168,22 +174,33 @@ def explicit_for(model, device: torch.device) -> bool:
     return auto_grad_method(device, False) == "explicit" if explicit is None else bool(explicit)
 
 
-def unroll(model, inputs, z, n_steps: int, stochastic: bool, build_graph: bool, cfg=None):
+def step_landscapes(steps) -> list[int]:
+    """The landscape of each step of an unroll. `steps`: a count n (step k on landscape k, the model
+    reusing its last landscape beyond those it has: n = landscapes + R is the official validation's
+    order, the last landscape R + 1 times) or a sequence of landscapes (a drawn training schedule)."""
+    return list(range(steps)) if isinstance(steps, int) else [int(k) for k in steps]
+
+
+def unroll(model, inputs, z, n_steps, stochastic: bool, build_graph: bool, cfg=None,
+           noise: float | None = None):
     """The training unroll (ebt-method.md 2.4-2.5). Returns the candidate after each step and the
-    energy of the candidate fed into each step. build_graph: keep what training needs, i.e. the
-    second-order graph at every step, or at the last step only when truncating. `cfg` holds detach,
-    truncate and langevin (an EBTConfig)."""
+    energy of the candidate fed into each step. n_steps: a count or each step's landscape
+    (`step_landscapes`). build_graph: keep what training needs, i.e. the second-order graph at every
+    step, or at the last step only when truncating. `cfg` holds detach, truncate and langevin (an
+    EBTConfig). stochastic: alpha drawn at random (training). noise: the Langevin std added before every
+    step; None: cfg.langevin, in every phase as the official forward (its validation included); 0: none."""
     contexts = ContextCache(model, inputs)
     alpha = model.step_alpha(z.shape, stochastic)
-    noise = cfg.langevin if stochastic else 0.0
+    noise = cfg.langevin if noise is None else noise
+    landscapes = step_landscapes(n_steps)
     logits, energies = [], []
-    for k in range(n_steps):
+    for k, land in enumerate(landscapes):
         if cfg.detach or not build_graph:
             z = z.detach()
-        graph = build_graph and (not cfg.truncate or k == n_steps - 1)
+        graph = build_graph and (not cfg.truncate or k == len(landscapes) - 1)
         # training ("full"): autograd, as the official code (an early truncated step's p keeps its graph
         # to earlier steps, e.g. to a learnable alpha); validation: the model's inference default
-        p, E, g = energy_and_grad(model, contexts.get_ctx(k, graph), z, noise, create_graph=graph,
+        p, E, g = energy_and_grad(model, contexts.get_ctx(land, graph), z, noise, create_graph=graph,
                                   explicit=False if build_graph else None)
         z = p - alpha * g
         if not build_graph:
@@ -234,9 +251,11 @@ def _graph_leaves(ctx):
     return walk(ctx), pairs
 
 
-def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_grad, loss_steps,
-                    scale: float = 1.0, method: str = "double", on_step=None, recycle_start: bool = False):
-    """The training unroll and its backward in one pass, one step's graph alive at a time.
+def unroll_backward(model, inputs, z, n_steps, stochastic: bool, cfg, loss_grad, loss_steps,
+                    scale: float = 1.0, method: str = "double", on_step=None, recycle_start: bool = False,
+                    noise: float | None = None):
+    """The training unroll and its backward in one pass, one step's graph alive at a time. n_steps, stochastic
+    and noise as in `unroll`.
 
     z: the starting candidate, or a one-element list holding it, which is emptied so that no caller
     keeps a (B, S, V) start alive through the unroll.
@@ -271,9 +290,11 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
     # alpha is drawn once, before the steps, as in `unroll`; like the contexts it is used through a leaf
     alpha_graph = model.step_alpha(z.shape, stochastic)
     alpha = alpha_graph.detach().requires_grad_(alpha_graph.requires_grad)
-    noise = cfg.langevin if stochastic else 0.0
+    noise = cfg.langevin if noise is None else noise
+    landscapes = step_landscapes(n_steps)
+    n_steps = len(landscapes)
     graph_steps = {k for k in loss_steps if not cfg.truncate or k == n_steps - 1}
-    graph_keys = {model.landscape_key(k) for k in graph_steps}
+    graph_keys = {model.landscape_key(landscapes[k]) for k in graph_steps}
     weights = [p for p in model.parameters() if p.requires_grad]
     linear_map = method in ("jvp", "explicit") and has_linear_map(model)
     fused = explicit and fused_ok(model, z)
@@ -281,11 +302,11 @@ def unroll_backward(model, inputs, z, n_steps: int, stochastic: bool, cfg, loss_
     pool = RECYCLER if linear_map and not fused and recyclable(model, z) else None
     contexts = {}  # landscape key -> (context for the steps, [(graph tensor, leaf)])
     energy0, losses = None, []
-    for k in range(n_steps):
-        key = model.landscape_key(k)
+    for k, land in enumerate(landscapes):
+        key = model.landscape_key(land)
         if key not in contexts:
             with torch.set_grad_enabled(key in graph_keys), phase("ebt.context"):  # first-order backward
-                contexts[key] = _graph_leaves(model.context(inputs, k, first_order=True))
+                contexts[key] = _graph_leaves(model.context(inputs, land, first_order=True))
         ctx, leaves = contexts[key]
         z = z_in = z.detach()
         if noise > 0:
@@ -547,18 +568,58 @@ def _candidate_input(model, z, pool=None):
 
 # Recipe pieces every EBT shares (text, video, images): how many steps, which step size, alpha's group.
 
-def step_range(cfg) -> range:
-    """The step counts a randomised training forward draws from: rand_steps_min .. landscapes + R."""
-    return range(cfg.rand_steps_min, cfg.landscapes + cfg.rand_steps + 1)
+def repeat_range(cfg) -> range:
+    """How many times a randomised training forward repeats each landscape: the official
+    randint(max(rand_steps_min, 1), R + 2), i.e. max(min, 1) .. R + 1."""
+    r = range(max(cfg.rand_steps_min, 1), cfg.rand_steps + 2)
+    if not r:
+        raise ConfigError(f"rand_steps_min={cfg.rand_steps_min} must be at most rand_steps + 1 = "
+                          f"{r.stop - 1}: training repeats each landscape randint(max(min, 1), R + 2) times")
+    return r
 
 
-def draw_steps(cfg, training: bool) -> int:
-    """Steps of one training forward: uniform over `step_range` when randomised, else (and always in
-    evaluation) landscapes + R."""
+def _repeated(counts) -> tuple[int, ...]:
+    """Landscape l repeated counts[l] times: the schedule of a training forward."""
+    return tuple(k for k, c in enumerate(counts) for _ in range(c))
+
+
+def step_range(cfg) -> list:
+    """Every value `draw_steps` can give in training: the step counts with one landscape, else every
+    schedule (each landscape's repeats in `repeat_range`, so at least `landscapes` steps)."""
+    r = repeat_range(cfg)
+    if cfg.landscapes == 1:
+        return list(r)
+    return [_repeated(c) for c in itertools.product(r, repeat=cfg.landscapes)]
+
+
+def draw_steps(cfg, training: bool):
+    """Steps of one forward (`step_landscapes`). Training with R = rand_steps > 0 (official): each
+    landscape repeated a count drawn from `repeat_range`, one draw per landscape; with one landscape
+    that count, else the schedule. Otherwise, and always in evaluation, `cfg.eval_steps` = landscapes + R
+    (the official validation: each landscape once, the last R + 1 times)."""
     if training and cfg.rand_steps:
-        r = step_range(cfg)
-        return int(torch.randint(r.start, r.stop, ()))
+        r = repeat_range(cfg)
+        counts = [int(torch.randint(r.start, r.stop, ())) for _ in range(cfg.landscapes)]
+        return counts[0] if cfg.landscapes == 1 else _repeated(counts)
     return cfg.eval_steps
+
+
+def inference_steps(cfg) -> int:
+    """The default steps per landscape of thinking, the official advanced inference's: its
+    randomize_mcmc_num_steps_min, or 1 where that is 0 (S2: 2, S1: 1). A "default"-variant EBT (no
+    step tokens) counts its steps in all: the official default there is `landscapes` steps."""
+    return cfg.landscapes if cfg.variant == "default" else (cfg.rand_steps_min or 1)
+
+
+def inference_schedule(cfg, steps: int | None = None, final_landscape: bool = False) -> list[int]:
+    """The landscape of each thinking step, as the official advanced inference orders them: `steps` (None:
+    `inference_steps`) on every landscape in turn; with final_landscape [infer_steps_final_landscape] one
+    step on each earlier landscape and `steps` on the last. A "default"-variant EBT takes `steps` in all
+    [infer_ebt_num_steps], on landscapes 0, 1, .. (the last reused; without step tokens they are one)."""
+    n, L = steps or inference_steps(cfg), cfg.landscapes
+    if cfg.variant == "default":
+        return [min(k, L - 1) for k in range(n)]
+    return [k for k in range(L) for _ in range(n if k == L - 1 or not final_landscape else 1)]
 
 
 def recipe_alpha(alpha: torch.Tensor, cfg, draw_shape, stochastic: bool) -> torch.Tensor:
@@ -585,13 +646,21 @@ SELECT = ("min", "max", "drop")
 
 @dataclass
 class ThinkConfig:
-    steps: int | None = bounded(None, int, 1)  # optimisation steps; None: what the model was trained with
+    # steps per landscape [infer_ebt_num_steps]; None: the official default, `inference_steps` (S2: 2, S1: 1);
+    # a "default"-variant EBT takes this many in all (`inference_schedule`)
+    steps: int | None = bounded(None, int, 1)
+    # [infer_steps_final_landscape] one step on each earlier landscape, `steps` on the last
+    final_landscape: bool = False
     candidates: int = bounded(1, int, 1)  # independent random starts; one is kept per (row, position)
     select: str = "min"  # min: lowest final energy; max: highest; drop: largest energy decrease
     alpha: float | None = bounded(None, float, 0, lo_open=True)  # absolute step size instead of the model's
     alpha_factor: float = bounded(1.0, float, 0, lo_open=True)  # multiplies the step size (after `alpha`)
-    noise: float = bounded(0.0, float, 0)  # Langevin std on the logits before each step (0: none, as the official validation)
-    accept_lower: bool = False  # keep a step at a position only where it lowers that position's energy
+    # Langevin std on the candidate before each step [infer_langevin_dynamics_noise]; None: the trained std
+    # (EBTConfig.langevin, S2: 3), as the official inference; 0: none
+    noise: float | None = bounded(None, float, 0)
+    # [infer_accept_lower_energies] a position keeps a step only where the energy at the proposal (no noise,
+    # the same landscape) is below its step's energy; elsewhere it keeps its (noised) candidate
+    accept_lower: bool = False
     tol: float | None = bounded(None, float, 0)  # adaptive: a position stops once |energy change| < tol (None: run all steps)
     trace: bool = False  # keep the selected candidate's energy at every step (a (steps+1, B, S) tensor)
     score_final: bool = True  # measure the final candidate's energy; False saves that pass when nothing
@@ -607,11 +676,11 @@ class ThinkConfig:
 @dataclass
 class Thought:
     z: torch.Tensor  # the selected candidate per (row, position) (for text: logits (B, S, V))
-    energy: torch.Tensor  # its final energy (B, S)
-    initial_energy: torch.Tensor  # its energy at the start (B, S)
+    energy: torch.Tensor  # its final energy (B, S), without noise on the last landscape (official get_energy)
+    initial_energy: torch.Tensor  # its energy at the start (B, S), fed into the first step (noise included)
     steps_used: torch.Tensor  # optimisation steps actually taken per position (B, S), averaged over candidates
     passes: int  # energy evaluations (forward + first-order backward) per position, all candidates
-    trace: torch.Tensor | None = None  # (steps+1, B, S) energy of the selected candidate after each step
+    trace: torch.Tensor | None = None  # (steps+1, B, S) energy fed into each step, then the final energy
 
 
 def _expand(mask: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -619,84 +688,110 @@ def _expand(mask: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return mask.reshape(*mask.shape, *[1] * (z.dim() - mask.dim()))
 
 
-def _one_candidate(model, contexts, z, n_steps, alpha, noise, cfg: ThinkConfig, trace: bool, own: bool = False):
-    """Run one start to the end. Memory is flat in n_steps: only the current candidate, its energy
-    and gradient are kept (and a (B, S) energy per step when tracing). own: z is the caller's to
-    recycle (drawn by think itself)."""
+def last_landscape(model) -> int:
+    """Where the final candidate is scored: the last landscape (official get_energy(mcmc_num_steps - 1))."""
+    return model.cfg.ebt.landscapes - 1
+
+
+def _one_candidate(model, contexts, z, landscapes, alpha, noise, cfg: ThinkConfig, trace: bool,
+                   own: bool = False):
+    """Run one start through the steps (`landscapes`: each step's), then score the final candidate
+    without noise on the last landscape. Memory is flat in the number of steps: only the current
+    candidate, its energy and gradient are kept (and a (B, S) energy per step when tracing). own: z is
+    the caller's to recycle (drawn by think itself)."""
     if not (cfg.accept_lower or cfg.tol is not None or trace):
         if fused_ok(model, z):
-            return _one_candidate_fused(model, contexts, z, n_steps, alpha, noise, cfg)
+            return _one_candidate_fused(model, contexts, z, landscapes, alpha, noise, cfg)
         if recyclable(model, z) and explicit_for(model, z.device):
-            return _one_candidate_fused(model, contexts, z, n_steps, alpha, noise, cfg, RECYCLER, own)
-    p, E, g = energy_and_grad(model, contexts.get_ctx(0, False), z, noise)
-    E0, steps_used, passes = E.detach(), torch.zeros_like(E), 1
-    active = torch.ones_like(E, dtype=torch.bool)
-    history = [E0] if trace else None
-    last_unscored = not (cfg.score_final or cfg.candidates > 1 or cfg.accept_lower or cfg.tol is not None or trace)
-    for k in range(n_steps):
-        z_new = (p - alpha * g).detach()
-        if last_unscored and k == n_steps - 1:  # the official unroll: N steps, N energy evaluations
-            return z_new, E.detach(), E0, steps_used + 1, passes, history
-        p_new, E_new, g_new = energy_and_grad(model, contexts.get_ctx(k + 1, False), z_new, noise)
-        passes += 1
-        if not cfg.accept_lower and cfg.tol is None:  # every position takes every step: no masking
-            steps_used += 1
-            z, p, g, E = z_new, p_new, g_new, E_new.detach()
-        else:
-            take = active if not cfg.accept_lower else active & (E_new < E)
-            if cfg.tol is not None:
-                active = active & ((E_new - E).abs() >= cfg.tol)
-            steps_used += take
-            m = _expand(take, z)
-            z, p, g = torch.where(m, z_new, z), torch.where(m, p_new, p), torch.where(m, g_new, g)
-            E = torch.where(take, E_new, E).detach()
+            return _one_candidate_fused(model, contexts, z, landscapes, alpha, noise, cfg, RECYCLER, own)
+    masked = cfg.accept_lower or cfg.tol is not None
+    last_unscored = not (cfg.score_final or cfg.candidates > 1 or masked or trace)
+    last = last_landscape(model)
+    E0 = E = final = steps_used = active = None
+    history, passes = ([] if trace else None), 0
+    for k, land in enumerate(landscapes):
+        ctx = contexts.get_ctx(land, False)
+        zn = _noised(z, noise) if noise > 0 else z  # the step's input: Langevin noise before every step
+        p, E_k, g = energy_and_grad(model, ctx, zn)
+        E_k, passes = E_k.detach(), passes + 1
+        if k == 0:
+            E0, steps_used, active = E_k, torch.zeros_like(E_k), torch.ones_like(E_k, dtype=torch.bool)
+        elif cfg.tol is not None:
+            active = active & ((E_k - E).abs() >= cfg.tol)
+            if not bool(active.any()):  # every position has converged; without noise z was just scored
+                same = model.landscape_key(land) == model.landscape_key(last)
+                final = E_k if noise == 0 and same else None
+                break
+        E = E_k
         if trace:
             history.append(E)
-        if cfg.tol is not None and not bool(active.any()):  # every position has converged
-            break
-    return z, E, E0, steps_used, passes, history
+        z_new = (p - alpha * g).detach()
+        if last_unscored and k == len(landscapes) - 1:  # the official unroll: N steps, N energy evaluations
+            return z_new, E, E0, steps_used + 1, passes, history
+        if not masked:  # every position takes every step
+            z = z_new
+            steps_used += 1
+            continue
+        take, keep = active, z
+        if cfg.accept_lower:  # the energy at the proposal, no noise, on this step's landscape (official)
+            E_new = model.energy_from(ctx, model.candidate_input(z_new)).detach()
+            passes += 1
+            take = take & (E_new < E)
+            keep = torch.where(_expand(active, z), zn, z) if zn is not z else z  # rejected: noised candidate
+        steps_used += take
+        z = torch.where(_expand(take, z), z_new, keep)
+    zn = None  # the last step's noised input: dead before the final pass (memory flat in the steps)
+    if final is None:  # the final candidate's energy, no noise, on the last landscape (official get_energy)
+        final = energy_and_grad(model, contexts.get_ctx(last, False), z)[1].detach()
+        passes += 1
+    if trace:
+        history.append(final)
+    return z, final, E0, steps_used, passes, history
 
 
-def _one_candidate_fused(model, contexts, z, n_steps, alpha, noise, cfg: ThinkConfig, pool=None, own=False):
+def _one_candidate_fused(model, contexts, z, landscapes, alpha, noise, cfg: ThinkConfig, pool=None,
+                         own=False):
     """`_one_candidate` where every position takes every step, each step one `fused_step`, or with
     pool (CPU, `recyclable`) one `_recycled_step`: the candidates live in recycled memory, the start
     too when own."""
     E0 = None
-    for k in range(n_steps):
+    for k, land in enumerate(landscapes):
         z_in = z
         if noise > 0:
             z = _noised(z, noise, pool)
         z_step = z
         if pool is None:
-            z, E = fused_step(model, contexts.get_ctx(k, False), z, alpha)
+            z, E = fused_step(model, contexts.get_ctx(land, False), z, alpha)
         else:
-            z, E = _recycled_step(model, contexts.get_ctx(k, False), z, alpha, pool)
+            z, E = _recycled_step(model, contexts.get_ctx(land, False), z, alpha, pool)
             _give_inputs(pool, z_in, z_step, owned=k > 0 or own)
         z_in = z_step = None
         E0 = E if E0 is None else E0
-    passes = n_steps
-    if cfg.score_final or cfg.candidates > 1:  # the final candidate's energy, for selection or reporting
-        zf = _noised(z, noise, pool) if noise > 0 else z
-        pf = _candidate_input(model, zf, pool)
-        E = model.energy_from(contexts.get_ctx(n_steps, False), pf)
+    passes = len(landscapes)
+    if cfg.score_final or cfg.candidates > 1:  # the final candidate's energy, no noise, on the last landscape
+        pf = _candidate_input(model, z, pool)
+        E = model.energy_from(contexts.get_ctx(last_landscape(model), False), pf)
         if pool is not None:
-            pool.give(pf, *([zf] if zf is not z else []))
+            pool.give(pf)
         passes += 1
-    return z, E, E0, torch.full_like(E, float(n_steps)), passes, None
+    return z, E, E0, torch.full_like(E, float(len(landscapes))), passes, None
 
 
 @torch.no_grad()
 def think(model, inputs, cfg: ThinkConfig | None = None, init: torch.Tensor | None = None,
           contexts=None) -> Thought:
-    """System 2 thinking at inference. The energy of the step-k candidate is measured on landscape k
-    (steps beyond the trained landscapes reuse the last one), so `steps` steps cost steps+1 energy
-    evaluations per candidate: the last one scores the final candidate for selection.
+    """System 2 thinking at inference, the official advanced inference: the steps run on the landscapes
+    of `inference_schedule`, each from the candidate plus Langevin noise (`cfg.noise`; None: the trained
+    std), and the final candidate is scored without noise on the last landscape, so N steps cost N + 1
+    energy evaluations per candidate (N with score_final=False and one candidate). The random starts and
+    the noise come from torch's global generator: seed it (ebt.evaluate.seeded) for repeatable results.
 
     contexts: anything with get_ctx(landscape, graph) (default: built from `inputs` on demand); cached
     generation passes its KV caches here and `inputs` then only shapes the candidates."""
     cfg = cfg or ThinkConfig()
-    n_steps = cfg.steps or model.default_think_steps()
-    noise = cfg.noise
+    landscapes = inference_schedule(model.cfg.ebt, cfg.steps, cfg.final_landscape)
+    n_steps = len(landscapes)
+    noise = model.cfg.ebt.langevin if cfg.noise is None else cfg.noise
     alpha = (cfg.alpha if cfg.alpha is not None else model.step_alpha((1,), False)) * cfg.alpha_factor
     contexts = contexts if contexts is not None else ContextCache(model, inputs)
     best = None
@@ -704,7 +799,8 @@ def think(model, inputs, cfg: ThinkConfig | None = None, init: torch.Tensor | No
     for c in range(cfg.candidates):
         z0 = init if (init is not None and c == 0) else model.init_candidate(inputs)
         own = init is None or c > 0  # drawn here: its memory may be recycled
-        z, E, E0, used, n, hist = _one_candidate(model, contexts, z0, n_steps, alpha, noise, cfg, cfg.trace, own)
+        z, E, E0, used, n, hist = _one_candidate(model, contexts, z0, landscapes, alpha, noise, cfg,
+                                                 cfg.trace, own)
         passes += n
         steps_total = used if steps_total is None else steps_total + used
         if cfg.trace:  # pad an early stop to the full length so traces line up

@@ -64,9 +64,9 @@ class CapturedStep:
     second-order terms) and the CPU cannot issue them as fast as the GPU runs them; a replay issues them
     all at once. A graph needs the same shapes every call, no host synchronisation and no host-side
     randomness, so System 2's recipe is met this way:
-    - a random step count is drawn here on the host (as the step itself would draw it), and each
-      possible count gets its own graph, all captured at once into one memory pool (they never run at
-      the same time);
+    - a random step schedule (a count, or with several landscapes a count per landscape) is drawn here on
+      the host (as the step itself would draw it), and each possible schedule gets its own graph, all
+      captured at once into one memory pool (they never run at the same time);
     - the replay buffer samples and writes on the device (ebt.models.ebt.ReplayBuffer); until it is full
       the number of replayed rows and the rows to sample from change, so those steps run eagerly;
     - the warm-ups before the captures push no rows (`paused`): the replay after capture is the step;
@@ -84,10 +84,10 @@ class CapturedStep:
         self.model, self.step, self.warmup, self.capture = model, step, warmup, capture
         self.recipe = getattr(getattr(model, "cfg", None), "ebt", None)
         self.replay = getattr(model, "replay", None)
-        self.graphs = {}  # step count (None: the recipe's fixed one) -> (graph, (outputs, parameter grads))
+        self.graphs = {}  # drawn schedule (None: the recipe's fixed one) -> (graph, (outputs, parameter grads))
 
     def counts(self) -> list:
-        """Every step count the recipe can draw (None: it draws none)."""
+        """Every step schedule the recipe can draw (None: it draws none)."""
         e = self.recipe
         return list(step_range(e)) if e is not None and e.rand_steps else [None]
 
@@ -369,7 +369,11 @@ class ImageSplit:
 
 
 def open_split(dcfg, split: str, context_length: int, features=None, verify: bool = False):
-    """The loader for a split: token shards, video clips encoded by `features`, or images."""
+    """The loader for a split: token shards (packed or document windows), video clips encoded by
+    `features`, or images."""
+    if dcfg.windows != "packed" and (features is not None or str(dcfg.data_dir).startswith(IMAGES)):
+        raise ConfigError(f"windows={dcfg.windows!r} applies to token data; {dcfg.data_dir} holds "
+                          f"{'images' if features is None else 'video clips'} (use windows='packed')")
     if str(dcfg.data_dir).startswith(IMAGES):
         return ImageSplit(str(dcfg.data_dir)[len(IMAGES):], split, dcfg.image_cache, dcfg.image_size,
                           dcfg.channels)
@@ -379,7 +383,7 @@ def open_split(dcfg, split: str, context_length: int, features=None, verify: boo
         return ClipData(dcfg.data_dir, split, context_length, features)
     from ebt.data.loader import TokenData  # data layer imported lazily: the models need none of it
 
-    return TokenData(dcfg.data_dir, split, context_length, verify=verify)
+    return TokenData(dcfg.data_dir, split, context_length, verify=verify, windows=dcfg.windows)
 
 
 def frame_features(run: RunConfig, resume_from: Path | None, out_dir: Path, is_main: bool):
@@ -487,6 +491,9 @@ def train(run: RunConfig, resume: bool = False, log=print, force: bool = False) 
     features = frame_features(run, src, out_dir, is_main)
     data = open_split(run.data, run.data.train_split, mcfg.context_length, features, verify=run.data.verify)
     val = open_split(run.data, run.data.val_split, mcfg.context_length, features)
+    if run.data.windows == "document" and mcfg.pad_token_id != data.loss_pad_id:  # else padding is scored
+        raise ConfigError(f"document windows are padded with eos id {data.loss_pad_id}, which the loss must "
+                          f"ignore: set pad_token_id={data.loss_pad_id}, not {mcfg.pad_token_id}")
     ood = open_ood_splits(run, features)
     if isinstance(data, ImageSplit):
         if mcfg.candidate != "image":

@@ -133,9 +133,12 @@ def load_features(ckpt):
 
 def video_report(checkpoint, data_dir: str | None = None, baseline=None, think_steps=None, candidates=(1,),
                  split: str = "test", max_windows: int | None = 512, clips: int = 64, horizon: int = 8,
-                 out_dir: str | Path = "video_eval", device="cpu", log=print) -> dict:
+                 out_dir: str | Path = "video_eval", device="cpu", log=print, final_landscape: bool = False,
+                 noise: float | None = None) -> dict:
     """The video table (next-frame and rollout errors for the EBT at several thinking budgets and the
-    baseline), the energy-along-clips plot and a real/predicted frame strip."""
+    baseline), the energy-along-clips plot and a real/predicted frame strip. think_steps: per landscape
+    (default: the official inference default x 1, 2, 4; final_landscape: on the last one only); noise:
+    the Langevin std (None: the trained one)."""
     import json
 
     import numpy as np
@@ -153,12 +156,14 @@ def video_report(checkpoint, data_dir: str | None = None, baseline=None, think_s
     data = ClipData(data_dir, split, S, feats)
     all_clips = data.clips()[:clips]
     context = min(S, all_clips.shape[1] - horizon)
-    steps_list = think_steps or sorted({model.cfg.ebt.eval_steps * m for m in (1, 2, 4)})
+    steps_list = think_steps or sorted({model.inference_steps() * m for m in (1, 2, 4)})
     rows = []
+    where = "on the last landscape" if final_landscape else "per landscape"
+    where = where if model.cfg.ebt.landscapes > 1 else ""
     for steps in steps_list:
         for c in candidates:
-            cfg = ThinkConfig(steps=steps, candidates=c)
-            row = {"model": "ebt", "steps": steps, "candidates": c,
+            cfg = ThinkConfig(steps=steps, final_landscape=final_landscape, candidates=c, noise=noise)
+            row = {"model": "ebt", "steps": steps, "where": where, "candidates": c,
                    **next_frame_errors(model, data, cfg, max_windows=max_windows),
                    "rollout": rollout_errors(model, all_clips, context, horizon, cfg)}
             rows.append(row)
@@ -176,11 +181,13 @@ def video_report(checkpoint, data_dir: str | None = None, baseline=None, think_s
     bfile = Path(data_dir) / f"{split}_bounces.npy"  # unknown (absent) for users' own clips
     bounces = torch.from_numpy(np.load(bfile)[:clips]) if bfile.is_file() else \
         torch.zeros(all_clips.shape[:2], dtype=torch.bool)
-    en = energy_along_clips(model, all_clips, bounces)
+    en = energy_along_clips(model, all_clips, bounces, ThinkConfig(noise=noise))
     plot_energy(en["energy"], en["hard"], out_dir / "energy_along_clips.png")
     # frame strip: real frames, the EBT's one-step predictions, and (if given) the baseline's
     real = np.load(Path(data_dir) / f"{split}.npy", mmap_mode="r")[0]
-    pred, _ = predict_next(model, all_clips[:1, :S].to(model.tok_emb.weight.dtype), ThinkConfig())
+    with seeded(0, next(model.parameters()).device):  # the start and any noise repeat
+        pred, _ = predict_next(model, all_clips[:1, :S].to(model.tok_emb.weight.dtype),
+                               ThinkConfig(noise=noise))
     strip = {"real frames 1..": np.asarray(real[1:S + 1]), "EBT next-frame prediction": feats.decode(pred[0].cpu())}
     if base_model is not None:
         bpred, _ = predict_next(base_model, bdata.clips()[:1, :base_model.cfg.context_length].to(
@@ -200,7 +207,8 @@ def video_markdown(report: dict) -> str:
     lines = ["| model | thinking | next-frame Smooth L1 | next-frame MSE | rollout MSE (mean of 8) | rollout MSE at 1 / 4 / 8 |",
              "|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        think_ = f"{r['steps']} steps x {r['candidates']} cand." if "steps" in r else "-"
+        where = f" {r['where']}" if r.get("where") else ""
+        think_ = f"{r['steps']} steps{where} x {r['candidates']} cand." if "steps" in r else "-"
         ro = r["rollout"]["mse_per_step"]
         lines.append(f"| {r['model']} | {think_} | {r['smooth_l1']:.4f} | {r['mse']:.4f} | {r['rollout']['mse_mean']:.4f} | "
                      f"{ro[0]:.4f} / {ro[min(3, len(ro) - 1)]:.4f} / {ro[-1]:.4f} |")

@@ -21,7 +21,8 @@ def test_steps_match_the_training_unroll():
     x = torch.randint(0, 19, (2, 6))
     z0 = m.init_candidate(x)
     logits, energies = m.unroll(x, z0, 4, stochastic=False, build_graph=False)
-    out = think(m, x, ThinkConfig(steps=4, trace=True), init=z0)
+    # steps are per landscape now (issue 19): the validation order 0, 1, 1, 1 is the final-landscape option
+    out = think(m, x, ThinkConfig(steps=3, final_landscape=True, trace=True), init=z0)
     assert torch.allclose(out.z, logits[-1], atol=1e-12)
     assert torch.allclose(out.trace[:4], torch.stack(energies), atol=1e-12)  # steps beyond 2 reuse landscape 2
     assert out.passes == 5 and torch.equal(out.steps_used, torch.full((2, 6), 4.0, dtype=torch.float64))
@@ -52,8 +53,9 @@ def test_noise_override_and_alpha_override():
     m = model_(langevin=2.0)
     x = torch.randint(0, 19, (1, 6))
     z0 = m.init_candidate(x)
-    quiet = [think(m, x, ThinkConfig(steps=2), init=z0).z for _ in range(2)]
-    assert torch.equal(quiet[0], quiet[1])  # default: no noise at inference, even for a model trained with it
+    # noise=0 explicit: the default is now the trained std (issue 19, test_protocol.py)
+    quiet = [think(m, x, ThinkConfig(steps=2, noise=0.0), init=z0).z for _ in range(2)]
+    assert torch.equal(quiet[0], quiet[1])  # no noise at inference, even for a model trained with it
     assert torch.equal(quiet[0], think(m, x, ThinkConfig(steps=2, noise=0.0), init=z0).z)
     noisy = [think(m, x, ThinkConfig(steps=2, noise=2.0), init=z0).z for _ in range(2)]
     assert not torch.equal(noisy[0], noisy[1])

@@ -31,7 +31,7 @@ def test_frames_use_the_text_code_path():
     (g,) = torch.autograd.grad(E.sum(), zg)
     assert torch.allclose(logits[0], z - 0.5 * g, atol=1e-12)
     assert torch.allclose(energies[0], E.detach(), rtol=1e-12, atol=1e-12)  # fused attention in the context
-    out = think(m.eval(), x, ThinkConfig(steps=4, candidates=2))  # the one thinking loop
+    out = think(m.eval(), x, ThinkConfig(steps=3, final_landscape=True, candidates=2))  # the one thinking loop (4 steps on 2 landscapes)
     assert out.z.shape == (2, 8, F) and out.passes == 2 * 5
 
 

@@ -1,7 +1,9 @@
 """Deterministic batches from memory-mapped token shards.
 
 A split is cut into non-overlapping windows of context_length+1 tokens (inputs and their shifted
-targets). Which windows form the batch at a given step is a pure function of (seed, step), so a run
+targets): packed, over the stream of documents and their eos separators, or, as the official pipeline
+does, one window per document: its first context_length+1 tokens, right-padded with eos (windows="document").
+Which windows form the batch at a given step is a pure function of (seed, step), so a run
 resumed from a checkpoint sees exactly the batches it would have seen, with no loader state to save.
 """
 
@@ -70,9 +72,23 @@ def verify_dataset(data_dir):
     return problems
 
 
+def document_bounds(shards, eos_id):
+    """(starts, ends) of every document in the shards read as one stream (a document may run on into the
+    next file): the tokens between eos separators, the separator itself left out."""
+    offsets = np.cumsum([0] + [len(s) for s in shards])
+    found = [np.flatnonzero(np.asarray(s) == eos_id) + o for s, o in zip(shards, offsets)]
+    eos = np.concatenate(found).astype(np.int64) if found else np.zeros(0, np.int64)
+    total = int(offsets[-1])
+    last = int(eos[-1]) + 1 if len(eos) else 0
+    ends = eos if total == last else np.append(eos, total)  # text after the last eos is a document too
+    return np.concatenate([[0], eos + 1])[: len(ends)], ends
+
+
 class TokenData:
-    def __init__(self, data_dir, split, context_length, verify=False):
-        self.data_dir, self.split, self.S = Path(data_dir), split, int(context_length)
+    def __init__(self, data_dir, split, context_length, verify=False, windows="packed"):
+        if windows not in ("packed", "document"):
+            raise ConfigError(f"unknown windows {windows!r}: use 'packed' or 'document'")
+        self.data_dir, self.split, self.S, self.windows = Path(data_dir), split, int(context_length), windows
         m = load_manifest(data_dir)
         if split not in m["splits"]:
             raise DataError(f"{data_dir} has no {split!r} split (it has {sorted(m['splits'])}); "
@@ -94,16 +110,50 @@ class TokenData:
         self.num_tokens = int(sum(len(s) for s in self.shards))
         self._ends = np.cumsum(counts, dtype=np.int64)  # window index where each shard ends
         self.num_windows = int(self._ends[-1]) if len(counts) else 0
+        if windows == "document":  # one window per document, found from the eos separators (one pass)
+            self._offsets = np.cumsum([0] + [len(s) for s in self.shards])
+            self._starts, self._stops = document_bounds(self.shards, self.eos_id)
+            self.num_windows = len(self._starts)
+            if self.num_windows == 0:
+                raise DataError(f"the {split!r} split of {data_dir} holds no documents; prepare more text")
         if self.num_windows == 0:
             raise DataError(f"the {split!r} split of {data_dir} has {self.num_tokens} tokens, fewer than "
                             f"context_length+1 = {self.S + 1} in any shard; use a shorter context "
                             f"length or prepare more text")
-        self.sampler = EpochSampler(self.num_windows, f"the {split!r} split has only {self.num_windows} windows "
-                                    f"of {self.S + 1} tokens (use a shorter context length or prepare more text)")
+        what = ("documents (prepare more text)" if windows == "document" else
+                f"windows of {self.S + 1} tokens (use a shorter context length or prepare more text)")
+        self.sampler = EpochSampler(self.num_windows, f"the {split!r} split has only {self.num_windows} "
+                                                      f"{what}")
+
+    @property
+    def loss_pad_id(self):
+        """The target id the model's loss must ignore: document windows are padded with eos, and the
+        official loss ignores eos (ignore_index = tokenizer.eos_token_id); packed windows hold no padding."""
+        return self.eos_id if self.windows == "document" else self.pad_id
+
+    def _span(self, a, b):
+        """Tokens a..b-1 of the split's stream (its shards one after another)."""
+        k = int(np.searchsorted(self._offsets, a, side="right")) - 1
+        parts = [np.zeros(0, self.shards[0].dtype)]
+        while a < b:
+            lo = a - int(self._offsets[k])
+            parts.append(self.shards[k][lo: lo + b - a])
+            a, k = a + len(parts[-1]), k + 1
+        return np.concatenate(parts)
+
+    def _document(self, i):
+        # the official collator: the document alone, its first S+1 tokens, right-padded with eos
+        start = int(self._starts[i])
+        tokens = self._span(start, min(int(self._stops[i]), start + self.S + 1))
+        row = np.full(self.S + 1, self.eos_id, dtype=tokens.dtype)
+        row[: len(tokens)] = tokens
+        return row
 
     def window(self, i):
         if not 0 <= i < self.num_windows:
             raise IndexError(f"window {i} out of range (0..{self.num_windows - 1})")
+        if self.windows == "document":
+            return self._document(i)
         k = int(np.searchsorted(self._ends, i, side="right"))
         local = i - (int(self._ends[k - 1]) if k else 0)
         return np.asarray(self.shards[k][local * self.S: local * self.S + self.S + 1])

@@ -20,7 +20,8 @@ from ebt.models.transformer import (check_window, compiled_token_loss_grad, comp
 from ebt.energy_grad import context_kv, energy_grad
 from ebt.nn import Backbone, KVCache, candidate_frame, init_weights, to_layout, vocab_in, vocab_out
 from ebt.think import (GRAD_METHODS, RECYCLER, alpha_param_groups, auto_grad_method, autograd_loss_grad,
-                       draw_steps, randn_, recipe_alpha, stepwise_ok, unroll, unroll_backward)
+                       draw_steps, inference_steps, randn_, recipe_alpha, step_landscapes, stepwise_ok,
+                       unroll, unroll_backward)
 
 
 class ReplayBuffer:
@@ -214,14 +215,18 @@ class EBT(nn.Module):
         z = randn_(RECYCLER.take(shape, self.tok_emb.weight.dtype, tokens.device))
         return z.mul_(self.cfg.ebt.init_scale)  # in place: no second (B, S, V) tensor
 
-    def default_think_steps(self) -> int:
-        return self.cfg.ebt.eval_steps
+    def inference_steps(self) -> int:
+        """Thinking's default steps per landscape (official advanced inference: S2 2, S1 1); validation
+        runs cfg.ebt.eval_steps in all (landscapes + R). See ebt.think.inference_schedule."""
+        return inference_steps(self.cfg.ebt)
 
-    def unroll(self, tokens, z, n_steps: int, stochastic: bool, build_graph: bool):
-        """Per-step candidates and energies of the training unroll (see ebt.think.unroll)."""
-        return unroll(self, tokens, z, n_steps, stochastic, build_graph, self.cfg.ebt)
+    def unroll(self, tokens, z, n_steps, stochastic: bool, build_graph: bool, noise: float | None = None):
+        """Per-step candidates and energies of the training unroll (see ebt.think.unroll; noise None: the
+        trained Langevin std, in every phase as the official forward)."""
+        return unroll(self, tokens, z, n_steps, stochastic, build_graph, self.cfg.ebt, noise)
 
-    def train_steps(self) -> int:
+    def train_steps(self):
+        """This forward's steps: a count, or in training with several landscapes a schedule (draw_steps)."""
         return draw_steps(self.cfg.ebt, self.training)
 
     def _batch(self, window, init):
@@ -244,42 +249,52 @@ class EBT(nn.Module):
                 z = z_all
         return window, tokens, targets, z
 
-    def _finish(self, window, tokens, fresh, n_steps, loss, first, last, z_last, e_first) -> dict:
-        """The metrics dict; the final energy is measured and System 2's replay buffer fed here."""
+    def _finish(self, window, tokens, fresh, steps, loss, first, last, z_last, e_first) -> dict:
+        """The metrics dict; the final energy is measured (on the last step's landscape) and System 2's
+        replay buffer fed here. steps: each step's landscape."""
         e = self.cfg.ebt
         out = {"loss": loss, "nll_sum": last["nll_sum"], "n_tokens": last["n_tokens"],
                "ce_first": first["loss"].detach(), "ce_last": last["loss"].detach(),
-               "alpha": self.alpha.detach().clamp(min=e.alpha_min), "steps": torch.tensor(float(n_steps))}
+               "alpha": self.alpha.detach().clamp(min=e.alpha_min), "steps": torch.tensor(float(len(steps)))}
         if self.training and self.measure_final_energy:
             with torch.no_grad():
-                e_final = self.energy(tokens, self.candidate_input(z_last.detach()), n_steps - 1)
+                e_final = self.energy(tokens, self.candidate_input(z_last.detach()), steps[-1])
             out["energy_gap"] = (e_first - e_final).mean()
         if self.training and self.replay is not None:
             self.replay.push(window[:fresh], z_last[:fresh])
             out["replay_rows"] = torch.tensor(float(window.shape[0] - fresh))
         return out
 
-    def _steps(self, n_steps: int | None) -> int:
-        """The unroll's step count: drawn by the recipe (first, before any other random number), or given
-        (a captured CUDA graph replays one fixed count: ebt.train.CapturedStep draws it on the host)."""
+    def _steps(self, n_steps) -> list[int]:
+        """Each unroll step's landscape (ebt.think.step_landscapes): drawn by the recipe (first, before any
+        other random number), or given as a count or a schedule (a captured CUDA graph replays one fixed
+        draw: ebt.train.CapturedStep draws it on the host)."""
         if n_steps is None:
-            return self.train_steps()
+            n_steps = self.train_steps()
+        L = self.cfg.ebt.landscapes
+        if isinstance(n_steps, (tuple, list)):
+            if not n_steps or any(not 0 <= int(k) < L for k in n_steps):
+                raise ConfigError(f"n_steps={n_steps}: a schedule lists landscapes in 0..{L - 1}")
+            return step_landscapes(n_steps)
         if int(n_steps) < 1:
             raise ConfigError(f"n_steps={n_steps}: an unroll takes at least one step")
-        return int(n_steps)
+        return step_landscapes(int(n_steps))
 
-    def forward(self, window: torch.Tensor, init: torch.Tensor | None = None, n_steps: int | None = None) -> dict:
+    def forward(self, window: torch.Tensor, init: torch.Tensor | None = None, n_steps=None,
+                noise: float | None = None) -> dict:
         """window (B, S+1) token ids or (B, S+1, F) frame features -> loss (S1: the mean over steps; S2:
         the last step's) and training metrics. The whole unroll's graph is kept for loss.backward();
         `train_step` gives the same gradients one step's graph at a time.
 
-        In training mode (model.train()) the recipe's randomness applies (step count, alpha, Langevin
-        noise, replay); in eval mode none does, as in the official validation phase. n_steps, if given,
-        replaces the drawn step count."""
-        n_steps = self._steps(n_steps)
+        In training mode (model.train()) the recipe's randomness applies (step count, alpha, replay); in
+        eval mode it does not and cfg.ebt.eval_steps steps run, as in the official validation phase. The
+        Langevin noise (noise None: cfg.ebt.langevin; 0: none) is added in both, as the official forward
+        adds it in every phase. n_steps, if given, replaces the drawn step count (a count or a schedule)."""
+        steps = self._steps(n_steps)
+        n_steps = len(steps)
         fresh = window.shape[0]
         window, tokens, targets, z = self._batch(window, init)
-        logits, energies = self.unroll(tokens, z, n_steps, self.training, build_graph=torch.is_grad_enabled())
+        logits, energies = self.unroll(tokens, z, steps, self.training, torch.is_grad_enabled(), noise)
         last = prediction_loss(logits[-1], targets, self.cfg)
         first = prediction_loss(logits[0], targets, self.cfg) if n_steps > 1 else last
         if self.cfg.ebt.loss_last_only:
@@ -287,7 +302,7 @@ class EBT(nn.Module):
         else:  # S1: the mean over steps of each step's loss
             middle = [prediction_loss(z_k, targets, self.cfg) for z_k in logits[1:-1]]
             loss = torch.stack([c["loss"] for c in [first, *middle, last][: n_steps]]).mean()
-        return self._finish(window, tokens, fresh, n_steps, loss, first, last, logits[-1], energies[0])
+        return self._finish(window, tokens, fresh, steps, loss, first, last, logits[-1], energies[0])
 
     def train_step(self, window: torch.Tensor, init: torch.Tensor | None = None, scale: float = 1.0,
                    method: str | None = None, n_steps: int | None = None) -> dict:
@@ -310,7 +325,8 @@ class EBT(nn.Module):
             out = self(window, init, n_steps)
             (out["loss"] * scale).backward()
             return {**out, "loss": out["loss"].detach()}
-        n_steps = self._steps(n_steps)
+        steps = self._steps(n_steps)
+        n_steps = len(steps)
         fresh = window.shape[0]
         window, tokens, targets, z = self._batch(window, init)
         loss_steps = [n_steps - 1] if e.loss_last_only else list(range(n_steps))
@@ -350,9 +366,10 @@ class EBT(nn.Module):
         own_start = init is None  # drawn here (or concatenated with replayed rows): no caller holds it
         start = [z]  # handed over: nothing here keeps the (B, S, V) start alive through the unroll
         del z, init
-        z_last, e_first, losses = unroll_backward(self, tokens, start, n_steps, self.training, e, loss_grad,
+        z_last, e_first, losses = unroll_backward(self, tokens, start, steps, self.training, e, loss_grad,
                                                   loss_steps, scale, method, on_step, recycle_start=own_start)
         last = {k: v.detach() for k, v in ce[n_steps - 1].items()}
-        out = self._finish(window, tokens, fresh, n_steps, torch.stack(losses).sum(), ce[0], last, z_last, e_first)
+        loss = torch.stack(losses).sum()
+        out = self._finish(window, tokens, fresh, steps, loss, ce[0], last, z_last, e_first)
         RECYCLER.give(z_last)  # read by _finish only (the replay buffer copies it)
         return out
