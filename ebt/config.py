@@ -131,8 +131,8 @@ class EBTConfig:
         if not self.alpha > 0 or not self.alpha_rand_scale >= 1:
             raise ConfigError(f"alpha must be > 0 and alpha_rand_scale >= 1 (got {self.alpha}, {self.alpha_rand_scale})")
         if self.rand_steps and not 1 <= self.rand_steps_min <= self.rand_steps + 1:  # official randint(min, R+2)
-            raise ConfigError(f"rand_steps_min={self.rand_steps_min} must lie in 1..rand_steps+1 (each landscape "
-                              f"repeats randint(rand_steps_min, rand_steps + 2) times)")
+            raise ConfigError(f"rand_steps_min={self.rand_steps_min} must be at least 1 and at most rand_steps + 1 = "
+                              f"{self.rand_steps + 1}: training repeats each landscape randint(min, R + 2) times")
 
     @property
     def eval_steps(self) -> int:
