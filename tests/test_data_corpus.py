@@ -208,3 +208,18 @@ def test_real_sources():
         docs = sources.SOURCES[name].load(TEST_CACHE / "sources")
         assert len(docs) == n and len({d.doc_id for d in docs}) == n, name
         assert all(d.text.strip() for d in docs)
+
+
+def test_bible_binary_found_from_a_relative_cache_dir(tmp_path, monkeypatch):
+    """The extracted `bible` program is run with cwd=its data folder: a relative path to it (from a
+    relative --cache-dir) must still name the same file, or the source is silently dropped."""
+    from ebt.data.sources import _run_bible
+
+    (tmp_path / "cache/usr/bin").mkdir(parents=True)
+    (tmp_path / "cache/usr/lib").mkdir(parents=True)
+    prog = tmp_path / "cache/usr/bin/bible"
+    prog.write_text("#!/bin/sh\necho 'Ge1:1 In the beginning God created the heaven and the earth.'\n")
+    prog.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    lines, err = _run_bible(Path("cache/usr/bin/bible"), Path("cache/usr/lib"))
+    assert err is None and lines == ["Ge1:1 In the beginning God created the heaven and the earth."]

@@ -165,7 +165,8 @@ def parse_bible_lines(lines):
 
 def _run_bible(binary, datadir):
     # cwd + "-p ." avoids -p's space-separated path list breaking on folders with spaces.
-    cmd = [str(binary), "-f"] + (["-p", "."] if datadir else []) + ["gen1:1-rev22:21"]
+    # absolute: a relative path (a relative --cache-dir) would be looked up from cwd=datadir instead
+    cmd = [str(Path(binary).resolve()), "-f"] + (["-p", "."] if datadir else []) + ["gen1:1-rev22:21"]
     try:
         res = subprocess.run(cmd, cwd=datadir, stdin=subprocess.DEVNULL,
                              capture_output=True, text=True, timeout=300)
