@@ -342,6 +342,12 @@ def fit_loglog(x, y) -> dict:
             "r2": 1 - sse / syy if syy > 0 else 1.0, "n": n}
 
 
+def says_something(fit: dict) -> bool:
+    """Whether a fit's slope is known to have a sign: its 95% interval is defined and excludes 0."""
+    lo, hi = fit["ci95"]
+    return not (math.isnan(lo) or math.isnan(hi)) and (lo > 0 or hi < 0)
+
+
 def mean_ci(values: list[float]) -> dict:
     """Mean and 95% Student-t interval over independent repeats (seeds)."""
     n = len(values)
@@ -440,9 +446,12 @@ def plot_study(rows: list[dict], fits: dict, study: StudyConfig, path: Path) -> 
             if f:
                 xs = sorted({r[res] for r in pts})
                 lo, hi = math.log(xs[0]), math.log(xs[-1])
-                grid = [math.exp(lo + (hi - lo) * i / 50) for i in range(51)]
-                ax.plot(grid, [math.exp(f["intercept"]) * g ** f["slope"] for g in grid], color=colors[m],
-                        label=f"{LABELS[m]}: slope {f['slope']:.3f}")
+                grid = [lo + (hi - lo) * i / 50 for i in range(51)]  # log resource
+                # the line in log space: exp(intercept) alone overflows for an extreme fit
+                line = [math.exp(min(f["intercept"] + f["slope"] * g, 700.0)) for g in grid]
+                ax.plot([math.exp(g) for g in grid], line, color=colors[m],
+                        label=f"{LABELS[m]}: slope {f['slope']:.3f}" + ("" if says_something(f) else
+                                                                         " (says nothing)"))
         rate = fits[res]["scaling_rate"]
         title = f"vs {RESOURCE_LABELS[res]}"
         if rate:
@@ -481,6 +490,10 @@ def summary_markdown(rows: list[dict], fits: dict, study: StudyConfig) -> str:
             over = f.get("slope_over_seeds")
             slope_ci = over["ci95"] if over else f["ci95"]
             lines.append(f"| {LABELS[m]} | {f['slope']:.4f} | {_fmt_ci(slope_ci)} | {f['r2']:.3f} | {f['n']} |")
+        silent = [LABELS[m] for m, f in block["fits"].items() if not says_something(f)]
+        if silent:
+            lines += ["", f"The fit says nothing for {', '.join(silent)}: the slope's 95% interval is undefined "
+                          f"(2 points) or includes 0, so not even its sign is known."]
         rate = block["scaling_rate"]
         if rate:
             ci = rate["ci95"]

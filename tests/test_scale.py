@@ -218,3 +218,18 @@ def test_rate_warns_when_a_curve_does_not_fall():
     fits = fit_study(rows, "depth", ["transformer", "ebt"])
     assert fits["layers"]["scaling_rate"]["mean"] == pytest.approx(-0.5)
     assert "EBT: the fitted slope is >= 0" in fits["layers"]["scaling_rate"]["warning"]
+
+
+def test_report_of_an_extreme_fit_plots_and_says_it_says_nothing(tmp_path):
+    """Two runs 25 orders of magnitude apart: exp(intercept) overflows a float, the report must not."""
+    from ebt.scale import StudyConfig, fit_study, plot_study, summary_markdown
+
+    study = StudyConfig(axis="size", values=["2x32x2", "2x64x2"], models=["transformer"], out_dir=str(tmp_path))
+    rows = [{"model": "transformer", "value": v, "seed": 0, "out_dir": "", "val_loss": math.log(y), "val_ppl": y,
+             "metric": y, "params": p, "params_total": p, "layers": 2, "width": 32, "tokens": 1000, "batch": 4,
+             "flops_per_token": 6.0 * p, "flops": 6000.0 * p, "seconds": 1.0}
+            for v, p, y in (("2x32x2", 2e4, 1e30), ("2x64x2", 4e4, 1e5))]
+    fits = fit_study(rows, "size", ["transformer"])
+    assert fits["params"]["fits"]["transformer"]["intercept"] > 709  # math.exp of it alone would overflow
+    assert plot_study(rows, fits, study, tmp_path / "scaling.png").is_file()
+    assert "The fit says nothing for Transformer++" in summary_markdown(rows, fits, study)
