@@ -411,6 +411,14 @@ def frame_features(run: RunConfig, resume_from: Path | None, out_dir: Path, is_m
 
 # ----------------------------------------------------------------------------------------------- train
 
+def warmup_warning(cfg) -> str:
+    """A run shorter than its warm-up never reaches its peak learning rate: say so before it starts."""
+    last = lr_factor(cfg.steps - 1, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.warmup_base_lr_divider)
+    return (f"warning: --warmup-steps {cfg.warmup_steps} is not below --steps {cfg.steps}: the learning rate "
+            f"only warms up (its last step at {100 * last:.0f}% of the peak) and early figures will look poor; "
+            f"lower --warmup-steps (about a tenth of --steps is usual)")
+
+
 def resume_from(src: Path, model, optimizer, scheduler, mcfg, cfg, rank: int, device, log) -> tuple[int, int]:
     """Load weights, optimizer, schedule, RNG and replay buffer, all from the one checkpoint `src`.
     Returns (step, tokens seen)."""
@@ -627,6 +635,8 @@ def train(run: RunConfig, resume: bool = False, log=print, force: bool = False) 
         log(f"model {mcfg.model} {mcfg.size} ({mcfg.n_layer} layers, d {mcfg.d_model}): {n_params / 1e6:.2f}M params | "
             f"{data.num_tokens:,} train tokens | {world} process(es) on {device} | global batch {cfg.batch_size} "
             f"x {mcfg.context_length} tokens, {cfg.grad_accum} micro-step(s)")
+        if cfg.warmup_steps >= cfg.steps:
+            log(warmup_warning(cfg))
     history = []
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, checked lazily
     if start_step == 0:

@@ -493,3 +493,14 @@ def test_ebt_nonfinite_names_step_and_alpha(tiny_data, tmp_path):
     run.model.ebt.alpha = 1e300  # candidate logits overflow
     with pytest.raises(TrainingError, match="non-finite at step 0: .*alpha is too large"):
         train(run, log=lambda *a: None)
+
+
+def test_a_run_shorter_than_its_warmup_is_warned_about(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    lines = []
+    train(run_config(data_dir, tmp_path / "r", steps=3, warmup_steps=10, eval_every=0), log=lines.append)
+    assert any(line.startswith("warning: --warmup-steps 10 is not below --steps 3: the learning rate only warms up "
+                               "(its last step at 30% of the peak)") for line in lines), lines
+    lines.clear()
+    train(run_config(data_dir, tmp_path / "q", steps=3, warmup_steps=1, eval_every=0), log=lines.append)
+    assert not any("warm" in line for line in lines)
