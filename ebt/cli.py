@@ -308,11 +308,32 @@ def cmd_train(args, parser=None):
 
     if args.resume and args.force:
         raise EBTError("--resume continues the checkpoint in --out and --force replaces it: pass one of them")
-    run = run_config_from_args(args, parser)
+    saved = Path(args.out) / "config.json"
+    if args.resume and not args.config and saved.is_file():  # resume the run as it was, flags given override
+        args.config = str(saved)
+        before = json.loads(saved.read_text())
+        run = run_config_from_args(args, parser)
+        changed = _changes(before, to_dict(run))
+        print(f"resuming with the settings saved in {saved}" + (f"; overridden: {', '.join(changed)}" if changed
+                                                                 else ""))
+    else:
+        run = run_config_from_args(args, parser)
     final = train(run, resume=args.resume, force=args.force)
     if "val" in final:
         print(json.dumps({k: v for k, v in final.items() if k != "history"}, indent=2))
     leave_process_group()
+
+
+def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'train.steps 300 -> 600' for each leaf that differs between two nested config dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{prefix}{k}.")
+        elif a != b and k not in ("progress", "verify"):  # display settings, not the run's
+            out.append(f"{prefix}{k} {a!r} -> {b!r}")
+    return out
 
 
 def check_output(flag: str, path: str | None) -> None:

@@ -422,10 +422,13 @@ def warmup_warning(cfg) -> str:
 def resume_from(src: Path, model, optimizer, scheduler, mcfg, cfg, rank: int, device, log) -> tuple[int, int]:
     """Load weights, optimizer, schedule, RNG and replay buffer, all from the one checkpoint `src`.
     Returns (step, tokens seen)."""
-    saved = read_config(src)
-    if saved["model"] != to_dict(mcfg):
-        raise CheckpointError(f"{src} was trained with model config {saved['model']}, not {to_dict(mcfg)}: "
-                              f"resume with the same model flags or use a new --out directory")
+    saved, ours = read_config(src)["model"], to_dict(mcfg)
+    if saved != ours:
+        keys = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+        diff = "; ".join(f"{k}: {saved.get(k)!r} there, {ours.get(k)!r} here" for k in keys)
+        raise CheckpointError(f"{src} was trained with another model config ({diff}): resume with its model "
+                              f"flags (or none: --resume reads them from the run's config.json) or use a new "
+                              f"--out directory")
     state = load_training_state(src)
     if cfg.fsdp:
         from ebt.fsdp import load_full_state

@@ -162,3 +162,19 @@ def test_resume_with_other_optimizer_groups_names_the_file(capsys, run, tmp_path
     shutil.copytree(run / "run", tmp_path / "r")
     line = fails(capsys, *train_args(run, tmp_path / "r", "--steps", "4", "--resume", "--decay-matrices-only"))
     assert "optimizer.pt does not fit this run's optimizer" in line
+
+
+def test_resume_takes_the_saved_config_and_prints_each_override(capsys, run, tmp_path):
+    shutil.copytree(run / "run", tmp_path / "r")
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    main(["train", "--out", str(tmp_path / "r"), "--steps", "3", "--resume"])  # no model or data flag repeated
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("resuming with the settings saved in"))
+    assert line.startswith(f"resuming with the settings saved in {tmp_path / 'r' / 'config.json'}; overridden: ")
+    assert "train.steps 2 -> 3" in line and "model." not in line and "batch_size" not in line  # the copy's
+    # out_dir is the only other change
+    now = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert now["model"] == saved["model"] and now["train"]["batch_size"] == saved["train"]["batch_size"] == 4
+    assert json.loads((tmp_path / "r" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    line = fails(capsys, "train", "--out", tmp_path / "r", "--steps", "4", "--resume", "--d-model", "64")
+    assert "another model config (d_model: 32 there, 64 here)" in line  # only the key that differs
