@@ -95,9 +95,6 @@ class EBTDenoiser(nn.Module):
     def init_candidate(self, noisy: torch.Tensor) -> torch.Tensor:
         return noisy.clone()  # prediction starts from the noisy image itself
 
-    def default_think_steps(self) -> int:
-        return self.cfg.ebt.eval_steps
-
     def train_steps(self) -> int:
         return draw_steps(self.cfg.ebt, self.training)
 
