@@ -313,6 +313,7 @@ def cmd_train(args, parser=None):
         args.config = str(saved)
         before = json.loads(saved.read_text())
         run = run_config_from_args(args, parser)
+        run.train.stop_at = args.stop_at  # a stop point belongs to the call that set it, not to the run
         changed = _changes(before, to_dict(run))
         print(f"resuming with the settings saved in {saved}" + (f"; overridden: {', '.join(changed)}" if changed
                                                                  else ""))

@@ -167,6 +167,8 @@ def test_resume_with_other_optimizer_groups_names_the_file(capsys, run, tmp_path
 def test_resume_takes_the_saved_config_and_prints_each_override(capsys, run, tmp_path):
     shutil.copytree(run / "run", tmp_path / "r")
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    saved["train"]["stop_at"] = 2  # the earlier call stopped there: this one must not stop again
+    (tmp_path / "r" / "config.json").write_text(json.dumps(saved))
     main(["train", "--out", str(tmp_path / "r"), "--steps", "3", "--resume"])  # no model or data flag repeated
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("resuming with the settings saved in"))
