@@ -311,8 +311,8 @@ def cmd_train(args, parser=None):
     saved = Path(args.out) / "config.json"
     if args.resume and not args.config and saved.is_file():  # resume the run as it was, flags given override
         args.config = str(saved)
+        run = run_config_from_args(args, parser)  # reads and checks the saved config first
         before = json.loads(saved.read_text())
-        run = run_config_from_args(args, parser)
         run.train.stop_at = args.stop_at  # a stop point belongs to the call that set it, not to the run
         changed = _changes(before, to_dict(run))
         print(f"resuming with the settings saved in {saved}" + (f"; overridden: {', '.join(changed)}" if changed

@@ -274,8 +274,7 @@ class MetricsLog:
             except ImportError as e:
                 raise ConfigError("--tensorboard needs the tensorboard package: pip install 'ebt[tensorboard]'") from e
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))
-        if cfg.wandb:
-            check_wandb()
+        if cfg.wandb:  # key and package checked by train() before any work (check_wandb)
             import wandb
 
             try:
@@ -585,8 +584,8 @@ def train(run: RunConfig, resume: bool = False, log=print, force: bool = False) 
     def nonfinite(what: str):
         hint = getattr(unwrap(model), "nonfinite_hint", "lower the learning rate (--lr), check the data, "
                        "or raise --warmup-steps")
-        where = (f"the last good checkpoint is {ckpt_dir} (step {last_good[1]}): fix the setting, then continue "
-                 f"it with --resume" if last_good else "no checkpoint was written (none holds finite weights)")
+        where = (f"the last good checkpoint is {last_good[0]} (step {last_good[1]}): fix the setting, then "
+                 f"continue it with --resume" if last_good else "no checkpoint was written (none holds finite weights)")
         return TrainingError(f"{what}: {hint}; {where}")
 
     def checkpoint(step):

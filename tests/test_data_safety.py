@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from test_bad_input import fails
+
 from ebt.cli import main
 from ebt.data import shards, video
 from ebt.data.loader import TokenData, load_manifest
@@ -32,14 +34,10 @@ def _texts(d, n=6):
 def _refused(argv, capsys, *names):
     """Run the CLI; it must exit 2 with one non-empty stderr line naming every one of names."""
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.strip(), err
+    line = fails(capsys, *argv)
     for name in names:
-        assert str(name) in err, (name, err)
-    return err
+        assert str(name) in line, (name, line)
+    return line
 
 
 def _ok(argv):

@@ -181,3 +181,15 @@ def test_resume_drops_metrics_rows_logged_after_the_checkpoint(tiny_data, tmp_pa
     keys = [(r["split"], r["step"]) for r in rows]
     assert len(keys) == len(set(keys)) and ("train", 6) in keys
     assert [r["loss"] for r in rows if r["step"] == 4] != [1.0]  # the resumed run's own row
+
+
+def test_a_nan_after_resuming_from_checkpoint_old_names_that_checkpoint(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    data_dir, _ = tiny_data
+    run = run_config(data_dir, tmp_path / "r", steps=6, stop_at=2, save_every=2, log_every=100, eval_every=0)
+    train(run, **QUIET)
+    os.replace(tmp_path / "r" / "checkpoint", tmp_path / "r" / "checkpoint.old")
+    poison_weights_at(monkeypatch, 1)  # the resumed run's first update: its next loss is NaN
+    run = run_config(data_dir, tmp_path / "r", steps=6, save_every=2, log_every=100, eval_every=0)
+    with pytest.raises(TrainingError, match=r"last good checkpoint is .*checkpoint\.old \(step 2\)"):
+        train(run, resume=True, **QUIET)
+    assert (tmp_path / "r" / "checkpoint.old" / "config.json").is_file()
