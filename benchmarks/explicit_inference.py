@@ -1,5 +1,5 @@
 """A/B on one machine: inference (generation and thinking) with dE/dp by autograd against the
-written-out gradient (ebt/energy_grad.py, eager), alternating the two so drift hits both.
+written-out gradient (ebt/fast/written_out.py, eager), alternating the two so drift hits both.
 
     python benchmarks/explicit_inference.py            # CPU, 4xs, V 8192: generation at batch 1 and 8, thinking 8 steps
 """
@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from speed import build  # noqa: E402
 
+from ebt.fast.plan import resolve_plan  # noqa: E402
 from ebt.generate import GenerateConfig, generate  # noqa: E402
 from ebt.think import ThinkConfig, think  # noqa: E402
 
@@ -29,17 +30,19 @@ def main():
     rows = {}
     for _ in range(a.rounds):
         for explicit in (False, True):
-            m.explicit_grad = explicit
+            plan = resolve_plan(m, dev, explicit=explicit)
             for b in (1, 8):
                 prompts = torch.randint(0, 8192, (b, 32), generator=torch.Generator().manual_seed(0)).tolist()
-                generate(m, prompts, GenerateConfig(max_new_tokens=4, think=tc))
+                generate(m, prompts, GenerateConfig(max_new_tokens=4, think=tc), plan=plan)
                 t = time.perf_counter()
-                generate(m, prompts, GenerateConfig(max_new_tokens=64, think=tc))
+                generate(m, prompts, GenerateConfig(max_new_tokens=64, think=tc), plan=plan)
                 rows.setdefault((f"generate batch {b}", explicit), []).append(b * 64 / (time.perf_counter() - t))
             x = torch.randint(0, 8192, (8, 128), device=dev)
-            think(m, x, ThinkConfig(steps=8, score_final=False, noise=0.0))
+            cfg = ThinkConfig(steps=8, score_final=False, noise=0.0)
+            step = plan.think_step(m, cfg)
+            think(m, x, cfg, step=step)
             t = time.perf_counter()
-            think(m, x, ThinkConfig(steps=8, score_final=False, noise=0.0))
+            think(m, x, cfg, step=step)
             rows.setdefault(("think 8 steps, 8 x 128", explicit), []).append(8 * 128 / (time.perf_counter() - t))
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} | torch {torch.__version__} | {dev} | tokens/s per round\n")
     print("| what | autograd | written out | ratio (medians) |\n|---|---|---|---|")

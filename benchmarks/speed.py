@@ -2,7 +2,7 @@
 
 Measured in the same invocation (compare ratios, not absolute figures across runs):
 - training tokens/s and peak memory: Transformer++, EBT S1 (time_embed and "default"), EBT S2 (fresh
-  tokens/s; replayed rows are extra work); fast = EBT.train_step with --methods (by default what
+  tokens/s; replayed rows are extra work); fast = ebt.objective.train_step with --methods (by default what
   `ebt train` takes without and with --compile: explicit and compiled on CPU, double and compiled on
   CUDA), one unroll step's graph at a time, context once per landscape; straightforward = the official algorithm
   (ebt.compat.official_algorithm: doubled sequence with an explicit mask, context recomputed in every
@@ -84,19 +84,34 @@ def build(kind, rec, size, vocab, context, dev, variant=None):
         e = recipe(rec)
         if variant:
             e.variant = variant
-    model = build_model(ModelConfig(model=kind, size=size, vocab_size=vocab, context_length=context, ebt=e)).to(dev)
-    if kind == "ebt":
-        model.measure_final_energy = False  # a logging extra, not part of the training step
-    return model
+    return build_model(ModelConfig(model=kind, size=size, vocab_size=vocab, context_length=context, ebt=e)).to(dev)
+
+
+# Each path an item measures is a plan (ebt.fast.plan): its gradient method, compiled or not, captured or not.
+PATH_GRAD = {"official": "full", "graph": "double", "compiled": "explicit", "graph_compiled": "explicit",
+             "fast": "auto"}
+
+
+def plan_for(model, path: str, dev, **options):
+    """The plan of a measured path; the training step's energy-gap logging (an extra forward) left out."""
+    from ebt.fast.plan import resolve_plan
+
+    return resolve_plan(model, dev, compile=path in ("compiled", "graph_compiled"),
+                        cuda_graph=path in ("graph", "graph_compiled"), grad=PATH_GRAD.get(path, path),
+                        **{"energy_gap": False, **options})
 
 
 def train_item(it, a, dev):
     """tokens/s and peak memory of full optimizer steps."""
     import torch
 
+    from functools import partial
+
     from ebt.compat.official_algorithm import OfficialAlgorithmEBT
     from ebt.config import TrainConfig
-    from ebt.evaluate import autocast
+    from ebt.fast.cuda_graph import CapturedStep
+    from ebt.objective import train_step
+    from ebt.runtime import autocast
     from ebt.train import make_optimizer
 
     base = _reset(dev)
@@ -104,24 +119,20 @@ def train_item(it, a, dev):
     path = it["path"]
     if path == "official":
         model = OfficialAlgorithmEBT.from_model(model)
-        model.measure_final_energy = False
     model.train()
     opt, _ = make_optimizer(model, TrainConfig(), 1e-4, dev)
     step_fn = model
     if it["kind"] == "transformer":
-        model.fused_attention = True
         step_fn = torch.compile(model) if path == "compiled" else model
     x = torch.randint(0, a.vocab, (a.batch, a.context + 1), device=dev)
     # "compiled": the written-out gradient (method "explicit") through torch.compile; "graph_compiled":
     # that, captured as a CUDA graph
-    method = {"official": "full", "graph": "double", "compiled": "explicit", "graph_compiled": "explicit"}.get(path, path)
-    if it["kind"] == "ebt" and path in ("compiled", "graph_compiled"):
-        model.compile_grad = True
-    ebt_step = getattr(model, "train_step", None)
-    if path in ("graph", "graph_compiled"):
-        from ebt.train import CapturedStep
-
-        ebt_step = CapturedStep(model, model.train_step)
+    ebt_step = None
+    if it["kind"] == "ebt":
+        plan = plan_for(model, path, dev)
+        ebt_step = partial(train_step, model, plan=plan)
+        if plan.cuda_graph:
+            ebt_step = CapturedStep(model, ebt_step)
     times = []
     if path in ("graph", "graph_compiled") and getattr(model, "replay", None) is not None:
         # System 2: eager until the buffer is full, then a graph for every step count; all before timing
@@ -130,7 +141,7 @@ def train_item(it, a, dev):
                 break
             torch.manual_seed(5000 + i)
             with autocast(dev, a.precision):
-                ebt_step(x, method=method)
+                ebt_step(x)
             opt.zero_grad(set_to_none=True)
     for i in range(a.warmup + a.steps):
         torch.manual_seed(1000 + i)  # every path draws the same S2 step counts, alphas and noise
@@ -138,7 +149,7 @@ def train_item(it, a, dev):
         t = time.perf_counter()
         with autocast(dev, a.precision):
             if it["kind"] == "ebt":
-                ebt_step(x, method=method)
+                ebt_step(x)
             else:
                 step_fn(x)["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -157,20 +168,21 @@ def think_item(it, a, dev):
     import torch
 
     from ebt.compat.official_algorithm import OfficialAlgorithmEBT
-    from ebt.evaluate import autocast
+    from ebt.runtime import autocast
     from ebt.think import ThinkConfig, think
 
     model = build("ebt", "s2", it["size"], a.vocab, a.context, dev).eval()
     if it["path"] == "official":
         model = OfficialAlgorithmEBT.from_model(model)
-    if it["path"] in ("compiled", "graph_compiled"):  # the written-out gradient, compiled: one forward
-        model.compile_grad = True
     x = torch.randint(0, a.vocab, (a.batch, a.context), device=dev)
     # N steps = N energy evaluations, as official; noise 0: the same work as the recorded figures
     cfg = ThinkConfig(steps=it["steps"], score_final=False, noise=0.0)
-    run = lambda: think(model, x, cfg)  # noqa: E731
-    if it["path"] in ("graph", "graph_compiled"):  # the whole thinking call captured once as a CUDA graph, then replayed
-        from ebt.nn import capture_cuda_graph
+    plan = plan_for(model, it["path"], dev)  # compiled: the written-out gradient, compiled: one forward
+    with autocast(dev, a.precision):  # the step for the autocast dtype (a fused one where layouts differ)
+        step = plan.think_step(model, cfg)
+    run = lambda: think(model, x, cfg, step=step)  # noqa: E731
+    if plan.cuda_graph:  # the whole thinking call captured once as a CUDA graph, then replayed
+        from ebt.fast.cuda_graph import capture_cuda_graph
 
         with autocast(dev, a.precision):
             graph, _ = capture_cuda_graph(run, warmup=1)
@@ -194,7 +206,7 @@ def gen_item(it, a, dev):
     import torch
 
     from ebt.compat.official_algorithm import OfficialAlgorithmEBT
-    from ebt.evaluate import autocast
+    from ebt.runtime import autocast
     from ebt.generate import GenerateConfig, generate, generate_uncached
     from ebt.think import ThinkConfig
 
@@ -237,9 +249,13 @@ def check_item(it, a, dev):
 
     import torch
 
+    from functools import partial
+
     from ebt.compat.official_algorithm import OfficialAlgorithmEBT
     from ebt.config import ModelConfig, recipe
+    from ebt.fast.cuda_graph import CapturedStep
     from ebt.models import build_model
+    from ebt.objective import train_step
 
     res = {}
     for rec in ("s1", "s2"):
@@ -254,12 +270,11 @@ def check_item(it, a, dev):
         paths = ("double", "jvp", "explicit", "compiled", "official")
         for path in ("full", *paths):
             mm = OfficialAlgorithmEBT.from_model(m) if path == "official" else copy.deepcopy(m)
-            mm.compile_grad = path == "compiled"
-            method = {"official": "full", "compiled": "explicit"}.get(path, path)
+            plan = plan_for(mm, path, dev, energy_gap=True)
             for rep in range(2):  # the second call replays rows (S2)
                 torch.manual_seed(1 + rep)
                 mm.zero_grad()
-                mm.train_step(x, method=method)
+                train_step(mm, x, plan=plan)
             grads[path] = {n: p.grad.clone() for n, p in mm.named_parameters() if p.grad is not None}
         for path in paths:
             res[f"{rec} {path}"] = max(float((grads[path][n] - g).norm() / g.norm().clamp_min(1e-300))
@@ -270,26 +285,25 @@ def check_item(it, a, dev):
     # S1: three replays; S2: its first call fills the buffer (eager in both), then a graph per step count.
     # The captured model has run no eager step of its own (as in `ebt train --cuda-graph`); each part
     # reports on its own.
-    from ebt.train import CapturedStep
-
     for rec, reps, kw in (("s1", 3, {}), ("s2", 7, dict(langevin=0.0, alpha_rand_scale=1.0, replay_buffer=4,
                                                           replay_fraction=1.0))):
         torch.manual_seed(0)
         m = build_model(ModelConfig(model="ebt", size="4xs", vocab_size=500, context_length=32,
                                     ebt=recipe(rec, init_scale=0.0, **kw))).to(dev, torch.float64).train()
-        for name, method, compiled in (("", "double", False), (" (compiled explicit)", "explicit", True)):
+        for name, compiled in (("", False), (" (compiled explicit)", True)):
             try:
                 me, mg = copy.deepcopy(m), copy.deepcopy(m)
-                mg.compile_grad = compiled
-                step = CapturedStep(mg, mg.train_step)
+                plan_e = plan_for(me, "double", dev, energy_gap=True)
+                plan_g = plan_for(mg, "compiled" if compiled else "double", dev, energy_gap=True)
+                step = CapturedStep(mg, partial(train_step, mg, plan=plan_g))
                 worst, counts = 0.0, []
                 for rep in range(reps):
                     x = torch.randint(0, 500, (4, 33), device=dev)
                     me.zero_grad(set_to_none=True)
                     torch.manual_seed(100 + rep)  # the same host-drawn step counts
-                    counts.append(int(me.train_step(x, method="double")["steps"]))
+                    counts.append(int(train_step(me, x, plan=plan_e)["steps"]))
                     torch.manual_seed(100 + rep)
-                    step(x, method=method)
+                    step(x)
                     worst = max(worst, max(float((p.grad - q.grad).norm() / p.grad.norm())
                                            for p, q in zip(me.parameters(), mg.parameters()) if p.grad is not None))
                 if me.replay is not None:
@@ -308,22 +322,23 @@ def profile_step(a, dev, path="double"):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ebt.evaluate import autocast
+    from ebt.runtime import autocast
+
+    from ebt.objective import train_step
 
     model = build("ebt", "s1", a.sizes[0], a.vocab, a.context, dev).train()
-    method = "explicit" if path == "compiled" else path
-    model.compile_grad = path == "compiled"
+    plan = plan_for(model, path, dev)
     x = torch.randint(0, a.vocab, (a.batch, a.context + 1), device=dev)
     for _ in range(3):
         with autocast(dev, a.precision):
-            model.train_step(x, method=method)
+            train_step(model, x, plan=plan)
         model.zero_grad(set_to_none=True)
     _sync(dev)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts) as prof:
         t = time.perf_counter()
         with autocast(dev, a.precision):
-            model.train_step(x, method=method)
+            train_step(model, x, plan=plan)
         _sync(dev)
         wall = time.perf_counter() - t
     cuda = dev.type == "cuda"
@@ -370,7 +385,7 @@ def profile_generation(a, dev, batch=1, tokens=16):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ebt.evaluate import autocast
+    from ebt.runtime import autocast
     from ebt.generate import GenerateConfig, generate
     from ebt.think import ThinkConfig
 
@@ -558,7 +573,7 @@ def main():
         a.new_tokens, a.steps, a.warmup, a.think_reps = 224, 5, 3, 3
     import torch
 
-    from ebt.think import auto_grad_method
+    from ebt.fast.plan import auto_grad_method
 
     dev = torch.device(a.device)
     a.methods = a.methods or [auto_grad_method(dev, compiled=False), "compiled"]  # ebt train's "auto"

@@ -35,19 +35,24 @@ def build(kind, size, vocab, context, device):
 def think_once(size, vocab, context, batch, steps, device, reps):
     import torch
 
+    from ebt.fast.plan import resolve_plan
     from ebt.think import ThinkConfig, think
 
     dev = torch.device(device)
     model = build("ebt", size, vocab, context, dev)
     x = torch.randint(0, vocab, (batch, context), device=dev)
-    think(model, x, ThinkConfig(steps=1, noise=0.0))  # warm-up; noise 0: comparable greedy tokens
+    plan = resolve_plan(model, dev)  # the device's default paths
+    cfg = ThinkConfig(steps=1, noise=0.0)
+    think(model, x, cfg, step=plan.think_step(model, cfg))  # warm-up; noise 0: comparable greedy tokens
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
+    cfg = ThinkConfig(steps=steps, noise=0.0)
+    step = plan.think_step(model, cfg)
     for _ in range(reps):
-        think(model, x, ThinkConfig(steps=steps, noise=0.0))
+        think(model, x, cfg, step=step)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20

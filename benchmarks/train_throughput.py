@@ -25,7 +25,8 @@ def measure(model_name, size, vocab, context, batch, device, attention, steps, w
     import torch
 
     from ebt.config import ModelConfig, TrainConfig, recipe
-    from ebt.evaluate import autocast
+    from ebt.fast.plan import resolve_plan
+    from ebt.runtime import autocast
     from ebt.models import build_model
     from ebt.train import make_optimizer
 
@@ -35,9 +36,9 @@ def measure(model_name, size, vocab, context, batch, device, attention, steps, w
     kind, _, rec = model_name.partition("-")
     model = build_model(ModelConfig(model=kind, size=size, vocab_size=vocab, context_length=context,
                                     ebt=recipe(rec) if kind == "ebt" else None)).to(dev)
-    model.fused_attention = attention == "fused"
-    if kind == "ebt":
-        model.measure_final_energy = False  # a logging extra, not part of the training step
+    # the Transformer++'s attention kernels; an EBT's contexts that keep a graph write the scores out, and
+    # its plan leaves out the logging forward (the energy gap), not part of the training step
+    kw = {"plan": resolve_plan(model, energy_gap=False)} if kind == "ebt" else {"fused": attention == "fused"}
     opt, _ = make_optimizer(model, TrainConfig(), 1e-4, dev)
     fwd = torch.compile(model) if compile_ else model
     x = torch.randint(0, vocab, (batch, context + 1), device=dev)
@@ -49,7 +50,7 @@ def measure(model_name, size, vocab, context, batch, device, attention, steps, w
             torch.cuda.synchronize()
         t = time.perf_counter()
         with autocast(dev, precision):
-            loss = fwd(x)["loss"]
+            loss = fwd(x, **kw)["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

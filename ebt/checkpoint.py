@@ -49,10 +49,12 @@ def load_pt(path: Path, what: str):
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} ({what}) holds pickled objects, not only tensors and plain values: refused, "
-                              f"since unpickling can run code; resume from a checkpoint written by `ebt train`") from e
+        raise CheckpointError(f"{path} ({what}) holds pickled objects, not only tensors and plain values: "
+                              f"refused, since unpickling can run code; resume from a checkpoint written by "
+                              f"`ebt train`") from e
     except Exception as e:
-        raise CheckpointError(f"{path} ({what}) is corrupt ({first_line(e)}); resume from another checkpoint") from e
+        raise CheckpointError(f"{path} ({what}) is corrupt ({first_line(e)}); "
+                              f"resume from another checkpoint") from e
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -76,7 +78,8 @@ def resolve(path: str | Path) -> Path:
         return old
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist: pass a directory written by `ebt train`")
-    raise CheckpointError(f"{path} is not a checkpoint: it has no config.json (expected config.json + model.safetensors)")
+    raise CheckpointError(f"{path} is not a checkpoint: it has no config.json "
+                          f"(expected config.json + model.safetensors)")
 
 
 def find_checkpoint(run_dir) -> Path | None:
@@ -100,7 +103,8 @@ def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(),
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "gauss": float(gauss)},
-             "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": py_gauss}}
+             "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                        "gauss": py_gauss}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -109,24 +113,28 @@ def rng_state() -> dict:
 def load_rng(path: Path) -> dict:
     """rng.pt; files of older versions held NumPy's state as an array: rebuilt from an allowlist of NumPy's
     array constructors only (they build arrays, never run code), then put in today's form."""
-    legacy = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), getattr(np, "_core", np.core).multiarray._reconstruct]
-    allow = torch.serialization.safe_globals(legacy) if hasattr(torch.serialization, "safe_globals") else nullcontext()
+    numpy_core = getattr(np, "_core", None) or np.core
+    legacy = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), numpy_core.multiarray._reconstruct]
+    has_allowlist = hasattr(torch.serialization, "safe_globals")
+    allow = torch.serialization.safe_globals(legacy) if has_allowlist else nullcontext()
     with allow:
         state = load_pt(path, "random generator state")
     if isinstance(state, dict) and isinstance(state.get("numpy"), tuple):
         kind, keys, pos, has_gauss, gauss = state["numpy"]
         version, internal, py_gauss = state["python"]
-        state["numpy"] = {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": pos,
-                          "has_gauss": has_gauss, "gauss": gauss}
+        state["numpy"] = {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                          "pos": pos, "has_gauss": has_gauss, "gauss": gauss}
         state["python"] = {"version": version, "internal": torch.tensor(internal), "gauss": py_gauss}
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    n, py = state["numpy"], state["python"]
+    np_state, py_state = state["numpy"], state["python"]
     torch.set_rng_state(state["torch"])
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss"]))
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    random.setstate((py_state["version"], tuple(int(v) for v in py_state["internal"].tolist()),
+                     py_state["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -145,8 +153,8 @@ def _write_failed(path: Path, e: Exception) -> CheckpointError:
     shutil.rmtree(staging_dir(path), ignore_errors=True)  # a failed write must not keep holding the disk
     reason = getattr(e, "strerror", None) or first_line(e)
     return CheckpointError(
-        f"could not write checkpoint {path} ({reason}); the previous checkpoint there, if any, is untouched. "
-        f"Free disk space or choose another --out directory, then resume.")
+        f"could not write checkpoint {path} ({reason}); the previous checkpoint there, if any, is "
+        f"untouched. Free disk space or choose another --out directory, then resume.")
 
 
 def save_checkpoint(path, model, config: dict, optimizer=None, scheduler=None, trainer_state=None,
@@ -240,10 +248,10 @@ def load_state(path) -> dict[str, torch.Tensor]:
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source="checkpoint") -> None:
     """load_state_dict with a message that says which model the weights do not fit."""
     model = unwrap(model)
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in expected
+              if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or shapes:
         raise CheckpointError(
             f"{source} is from a different model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
@@ -253,17 +261,13 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source=
     model.load_state_dict(state)
 
 
-def load_model(path, device="cpu") -> torch.nn.Module:
-    from ebt.models import build_model
-
-    path = resolve(path)
+def read_model_config(path: Path) -> ModelConfig:
+    """The ModelConfig a checkpoint (resolved) was saved with (ebt.models.load_model builds it)."""
     try:
-        mcfg = from_dict(ModelConfig, read_config(path)["model"])
+        return from_dict(ModelConfig, read_config(path)["model"])
     except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{path / 'config.json'} describes no model this version can build ({e})") from e
-    model = build_model(mcfg)
-    load_weights(model, load_state(path), source=str(path))
-    return model.to(device)
+        raise CheckpointError(f"{path / 'config.json'} describes no model this version can build "
+                              f"({e})") from e
 
 
 def load_training_state(path) -> dict:
@@ -274,7 +278,8 @@ def load_training_state(path) -> dict:
         rng = load_rng(path / "rng.pt")
         trainer = json.loads((path / "trainer_state.json").read_text())
     except FileNotFoundError as e:
-        raise CheckpointError(f"{path} holds weights only ({e.filename} missing): it cannot be resumed") from e
+        raise CheckpointError(f"{path} holds weights only ({e.filename} missing): "
+                              f"it cannot be resumed") from e
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path / 'trainer_state.json'} is unreadable or corrupt ({e}); "
                               f"resume from another checkpoint") from e
@@ -289,8 +294,9 @@ def load_training_state(path) -> dict:
 
 def _expect(file: Path, obj, keys: dict) -> None:
     """A side file read back must hold the keys (of the types) resuming uses."""
-    bad = [k for k, t in keys.items() if not isinstance(obj, dict) or k not in obj or not isinstance(obj[k], t)
+    bad = [k for k, kind in keys.items()
+           if not isinstance(obj, dict) or k not in obj or not isinstance(obj[k], kind)
            or isinstance(obj[k], bool)]
     if bad:
-        raise CheckpointError(f"{file} lacks {', '.join(bad)} (or holds the wrong type): it is corrupt or not "
-                              f"written by `ebt train`; resume from another checkpoint")
+        raise CheckpointError(f"{file} lacks {', '.join(bad)} (or holds the wrong type): it is corrupt or "
+                              f"not written by `ebt train`; resume from another checkpoint")

@@ -1,6 +1,6 @@
 """Configs are plain dataclasses. The CLI maps flags onto them and every run saves them as JSON.
 
-The size registry follows the paper (ebt-method.md section 6): FFN hidden width = D, about 7 L D^2
+The size registry follows the paper (docs/method.md section 6): FFN hidden width = D, about 7 L D^2
 non-embedding parameters, and a per-size default learning rate.
 """
 
@@ -27,7 +27,8 @@ SIZES: dict[str, tuple[int, int, int, float]] = {
     "xl": (24, 2048, 32, 0.0002),
 }
 
-def resolve_size(size: str, n_layer: int | None, d_model: int | None, n_head: int | None) -> tuple[int, int, int]:
+def resolve_size(size: str, n_layer: int | None, d_model: int | None,
+                 n_head: int | None) -> tuple[int, int, int]:
     """(layers, width, heads) of a named size, each overridden where given."""
     if size not in SIZES:
         raise ConfigError(f"unknown size {size!r}; choose one of: {', '.join(SIZES)}")
@@ -98,29 +99,40 @@ def check_bounds(cfg) -> None:
 
 @dataclass
 class EBTConfig:
-    """How an EBT optimises its candidate, in training and by default at inference (ebt-method.md 2.4-2.5).
+    """How an EBT optimises its candidate, in training and by default at inference (docs/method.md 2.4-2.5).
 
     Official hyperparameter names in brackets. `RECIPES` below holds the paper's presets; every field
     can be overridden on top of a preset.
     """
 
-    variant: str = "time_embed"  # [ebt_type] "time_embed": a learned step token per landscape; "default": none
-    landscapes: int = bounded(2, int, 1)  # [mcmc_num_steps] learned landscapes; steps beyond them reuse the last one
-    alpha: float = bounded(500.0, float, 0, lo_open=True)  # [mcmc_step_size] step size of z_next = p - alpha * dE/dp
+    # [ebt_type] "time_embed": a learned step token per landscape; "default": none
+    variant: str = "time_embed"
+    # [mcmc_num_steps] learned landscapes; steps beyond them reuse the last one
+    landscapes: int = bounded(2, int, 1)
+    # [mcmc_step_size] step size of z_next = p - alpha * dE/dp
+    alpha: float = bounded(500.0, float, 0, lo_open=True)
     alpha_learnable: bool = True  # [mcmc_step_size_learnable]; clamped at >= alpha_min in use
     alpha_min: float = bounded(1e-4, float, 0, lo_open=True)
-    alpha_lr_mult: float = bounded(1500.0, float, 0)  # [mcmc_step_size_lr_multiplier] alpha's own optimizer group, no decay
-    rand_steps: int = bounded(0, int, 0)  # [randomize_mcmc_num_steps] R: training repeats each landscape
-    # randint(rand_steps_min, R + 2) times (a draw per landscape); validation repeats the last one R + 1 times
-    rand_steps_min: int = bounded(0, int, 0)  # [randomize_mcmc_num_steps_min]; also inference's steps per landscape
+    # [mcmc_step_size_lr_multiplier] alpha's own optimizer group, no decay
+    alpha_lr_mult: float = bounded(1500.0, float, 0)
+    # [randomize_mcmc_num_steps] R: training repeats each landscape randint(rand_steps_min, R + 2) times
+    # (a draw per landscape); validation repeats the last one R + 1 times
+    rand_steps: int = bounded(0, int, 0)
+    # [randomize_mcmc_num_steps_min]; also inference's steps per landscape
+    rand_steps_min: int = bounded(0, int, 0)
     detach: bool = True  # [not no_mcmc_detach] each step starts from the previous candidate, detached
     truncate: bool = False  # [truncate_mcmc] only the last step builds the second-order graph
     loss_last_only: bool = False  # loss on the last step only (S2) instead of the mean over steps (S1)
-    alpha_rand_scale: float = bounded(1.0, float, 1)  # [randomize_mcmc_step_size_scale] training alpha ~ U[alpha/s, alpha*s] per (row, pos)
-    langevin: float = bounded(0.0, float, 0)  # [langevin_dynamics_noise] std of noise added to the logits before each softmax (training)
-    init_scale: float = bounded(1.0, float, 0)  # [gaussian_random_noise_scaling] initial candidate z ~ N(0, init_scale^2)
-    replay_buffer: int = bounded(0, int, 0)  # [mcmc_replay_buffer] sequences kept (FIFO) to restart from their final logits
-    replay_fraction: float = bounded(0.5, float, 0, 1)  # replayed rows appended per batch, as a fraction of the batch
+    # [randomize_mcmc_step_size_scale] training alpha ~ U[alpha/s, alpha*s] per (row, pos)
+    alpha_rand_scale: float = bounded(1.0, float, 1)
+    # [langevin_dynamics_noise] std of noise added to the logits before each softmax (training)
+    langevin: float = bounded(0.0, float, 0)
+    # [gaussian_random_noise_scaling] initial candidate z ~ N(0, init_scale^2)
+    init_scale: float = bounded(1.0, float, 0)
+    # [mcmc_replay_buffer] sequences kept (FIFO) to restart from their final logits
+    replay_buffer: int = bounded(0, int, 0)
+    # replayed rows appended per batch, as a fraction of the batch
+    replay_fraction: float = bounded(0.5, float, 0, 1)
 
     def __post_init__(self):
         check_bounds(self)
@@ -129,17 +141,20 @@ class EBTConfig:
         if self.landscapes < 1 or self.rand_steps < 0 or self.replay_buffer < 0:
             raise ConfigError(f"landscapes must be >= 1 and rand_steps, replay_buffer >= 0: {self}")
         if not self.alpha > 0 or not self.alpha_rand_scale >= 1:
-            raise ConfigError(f"alpha must be > 0 and alpha_rand_scale >= 1 (got {self.alpha}, {self.alpha_rand_scale})")
-        if self.rand_steps and not 1 <= self.rand_steps_min <= self.rand_steps + 1:  # official randint(min, R+2)
-            raise ConfigError(f"rand_steps_min={self.rand_steps_min} must be at least 1 and at most rand_steps + 1 = "
-                              f"{self.rand_steps + 1}: training repeats each landscape randint(min, R + 2) times")
+            raise ConfigError(f"alpha must be > 0 and alpha_rand_scale >= 1 "
+                              f"(got {self.alpha}, {self.alpha_rand_scale})")
+        # official randint(min, R + 2)
+        if self.rand_steps and not 1 <= self.rand_steps_min <= self.rand_steps + 1:
+            raise ConfigError(f"rand_steps_min={self.rand_steps_min} must be at least 1 and at most "
+                              f"rand_steps + 1 = {self.rand_steps + 1}: training repeats each landscape "
+                              f"randint(min, R + 2) times")
 
     @property
     def eval_steps(self) -> int:
         return self.landscapes + self.rand_steps
 
 
-# The paper's recipes (ebt-method.md 2.4 and 2.5), for text.
+# The paper's recipes (docs/method.md 2.4 and 2.5), for text.
 RECIPES: dict[str, dict] = {
     "s1": dict(variant="time_embed", landscapes=2, alpha=500.0, alpha_learnable=True, alpha_lr_mult=1500.0,
                rand_steps=0, rand_steps_min=0, detach=True, truncate=False, loss_last_only=False,
@@ -147,10 +162,10 @@ RECIPES: dict[str, dict] = {
     "s2": dict(variant="time_embed", landscapes=1, alpha=5.0, alpha_learnable=False, rand_steps=2,
                rand_steps_min=2, detach=False, truncate=True, loss_last_only=True, alpha_rand_scale=2.0,
                langevin=3.0, replay_buffer=192, replay_fraction=0.5),
-    # the image denoiser (ebt-method.md 4): one step from the noisy image, alpha learnable
-    "s1_image": dict(variant="default", landscapes=1, alpha=3000.0, alpha_learnable=True, alpha_lr_mult=9000.0,
-                     rand_steps=0, rand_steps_min=0, detach=True, truncate=False, loss_last_only=False,
-                     alpha_rand_scale=1.0, langevin=0.0, replay_buffer=0),
+    # the image denoiser (docs/method.md 4): one step from the noisy image, alpha learnable
+    "s1_image": dict(variant="default", landscapes=1, alpha=3000.0, alpha_learnable=True,
+                     alpha_lr_mult=9000.0, rand_steps=0, rand_steps_min=0, detach=True, truncate=False,
+                     loss_last_only=False, alpha_rand_scale=1.0, langevin=0.0, replay_buffer=0),
 }
 
 
@@ -178,7 +193,8 @@ class ModelConfig:
     image_size: int = bounded(32, int, 1)  # image only
     channels: int = bounded(1, int, 1, 3)
     patch: int = bounded(4, int, 1)
-    noise_level: float = bounded(0.1, float, 0, 1, lo_open=True)  # image only: the training noise level (sets the official schedule, ebt.models.dit.level_schedule)
+    # image only: the training noise level (sets the official schedule, ebt.models.dit.level_schedule)
+    noise_level: float = bounded(0.1, float, 0, 1, lo_open=True)
     ebt: EBTConfig | None = None  # model="ebt" only; None there means recipe("s1")
 
     def __post_init__(self):
@@ -189,21 +205,23 @@ class ModelConfig:
             self.ebt = recipe("s1_image" if self.candidate == "image" else "s1")
         if isinstance(self.ebt, dict):
             self.ebt = EBTConfig(**self.ebt)
-        self.n_layer, self.d_model, self.n_head = resolve_size(self.size, self.n_layer, self.d_model, self.n_head)
+        self.n_layer, self.d_model, self.n_head = resolve_size(self.size, self.n_layer, self.d_model,
+                                                               self.n_head)
         if min(self.n_layer, self.d_model, self.n_head, self.vocab_size, self.context_length) < 1:
             raise ConfigError(f"model sizes must be positive: {self}")
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
-            raise ConfigError(
-                f"d_model={self.d_model} must split into n_head={self.n_head} heads of even width (RoPE rotates pairs)"
-            )
+            raise ConfigError(f"d_model={self.d_model} must split into n_head={self.n_head} heads of even "
+                              f"width (RoPE rotates pairs)")
         if self.candidate not in ("tokens", "frames", "image"):
-            raise ConfigError(f"unknown candidate type {self.candidate!r}: use 'tokens', 'frames' or 'image'")
+            raise ConfigError(f"unknown candidate type {self.candidate!r}: "
+                              f"use 'tokens', 'frames' or 'image'")
         if self.model == "dit" and self.candidate != "image":
             raise ConfigError("the DiT is an image denoiser: use candidate='image'")
         if self.candidate == "frames" and not (self.feature_dim or 0) >= 1:
             raise ConfigError("a model over frames needs feature_dim (the size of a frame's feature vector)")
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
-            raise ConfigError(f"pad_token_id={self.pad_token_id} is outside the vocabulary (size {self.vocab_size})")
+            raise ConfigError(f"pad_token_id={self.pad_token_id} is outside the vocabulary "
+                              f"(size {self.vocab_size})")
 
     @property
     def head_dim(self) -> int:
@@ -243,7 +261,8 @@ WINDOWS = ("packed", "document")
 
 # The paper's text pretraining, read from the official job scripts (alexiglad/EBT at 0ad3628,
 # job_scripts/nlp/pretrain/baseline_transformer.sh, ebt_s1.sh and ebt_s2.sh: all three pass these values;
-# the EBT's own settings are the recipes above, s1 from ebt_s1.sh, s2 from ebt_s2.sh). Keys are config fields.
+# the EBT's own settings are the recipes above, s1 from ebt_s1.sh, s2 from ebt_s2.sh). Keys are config
+# fields.
 PRESETS: dict[str, dict] = {
     "paper": {
         "tokenizer": "neox",  # --tokenizer "EleutherAI/gpt-neox-20b": a requirement on the data, not a field
@@ -270,7 +289,8 @@ PRESETS: dict[str, dict] = {
 class TrainConfig:
     out_dir: str = "runs/default"
     steps: int = bounded(1000, int, 1)  # optimizer steps
-    batch_size: int = bounded(32, int, 1)  # global batch in sequences per optimizer step (all ranks, all micro-steps)
+    # global batch in sequences per optimizer step (all ranks, all micro-steps)
+    batch_size: int = bounded(32, int, 1)
     grad_accum: int = bounded(1, int, 1)  # micro-steps per optimizer step
     lr: float | None = bounded(None, float, 0, lo_open=True)  # None: the size's learning rate
     min_lr_ratio: float = bounded(0.1, float, 0, 1)  # [1 / min_lr_scale] cosine floor lr * this, all groups
@@ -284,18 +304,22 @@ class TrainConfig:
     grad_clip: float = bounded(1.0, float, 0)  # global grad-norm clip; 0 disables
     seed: int = bounded(0, int, 0)
     eval_every: int = bounded(100, int, 0)
-    eval_windows: int | None = bounded(256, int, 1)  # validation windows per evaluation (None: the whole split)
+    # validation windows per evaluation (None: the whole split)
+    eval_windows: int | None = bounded(256, int, 1)
     eval_batch_size: int = bounded(32, int, 1)
     log_every: int = bounded(10, int, 1)
     save_every: int = bounded(0, int, 0)  # 0: save at evaluations and at the end
-    stop_at: int = bounded(0, int, 0)  # >0: stop (and save) at this step although the schedule spans `steps`; --resume continues
+    # >0: stop (and save) at this step although the schedule spans `steps`; --resume continues
+    stop_at: int = bounded(0, int, 0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp64
     compile: bool = False
     cuda_graph: bool = False  # EBT on CUDA: capture the training step once as a CUDA graph, then replay it
-    # EBT weight gradients: auto (explicit on CPU or with compile, else double) | explicit | double | jvp | full
+    # EBT weight gradients: auto (explicit on CPU or with compile, else double)
+    # | explicit | double | jvp | full
     ebt_grad: str = "auto"
-    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state with FSDP2 instead of DDP
+    # under torchrun: shard parameters, gradients and optimizer state with FSDP2 instead of DDP
+    fsdp: bool = False
     tensorboard: bool = False
     wandb: bool = False  # credentials come only from the environment (WANDB_API_KEY)
     wandb_project: str = "ebt"

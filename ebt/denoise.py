@@ -1,4 +1,4 @@
-"""Image denoising evaluation (ebt-method.md 4): the EBT denoiser against a DiT, in distribution (noise
+"""Image denoising evaluation (docs/method.md 4): the EBT denoiser against a DiT, in distribution (noise
 level 0.1, the training level) and out of distribution (0.2).
 
 Per-image MSE on [0, 255] pixels and PSNR = 10 log10(255^2 / MSE), averaged over the test images, with
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ebt.errors import ConfigError
-from ebt.evaluate import seeded
+from ebt.runtime import seeded
 from ebt.models.dit import noise_at_level, recursive
 from ebt.think import ThinkConfig, think
 from ebt.plots import pyplot, save_figure
@@ -25,9 +25,9 @@ from ebt.plots import pyplot, save_figure
 
 def pixel_errors(pred: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image MSE on [0, 255] pixels and PSNR = 10 log10(255^2 / MSE) for images in [-1, 1]."""
-    p = (pred.clamp(-1, 1) + 1) * 127.5
-    c = (clean.clamp(-1, 1) + 1) * 127.5
-    mse = (p.double() - c.double()).pow(2).flatten(1).mean(1)
+    pred_px = (pred.clamp(-1, 1) + 1) * 127.5
+    clean_px = (clean.clamp(-1, 1) + 1) * 127.5
+    mse = (pred_px.double() - clean_px.double()).pow(2).flatten(1).mean(1)
     psnr = 10 * torch.log10(255.0 ** 2 / mse.clamp_min(1e-10))
     return mse, psnr
 
@@ -45,11 +45,13 @@ def ebt_denoise(model, noisy: torch.Tensor, steps: int, applications: int = 1) -
 def shared_schedule(ebt_model, dit=None):
     """The EBT's noise schedule, which the DiT must share: one training level, one set of noisy images."""
     if dit is not None:
-        a, b = ebt_model.dcfg, dit.net.cfg
-        if (a.noise_level, a.diffusion_steps) != (b.noise_level, b.diffusion_steps):
-            raise ConfigError(f"the EBT was trained at noise level {a.noise_level} and the DiT at "
-                              f"{b.noise_level} ({a.diffusion_steps} vs {b.diffusion_steps} diffusion "
-                              f"steps): train both at one level (--noise-level)")
+        ebt_cfg, dit_cfg = ebt_model.dcfg, dit.net.cfg
+        ebt_level, dit_level = ebt_cfg.noise_level, dit_cfg.noise_level
+        ebt_steps, dit_steps = ebt_cfg.diffusion_steps, dit_cfg.diffusion_steps
+        if (ebt_level, ebt_steps) != (dit_level, dit_steps):
+            raise ConfigError(f"the EBT was trained at noise level {ebt_level} and the DiT at {dit_level} "
+                              f"({ebt_steps} vs {dit_steps} diffusion steps): train both at one level "
+                              f"(--noise-level)")
     return ebt_model.schedule
 
 
@@ -59,16 +61,16 @@ def _batches(x: torch.Tensor, n: int):
 
 
 @torch.no_grad()
-def denoising_table(ebt_model, dit=None, images: torch.Tensor = None, levels=(0.1, 0.2), ebt_steps=(1, 2, 3),
-                    ebt_applications=3, dit_steps=(10, 50, 100), dit_applications=3, batch_size: int = 256,
-                    seed: int = 0, log=print) -> list[dict]:
+def denoising_table(ebt_model, dit=None, images: torch.Tensor = None, levels=(0.1, 0.2),
+                    ebt_steps=(1, 2, 3), ebt_applications=3, dit_steps=(10, 50, 100), dit_applications=3,
+                    batch_size: int = 256, seed: int = 0, log=print) -> list[dict]:
     """Rows: {"model", "config", "passes", level: {"mse", "psnr"}} averaged over `images`."""
     rows: dict[tuple, dict] = {}
 
     def add(model, config, passes, level, pred, clean):
         mse, psnr = pixel_errors(pred, clean)
-        r = rows.setdefault((model, config), {"model": model, "config": config, "passes": passes})
-        acc = r.setdefault(str(level), {"mse": 0.0, "psnr": 0.0, "n": 0})
+        row = rows.setdefault((model, config), {"model": model, "config": config, "passes": passes})
+        acc = row.setdefault(str(level), {"mse": 0.0, "psnr": 0.0, "n": 0})
         acc["mse"] += float(mse.sum())
         acc["psnr"] += float(psnr.sum())
         acc["n"] += len(mse)
@@ -95,22 +97,23 @@ def denoising_table(ebt_model, dit=None, images: torch.Tensor = None, levels=(0.
                             add("DiT", f"DDIM {n} steps x {a}", n * a, level, out, clean)
         log(f"  level {level}: done")
     table = []
-    for r in rows.values():
+    for row in rows.values():
         for level in levels:
-            acc = r[str(level)]
-            r[str(level)] = {"mse": acc["mse"] / acc["n"], "psnr": acc["psnr"] / acc["n"]}
-        table.append(r)
+            acc = row[str(level)]
+            row[str(level)] = {"mse": acc["mse"] / acc["n"], "psnr": acc["psnr"] / acc["n"]}
+        table.append(row)
     return table
 
 
 def table_markdown(table: list[dict], levels=(0.1, 0.2)) -> str:
+    kinds = ["ID" if i == 0 else "OOD" for i in range(len(levels))]
     head = "| model | configuration | forward passes | " + " | ".join(
-        f"{'ID' if i == 0 else 'OOD'} {lv} MSE | {'ID' if i == 0 else 'OOD'} {lv} PSNR" for i, lv in enumerate(levels)) + " |"
+        f"{kind} {lv} MSE | {kind} {lv} PSNR" for kind, lv in zip(kinds, levels)) + " |"
     lines = [head, "|" + "---|" * (3 + 2 * len(levels))]
-    for r in table:
-        cells = [r["model"], r["config"], str(r["passes"])]
+    for row in table:
+        cells = [row["model"], row["config"], str(row["passes"])]
         for lv in levels:
-            cells += [f"{r[str(lv)]['mse']:.1f}", f"{r[str(lv)]['psnr']:.2f}"]
+            cells += [f"{row[str(lv)]['mse']:.1f}", f"{row[str(lv)]['psnr']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -121,10 +124,10 @@ def plot_psnr(table: list[dict], out, levels=(0.1, 0.2)) -> Path:
     fig, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 3.4), squeeze=False)
     for ax, lv in zip(axes[0], levels):
         for model, marker in (("EBT", "o"), ("DiT", "s")):
-            pts = sorted((r["passes"], r[str(lv)]["psnr"]) for r in table if r["model"] == model)
-            if pts:
-                ax.scatter(*zip(*pts), marker=marker, label=model)
-        base = [r[str(lv)]["psnr"] for r in table if r["model"] == "noisy input"]
+            points = sorted((row["passes"], row[str(lv)]["psnr"]) for row in table if row["model"] == model)
+            if points:
+                ax.scatter(*zip(*points), marker=marker, label=model)
+        base = [row[str(lv)]["psnr"] for row in table if row["model"] == "noisy input"]
         if base:
             ax.axhline(base[0], color="gray", ls="--", lw=1, label="noisy input")
         ax.set_xscale("log")
@@ -149,15 +152,16 @@ def image_grid(ebt_model, dit, clean: torch.Tensor, level: float, out, dit_steps
         rows = {"clean": clean, "noisy": noisy,
                 "EBT": ebt_denoise(ebt_model, noisy, ebt_model.cfg.ebt.eval_steps)[0][-1]}
         if dit is not None:
-            rows[f"DiT (DDIM {dit_steps})"] = recursive(dit.net, noisy, level, dit_steps, 1, dit.net.schedule)[0][-1]
+            outs, _ = recursive(dit.net, noisy, level, dit_steps, 1, dit.net.schedule)
+            rows[f"DiT (DDIM {dit_steps})"] = outs[-1]
     n = clean.shape[0]
     fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.9, len(rows) * 1.0), squeeze=False)
-    for r, (name, imgs) in enumerate(rows.items()):
-        arr = from_model_range(imgs.cpu())
+    for row, (name, imgs) in enumerate(rows.items()):
+        pixels = from_model_range(imgs.cpu())
         for i in range(n):
-            axes[r][i].imshow(arr[i], cmap="gray" if arr.ndim == 3 else None, vmin=0, vmax=255)
-            axes[r][i].axis("off")
-        axes[r][0].set_title(name, fontsize=7, loc="left")
+            axes[row][i].imshow(pixels[i], cmap="gray" if pixels.ndim == 3 else None, vmin=0, vmax=255)
+            axes[row][i].axis("off")
+        axes[row][0].set_title(name, fontsize=7, loc="left")
     fig.tight_layout()
     return save_figure(fig, out, dpi=100)
 
@@ -171,30 +175,32 @@ def linear_probe(model, train_x, train_y, test_x, test_y, batch_size: int = 512,
     def feats(x):
         return torch.cat([model.tokens(b.to(dev)).mean(1).float().cpu() for b in _batches(x, batch_size)])
 
-    ftr, fte = feats(train_x), feats(test_x)
-    mu, sd = ftr.mean(0), ftr.std(0).clamp_min(1e-6)
-    ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
-    g = torch.Generator().manual_seed(seed)
-    clf = torch.nn.Linear(ftr.shape[1], int(train_y.max()) + 1)
-    torch.nn.init.normal_(clf.weight, std=0.01, generator=g)
+    train_feats, test_feats = feats(train_x), feats(test_x)
+    mean, std = train_feats.mean(0), train_feats.std(0).clamp_min(1e-6)
+    train_feats, test_feats = (train_feats - mean) / std, (test_feats - mean) / std
+    gen = torch.Generator().manual_seed(seed)
+    clf = torch.nn.Linear(train_feats.shape[1], int(train_y.max()) + 1)
+    torch.nn.init.normal_(clf.weight, std=0.01, generator=gen)
     torch.nn.init.zeros_(clf.bias)
-    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=epochs, history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(clf.parameters(), lr=1.0, max_iter=epochs, history_size=20,
+                            line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(clf(ftr), train_y) + 1e-4 * clf.weight.pow(2).sum()
+        loss = torch.nn.functional.cross_entropy(clf(train_feats), train_y) + 1e-4 * clf.weight.pow(2).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
-    return float((clf(fte).argmax(1) == test_y).float().mean())
+    return float((clf(test_feats).argmax(1) == test_y).float().mean())
 
 
 def denoise_report(ebt_ckpt, dit_ckpt=None, images: str | None = None, test_images: int | None = 2000,
                    probe_train: int = 10000, out_dir="denoise_eval", device="cpu", dit_steps=(10, 50, 100),
                    log=print) -> dict:
-    from ebt.checkpoint import load_model, read_config, resolve
+    from ebt.checkpoint import read_config, resolve
+    from ebt.models import load_model
     from ebt.data.images import ImageData
 
     out_dir = Path(out_dir)
@@ -217,16 +223,23 @@ def denoise_report(ebt_ckpt, dit_ckpt=None, images: str | None = None, test_imag
     for lv in (0.1, 0.2):
         image_grid(model, dit, x[:10], lv, out_dir / f"grid_level{lv}.png")
     train = ImageData(name, "train", cache_dir=cache, size=model.cfg.image_size, channels=model.cfg.channels)
-    m = min(probe_train, train.num_images)
-    tr_ids = (torch.arange(m) * train.num_images) // m
-    probe = {"EBT": linear_probe(model, train.x[tr_ids], train.y[tr_ids], test.x, test.y)}
+    n_probe = min(probe_train, train.num_images)
+    probe_ids = (torch.arange(n_probe) * train.num_images) // n_probe
+    probe = {"EBT": linear_probe(model, train.x[probe_ids], train.y[probe_ids], test.x, test.y)}
     if dit is not None:
-        probe["DiT"] = linear_probe(dit, train.x[tr_ids], train.y[tr_ids], test.x, test.y)
+        probe["DiT"] = linear_probe(dit, train.x[probe_ids], train.y[probe_ids], test.x, test.y)
     with open(out_dir / "denoise.md", "a") as f:
-        f.write("\nLinear probe (logistic regression on mean-pooled final tokens, top-1 on the full test set): "
-                + ", ".join(f"{k} {100 * v:.2f}%" for k, v in probe.items()) + "\n")
+        scores = ", ".join(f"{k} {100 * v:.2f}%" for k, v in probe.items())
+        f.write("\nLinear probe (logistic regression on mean-pooled final tokens, "
+                f"top-1 on the full test set): {scores}\n")
+    pngs = ("psnr_vs_passes.png", "grid_level0.1.png", "grid_level0.2.png")
     report = {"images": name, "test_images": n, "table": table, "probe_top1": probe,
-              "png": [str(out_dir / p) for p in ("psnr_vs_passes.png", "grid_level0.1.png", "grid_level0.2.png")]}
+              "png": [str(out_dir / png) for png in pngs]}
+    report["files"] = {str(out_dir / "denoise.md"): "PSNR table and linear probe (Markdown)",
+                       str(out_dir / "denoise.json"): "this report as JSON",
+                       str(out_dir / pngs[0]): "figure: PSNR against forward passes",
+                       **{str(out_dir / png): f"figure: clean, noisy and denoised images, noise {png[10:-4]}"
+                          for png in pngs[1:]}}
     (out_dir / "denoise.json").write_text(json.dumps(report, indent=2))
     return report
 

@@ -15,7 +15,7 @@ attend over T keys costs  P(T) = T * L * (7 D^2 + 2 T D)  multiply-adds.
 Transformer++:  forward = P(S) + S D V (the vocabulary head); backward = 2 x forward (input and weight
 gradients of every product), so per token  6 * (L (7 D^2 + 2 S D) + D V).
 
-EBT (ebt-method.md 2.2-2.6; C = S + 1 context tokens with the step token, S without it). Per landscape
+EBT (docs/method.md 2.2-2.6; C = S + 1 context tokens with the step token, S without it). Per landscape
 the context stream runs once, P(C). One optimisation step on the candidate stream:
   F_cand = S * (V D + L (7 D^2 + 2 C D) + D)      forward: the V -> D projection of p, the blocks
            (candidate queries against the C context keys and values) and the energy head D -> 1;
@@ -26,7 +26,8 @@ the context stream runs once, P(C). One optimisation step on the candidate strea
            and dE = 1 is a constant in B1): 6 F_cand - 3 S D in all;
   a step without it (S2's earlier steps): F_cand + B1.
 The context stream's backward reaches every product but the last layer's query, output and FFN maps and
-its attention (only that layer's keys and values feed the candidates): 2 * C * ((L-1)(7 D^2 + 2 C D) + 2 D^2).
+its attention (only that layer's keys and values feed the candidates):
+  2 * C * ((L-1)(7 D^2 + 2 C D) + 2 D^2).
 Each candidate also scores its own key and mixes its own value (2 S D multiply-adds per layer and pass:
 elementwise products, which the counter skips); `ebt_train_flops` reports them apart as "self".
 The no-grad forward that logs `energy_gap` during training is bookkeeping and is not counted.
@@ -52,7 +53,7 @@ def _pass(T: int, keys: int, L: int, D: int) -> int:
 
 
 def ebt_step_plan(cfg: ModelConfig, n_steps: int | None = None) -> list[tuple[int, bool]]:
-    """(landscape key, builds the second-order graph) for each training step, as ebt.think.unroll runs them."""
+    """(landscape key, builds the second-order graph) per training step, as ebt.think.unroll runs them."""
     e = cfg.ebt
     n = n_steps if n_steps is not None else e.eval_steps
     key = (lambda k: min(k, e.landscapes - 1)) if e.variant == "time_embed" else (lambda k: 0)
@@ -91,7 +92,8 @@ def train_flops_per_token(cfg: ModelConfig) -> float:
         return transformer_train_flops(cfg)
     if cfg.model == "ebt":
         return ebt_train_flops(cfg)["total"]
-    raise ConfigError(f"FLOP accounting covers the text models (transformer, ebt), not {cfg.model}/{cfg.candidate}")
+    raise ConfigError(f"FLOP accounting covers the text models (transformer, ebt), "
+                      f"not {cfg.model}/{cfg.candidate}")
 
 
 def non_embedding_params(cfg: ModelConfig) -> int:
@@ -105,25 +107,26 @@ def count_train_flops(model, window, n_steps: int | None = None) -> float:
     """FLOPs per predicted token of one training forward + backward, counted by FlopCounterMode.
 
     The model runs with explicit attention everywhere (the counter does not see inside fused kernels
-    consistently; the formula counts the full score matrix) and, for an EBT, with a fixed step count and without the logging forward. FlopCounterMode fails
-    inside autograd.grad when the candidate p is a leaf, so p is made a non-leaf here (softmax of a
-    fresh leaf): the same products run."""
+    consistently; the formula counts the full score matrix) and, for an EBT, with a fixed step count and
+    without the logging forward. FlopCounterMode fails inside autograd.grad when the candidate p is a
+    leaf, so p is made a non-leaf here (softmax of a fresh leaf): the same products run."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     model.train()
-    saved = {k: model.__dict__.get(k) for k in ("candidate_input", "train_steps", "context")}
-    model.fused_attention = False
-    if getattr(model, "cfg", None) is not None and model.cfg.model == "ebt":
-        model.measure_final_energy = False
+    saved = {k: model.__dict__.get(k) for k in ("candidate_input", "context")}
+    kind = getattr(getattr(model, "cfg", None), "model", None)
+    kw = {"fused": False} if kind == "transformer" else {}  # explicit attention
+    if kind == "ebt":
+        from ebt.fast.plan import resolve_plan
+
+        kw = {"n_steps": n_steps, "plan": resolve_plan(model, energy_gap=False)}  # no logging forward
         context = model.context  # contexts without a graph may pick fused kernels: count explicit attention
         model.context = lambda tokens, landscape, **kw: context(tokens, landscape)
         model.candidate_input = lambda z: torch.softmax(z.detach().requires_grad_(), dim=-1)
-        if n_steps is not None:
-            model.train_steps = lambda: n_steps
     try:
         with FlopCounterMode(display=False) as counter:
-            model(window)["loss"].backward()
+            model(window, **kw)["loss"].backward()
     finally:
         for k, v in saved.items():
             if v is None:

@@ -35,22 +35,24 @@ from ebt.errors import ConfigError
 def check_fsdp(world: int, cfg) -> None:
     """Refuse FSDP settings that cannot work (cfg: the TrainConfig), with the fix in the message."""
     if world < 2:
-        raise ConfigError("fsdp shards a model across processes: launch with torchrun --nproc-per-node N (N >= 2), "
-                          "or drop --fsdp for a single process")
+        raise ConfigError("fsdp shards a model across processes: launch with torchrun --nproc-per-node N "
+                          "(N >= 2), or drop --fsdp for a single process")
     if cfg.compile:
         raise ConfigError("--fsdp with --compile is not supported here: drop one of them")
     if getattr(cfg, "cuda_graph", False):
         raise ConfigError("--fsdp with --cuda-graph is not supported: drop one of them")
     if getattr(cfg, "ebt_grad", "auto") not in ("auto", "full"):
-        raise ConfigError(f"--fsdp trains an EBT through forward + backward of the whole unroll (--ebt-grad full); "
-                          f"--ebt-grad {cfg.ebt_grad} runs its own backward, which FSDP's hooks do not see")
+        raise ConfigError(f"--fsdp trains an EBT through forward + backward of the whole unroll "
+                          f"(--ebt-grad full); --ebt-grad {cfg.ebt_grad} runs its own backward, "
+                          f"which FSDP's hooks do not see")
     if fully_shard_fn() is None:
-        raise ConfigError(f"--fsdp needs torch >= 2.7 (FSDP2's public fully_shard, with ignored_params); this is "
-                          f"torch {torch.__version__}: upgrade torch, or drop --fsdp to train with data parallelism")
+        raise ConfigError(f"--fsdp needs torch >= 2.7 (FSDP2's public fully_shard, with ignored_params); "
+                          f"this is torch {torch.__version__}: upgrade torch, or drop --fsdp to train with "
+                          f"data parallelism")
 
 
 def fully_shard_fn():
-    """FSDP2's fully_shard as used here (public, with ignored_params: torch >= 2.7), or None on an older torch."""
+    """FSDP2's fully_shard as used here (public, with ignored_params: torch >= 2.7), or None before."""
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # torch < 2.6 keeps it under torch.distributed._composable, without ignored_params

@@ -12,16 +12,17 @@ their own next prompt token ("forced") while the others take the model's choice.
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 from dataclasses import dataclass
 
 import torch
 
-from ebt.energy_grad import context_decode_step
+from ebt.fast.written_out import context_decode_step
 from ebt.config import bounded, check_bounds
 from ebt.errors import ConfigError
-from ebt.nn import KVCache, capture_cuda_graph
+from ebt.fast.cuda_graph import capture_cuda_graph
+from ebt.fast.plan import Plan, resolve_plan
+from ebt.nn import KVCache
 from ebt.think import ThinkConfig, think
 
 
@@ -38,13 +39,14 @@ class GenerateConfig:
     # trained Langevin std, final pass not scored)
     think: ThinkConfig | None = None
     compile: bool = False  # EBT: think through the written-out energy gradient under torch.compile
-    # (ebt/energy_grad.py); with cuda_graph every decode step has one shape, so it compiles once
+    # (ebt/fast/written_out.py); with cuda_graph every decode step has one shape, so it compiles once
 
     def __post_init__(self):
         check_bounds(self)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+def sample(logits: torch.Tensor, temperature: float, top_p: float,
+           gen: torch.Generator | None) -> torch.Tensor:
     """logits (B, V) -> token ids (B,): greedy at temperature 0, else nucleus sampling."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -72,7 +74,8 @@ class _StaticContexts:
     and the mask of written positions (nothing depends on Python integers that change per token)."""
 
     def __init__(self, model, caches: dict, prefix: int, offset: torch.Tensor, allowed: torch.Tensor):
-        self.model, self.caches, self.prefix, self.offset, self.allowed = model, caches, prefix, offset, allowed
+        self.model, self.caches, self.prefix = model, caches, prefix
+        self.offset, self.allowed = offset, allowed
 
     def get_ctx(self, k, graph):
         return self.caches[self.model.landscape_key(k)], self.prefix, self.offset, self.allowed
@@ -86,19 +89,20 @@ class Decoder:
     it is captured once as a CUDA graph and replayed, which removes the per-kernel launch cost that
     dominates small-batch decoding."""
 
-    def __init__(self, model, batch: int, max_len: int, think_cfg: ThinkConfig | None, cuda_graph: bool = False):
-        self.model, self.is_ebt = model, hasattr(model, "energy_from")
-        self.static = Decoder.is_static(model, cuda_graph)
+    def __init__(self, model, batch: int, max_len: int, think_cfg: ThinkConfig | None, plan: Plan):
+        self.model, self.is_ebt, self.plan = model, hasattr(model, "energy_from"), plan
+        self.static = Decoder.is_static(model, plan.cuda_graph)
         self.graph = None
         w = model.tok_emb.weight
         cfg = model.cfg
         self.think_cfg = think_cfg or ThinkConfig(score_final=False)
+        self.step = plan.think_step(model, self.think_cfg) if self.is_ebt else None
         shape = dict(batch=batch, n_head=cfg.n_head, head_dim=cfg.head_dim, device=w.device, dtype=w.dtype)
         if self.is_ebt:
             self.prefix = 1 if model.step_emb is not None else 0
             keys = sorted({model.landscape_key(k) for k in range(cfg.ebt.landscapes)})
             # room for a multiple of 8 positions: the static step attends over the whole buffer (under
-            # a mask), whose length then needs no padding for aligned products (ebt.energy_grad). Static
+            # a mask), whose length then needs no padding for aligned products (ebt.fast.written_out). Static
             # decoding takes the whole context, so one decoder (and its graph) serves every later call
             max_len = cfg.context_length if self.static else max_len
             length = -(-(max_len + self.prefix) // 8) * 8
@@ -117,9 +121,10 @@ class Decoder:
         """Point a kept decoder at its model again (`detach` drops the reference between calls, so the
         model can be freed while the module-level store keeps its decoder only weakly keyed)."""
         self.model = self.ctx.model = model
+        self.step = self.plan.think_step(model, self.think_cfg)
 
     def detach(self) -> None:
-        self.model = self.ctx.model = None
+        self.model = self.ctx.model = self.step = None
 
     def reset(self) -> None:
         """Start a new sequence: nothing written yet. What earlier sequences left in the caches is never
@@ -140,12 +145,13 @@ class Decoder:
         cpos = pos + self.prefix
         valid = torch.arange(cache.k[0].shape[2], device=tok.device) <= cpos  # written context positions
         for c in self.ctx.caches.values():
-            if getattr(m, "compile_grad", False):  # written out and compiled: a few kernels instead of hundreds
+            if self.plan.compiled:  # written out and compiled: a few kernels instead of hundreds
                 context_decode_step(m, c, m.tok_emb(tok), cpos, valid, compiled=True)
             else:
-                m.backbone(m.tok_emb(tok), cpos, cache=c, pos=cpos, mask=valid.view(1, 1, 1, -1), causal=False)
+                m.backbone(m.tok_emb(tok), cpos, cache=c, pos=cpos, mask=valid.view(1, 1, 1, -1),
+                           causal=False)
         ctx = _StaticContexts(m, self.ctx.caches, self.prefix, pos, valid.view(1, -1))
-        return think(m, tok, self.think_cfg, contexts=ctx).z[:, -1]
+        return think(m, tok, self.think_cfg, contexts=ctx, step=self.step).z[:, -1]
 
     def _feed_static(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.device.type != "cuda":
@@ -165,7 +171,8 @@ class Decoder:
         self.static_tok = tokens.clone()
         self.static_pos = torch.tensor([self.length], device=tokens.device)
         # the warm-up calls write this token's keys/values at this position, as the replay will
-        self.graph, self.static_out = capture_cuda_graph(lambda: self._static_step(self.static_tok, self.static_pos))
+        self.graph, self.static_out = capture_cuda_graph(
+            lambda: self._static_step(self.static_tok, self.static_pos))
 
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append tokens (B, T) at positions length..length+T-1; return logits (B, V) for the last one."""
@@ -183,7 +190,7 @@ class Decoder:
             m.backbone(m.tok_emb(tokens), pos, cache=cache, pos=self.length + self.prefix)
         self.length += T
         self.ctx.length = self.length
-        out = think(m, tokens[:, -1:], self.think_cfg, contexts=self.ctx)
+        out = think(m, tokens[:, -1:], self.think_cfg, contexts=self.ctx, step=self.step)
         return out.z[:, -1]
 
 
@@ -196,9 +203,9 @@ def _prepare(model, prompts: list[list[int]], cfg: GenerateConfig):
     lens = [len(p) for p in prompts]
     total = max(lens) + cfg.max_new_tokens
     if total > model.cfg.context_length:
-        raise ConfigError(f"prompt ({max(lens)} tokens) + max_new_tokens ({cfg.max_new_tokens}) = {total} exceeds "
-                          f"the model's context_length {model.cfg.context_length}: shorten the prompt or "
-                          f"ask for fewer tokens")
+        raise ConfigError(f"prompt ({max(lens)} tokens) + max_new_tokens ({cfg.max_new_tokens}) = {total} "
+                          f"exceeds the model's context_length {model.cfg.context_length}: shorten the "
+                          f"prompt or ask for fewer tokens")
     dev = model.tok_emb.weight.device
     seq = torch.zeros(len(prompts), total, dtype=torch.long, device=dev)
     is_prompt = torch.zeros(len(prompts), total, dtype=torch.bool, device=dev)
@@ -212,7 +219,7 @@ def _decode(model, prompts, cfg: GenerateConfig, next_logits, return_logits: boo
     """The decoding loop shared by the cached and the uncached path: next_logits(seq, t) gives the
     logits (B, V) for position t given seq[:, :t]. Random starts and sampling are seeded by cfg.seed
     without touching the caller's random stream."""
-    from ebt.evaluate import seeded
+    from ebt.runtime import seeded
 
     seq, is_prompt, lens = _prepare(model, prompts, cfg)
     dev = seq.device
@@ -238,22 +245,24 @@ def _decode(model, prompts, cfg: GenerateConfig, next_logits, return_logits: boo
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], cfg: GenerateConfig | None = None, return_logits: bool = False):
+def generate(model, prompts: list[list[int]], cfg: GenerateConfig | None = None, return_logits: bool = False,
+             plan: Plan | None = None):
     """Continue each prompt (a list of token ids) by up to cfg.max_new_tokens tokens, with the KV cache.
 
-    Returns a list of new-token lists (and, with return_logits, the (B, steps, V) logits used)."""
+    Returns a list of new-token lists (and, with return_logits, the (B, steps, V) logits used). plan:
+    how an EBT thinks (ebt.fast.plan; None: resolved from cfg.compile and cfg.cuda_graph)."""
     cfg = cfg or GenerateConfig()
+    plan = plan or resolve_plan(model, compile=cfg.compile, cuda_graph=cfg.cuda_graph)
     state = {}
 
     def next_logits(seq, t):
         if "dec" not in state:  # prefill: the common part of the prompts at once
-            state["dec"] = _decoder(model, seq.shape[0], seq.shape[1], cfg)
+            state["dec"] = _decoder(model, seq.shape[0], seq.shape[1], cfg, plan)
             return state["dec"].feed(seq[:, :t])
         return state["dec"].feed(seq[:, t - 1:t])
 
     try:
-        with compiled_thinking(model, cfg.compile):
-            return _decode(model, prompts, cfg, next_logits, return_logits)
+        return _decode(model, prompts, cfg, next_logits, return_logits)
     finally:
         if state.get("dec") is not None and state["dec"].static:
             state["dec"].detach()  # kept in _STATIC, weakly keyed by the model: no reference back to it
@@ -262,16 +271,16 @@ def generate(model, prompts: list[list[int]], cfg: GenerateConfig | None = None,
 _STATIC = weakref.WeakKeyDictionary()  # model -> (what its static decoder was built for, the decoder)
 
 
-def _decoder(model, batch: int, max_len: int, cfg: GenerateConfig) -> Decoder:
+def _decoder(model, batch: int, max_len: int, cfg: GenerateConfig, plan: Plan) -> Decoder:
     """A decoder for one generate call. A static one (cuda_graph, EBT) is kept with the model and reset
     for the next call with the same batch, thinking, precision and weights' storage, so its CUDA graph
     is captured once, not per call (as torch.compile compiles once). One is kept per model; it holds
     the KV caches and the graph's memory (small next to the weights; `release_static_decoder` frees it)."""
-    if not Decoder.is_static(model, cfg.cuda_graph):
-        return Decoder(model, batch, max_len, cfg.think, cfg.cuda_graph)
+    if not Decoder.is_static(model, plan.cuda_graph):
+        return Decoder(model, batch, max_len, cfg.think, plan)
     dev = model.tok_emb.weight.device
-    key = (batch, repr(cfg.think), bool(getattr(model, "compile_grad", False)), getattr(model, "explicit_grad", None),
-           torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type),
+    key = (batch, repr(cfg.think), plan, torch.is_autocast_enabled(dev.type),
+           torch.get_autocast_dtype(dev.type),
            tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters()))
     kept = _STATIC.get(model)
     if kept is not None and kept[0] == key:
@@ -280,7 +289,7 @@ def _decoder(model, batch: int, max_len: int, cfg: GenerateConfig) -> Decoder:
         dec.reset()
         return dec
     _STATIC.pop(model, None)  # the old graph's memory goes before the new one is captured
-    dec = Decoder(model, batch, max_len, cfg.think, cfg.cuda_graph)
+    dec = Decoder(model, batch, max_len, cfg.think, plan)
     _STATIC[model] = (key, dec)
     return dec
 
@@ -288,19 +297,6 @@ def _decoder(model, batch: int, max_len: int, cfg: GenerateConfig) -> Decoder:
 def release_static_decoder(model) -> None:
     """Free the static decoder (KV caches, CUDA graph) kept with `model` by generate(cuda_graph=True)."""
     _STATIC.pop(model, None)
-
-
-@contextlib.contextmanager
-def compiled_thinking(model, on: bool):
-    """An EBT thinks through its compiled written-out energy gradient inside this block (if on)."""
-    if not on or not hasattr(model, "compile_grad"):
-        yield
-        return
-    before, model.compile_grad = model.compile_grad, True
-    try:
-        yield
-    finally:
-        model.compile_grad = before
 
 
 @torch.no_grad()
@@ -311,6 +307,8 @@ def generate_uncached(model, prompts: list[list[int]], cfg: GenerateConfig | Non
     (noise=0); with noise the two draw it in other shapes, so other numbers."""
     cfg = cfg or GenerateConfig()
     is_ebt = hasattr(model, "energy_from")
+    think_cfg = cfg.think or ThinkConfig(score_final=False)
+    step = resolve_plan(model).think_step(model, think_cfg) if is_ebt else None
 
     def next_logits(seq, t):
         ctx = seq[:, :t]
@@ -320,6 +318,6 @@ def generate_uncached(model, prompts: list[list[int]], cfg: GenerateConfig | Non
         # positions' candidates cannot influence it (no leakage), so any start does for them
         z_last = model.init_candidate(ctx[:, -1:])
         init = torch.cat([z_last.new_zeros(ctx.shape[0], t - 1, z_last.shape[-1]), z_last], 1)
-        return think(model, ctx, cfg.think or ThinkConfig(score_final=False), init=init).z[:, -1]
+        return think(model, ctx, think_cfg, init=init, step=step).z[:, -1]
 
     return _decode(model, prompts, cfg, next_logits, return_logits)

@@ -3,6 +3,8 @@
 Pre-norm blocks h = h + Attn(RMSNorm(h)); h = h + FFN(RMSNorm(h)), RMSNorm and softmax in at least
 float32, RoPE on adjacent pairs, SwiGLU with hidden width D, no biases anywhere. The EBT and the
 Transformer++ use this exact code; only what goes in (embeddings) and comes out (heads) differ.
+The block is one function of its weights (`block`): the modules run it, and so does the EBT's
+written-out energy gradient, whose hand-written backward reads the tensors it saves.
 """
 
 from __future__ import annotations
@@ -25,62 +27,69 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # Vocabulary-sized operands are padded to a multiple of this on these devices: with an odd V (50277 for
-# GPT-NeoX) bf16 rows are not 16-byte aligned and cuBLAS falls back to kernels 5.7x slower on an H200
-# (benchmarks/vocab_matmul.py). The padding is zeros, so results are those of the unpadded product.
+# GPT-NeoX) bf16 rows are not 16-byte aligned and cuBLAS falls back to slow kernels (measured in
+# benchmarks/RESULTS.md, benchmarks/vocab_matmul.py). The padding is zeros: results are the unpadded ones.
 VOCAB_ALIGN = 64
-PAD_VOCAB_DEVICES = {"cuda"}  # also where the written-out gradient pads the context's keys (ebt.energy_grad)
+PAD_VOCAB_DEVICES = frozenset({"cuda"})  # also where the written-out gradient pads the context's keys
 
 
-def _vocab_pad(x: torch.Tensor, dim: int) -> tuple[int, torch.dtype]:
-    if x.device.type not in PAD_VOCAB_DEVICES or x.shape[dim] % VOCAB_ALIGN == 0:
+def pads_vocab(device: torch.device, pad: bool | None = None) -> bool:
+    """Whether V-sized products are padded: `pad`, or where it is None the device's default (a plan's
+    pad_vocab=True lays CPU tensors out as CUDA does, to test that layout)."""
+    return device.type in PAD_VOCAB_DEVICES if pad is None else bool(pad)
+
+
+def _vocab_pad(x: torch.Tensor, dim: int, pad: bool | None) -> tuple[int, torch.dtype]:
+    if not pads_vocab(x.device, pad) or x.shape[dim] % VOCAB_ALIGN == 0:
         return 0, x.dtype
     cast = torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float64)
     return (-x.shape[dim]) % VOCAB_ALIGN, torch.get_autocast_dtype(x.device.type) if cast else x.dtype
 
 
-def vocab_in(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def vocab_in(p: torch.Tensor, weight: torch.Tensor, pad: bool | None = None) -> torch.Tensor:
     """p (.., V) @ weight (D, V)^T: the EBT's candidate map, V contracted (padded with zeros)."""
-    pad, dt = _vocab_pad(p, -1)
-    if not pad:
+    width, dt = _vocab_pad(p, -1, pad)
+    if not width:
         return F.linear(p, weight)
-    return F.linear(F.pad(p.to(dt), (0, pad)), F.pad(weight.to(dt), (0, pad)))
+    return F.linear(F.pad(p.to(dt), (0, width)), F.pad(weight.to(dt), (0, width)))
 
 
-def vocab_out(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def vocab_out(h: torch.Tensor, weight: torch.Tensor, pad: bool | None = None) -> torch.Tensor:
     """h (.., D) @ weight (V, D)^T: a vocabulary head, V produced (extra rows computed, then dropped)."""
-    pad, _ = _vocab_pad(weight, 0)
-    if not pad or torch.compiler.is_compiling():  # inductor pads strides itself; a slice would cost copies
+    width, _ = _vocab_pad(weight, 0, pad)
+    if not width or torch.compiler.is_compiling():  # inductor pads strides itself; a slice would cost copies
         return F.linear(h, weight)
-    return F.linear(h, F.pad(weight, (0, 0, 0, pad)))[..., : weight.shape[0]]
+    return F.linear(h, F.pad(weight, (0, 0, 0, width)))[..., : weight.shape[0]]
 
 
-def vocab_t(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+def vocab_t(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None, alpha: float = 1.0,
+            pad: bool | None = None) -> torch.Tensor:
     """a (.., D)^T @ b (.., V) summed over all positions: (D, V), a V-sized map's weight gradient (V
     padded with zeros on the padding devices, as in vocab_in). acc: add alpha times the product into
     this (D, V) tensor instead of returning a new one (in place inside the matrix product where it can)."""
     a, b = a.flatten(0, -2), b.flatten(0, -2)
-    pad, dt = _vocab_pad(b, -1)
+    width, _ = _vocab_pad(b, -1, pad)
     if torch.is_autocast_enabled(b.device.type):  # the product's dtype under autocast, never an upcast
         low = torch.get_autocast_dtype(b.device.type)
         a, b = a.to(low), b.to(low)
     else:
         b = b.to(a.dtype)
-    if not pad:
+    if not width:
         if acc is not None and acc.dtype == a.dtype:
             return acc.addmm_(a.t(), b, alpha=alpha)
         out = a.t() @ b
     else:
-        out = (a.t() @ F.pad(b, (0, pad)))[:, : b.shape[-1]]
+        out = (a.t() @ F.pad(b, (0, width)))[:, : b.shape[-1]]
     return out if acc is None else acc.add_(out, alpha=alpha)
 
 
-def vocab_layout(x: torch.Tensor) -> tuple[torch.dtype, int]:
-    """(dtype, pad): how the candidate map's matrix products read a (.., V) tensor. The autocast dtype
-    for float32 tensors (else x's own), and V padded to an aligned width on the padding devices. A
+def vocab_layout(x: torch.Tensor, pad: bool | None = None) -> tuple[torch.dtype, int]:
+    """(dtype, pad width): how the candidate map's matrix products read a (.., V) tensor. The autocast
+    dtype for float32 tensors (else x's own), and V padded to an aligned width where `pads_vocab`. A
     tensor laid out so once (`to_layout`) enters every product without further casts or copies."""
-    pad = (-x.shape[-1]) % VOCAB_ALIGN if x.device.type in PAD_VOCAB_DEVICES else 0
+    width = (-x.shape[-1]) % VOCAB_ALIGN if pads_vocab(x.device, pad) else 0
     low = torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32
-    return (torch.get_autocast_dtype(x.device.type) if low else x.dtype), pad
+    return (torch.get_autocast_dtype(x.device.type) if low else x.dtype), width
 
 
 def to_layout(x: torch.Tensor, dtype: torch.dtype, pad: int) -> torch.Tensor:
@@ -89,16 +98,18 @@ def to_layout(x: torch.Tensor, dtype: torch.dtype, pad: int) -> torch.Tensor:
 
 
 _COMPILED: dict = {}
+COMPILE_CALLS: dict = {}  # function name -> calls through `compiled` (what tests read to see a path taken)
 
 
 def compiled(fn):
     """torch.compile(fn, fullgraph=True), built once per function (each compiles once per shape, grad
     mode and dtype; a second shape, e.g. System 2's batch with replayed rows, goes dynamic)."""
+    COMPILE_CALLS[fn.__name__] = COMPILE_CALLS.get(fn.__name__, 0) + 1
     if fn not in _COMPILED:
         # a process that builds several models (a benchmark, a test session) needs more entries than
         # dynamo's default of 8 per function
         cfg = torch._dynamo.config
-        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
+        name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
         setattr(cfg, name, max(getattr(cfg, name), 64))
         _COMPILED[fn] = torch.compile(fn, fullgraph=True)
     return _COMPILED[fn]
@@ -111,15 +122,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _ = rms_normalize(x, self.eps)
-        return n.type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)[0]
 
 
-def rms_normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x / rms(x) in the compute dtype, and 1 / rms(x) (which the written-out backward reuses)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, tuple]:
+    """RMSNorm: x / rms(x) * weight, and what its written-out backward reads: (x / rms(x), 1 / rms(x))
+    in the compute dtype."""
     xf = x.to(compute_dtype(x.dtype))
     r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return xf * r, r
+    n = xf * r
+    return n.type_as(x) * weight, (n, r)
 
 
 class RopeTables(NamedTuple):
@@ -144,11 +156,12 @@ class Rope:
         """real: the cos/sin form (default: under torch.compile), else the complex one."""
         key = (positions.device, dtype)
         if key not in self._cache:
-            freqs = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
-            ang = torch.outer(torch.arange(self.max_len, dtype=torch.float64), freqs)
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
+            ang = torch.outer(torch.arange(self.max_len, dtype=torch.float64), 1.0 / self.theta ** exponents)
             cdtype = {torch.float32: torch.complex64, torch.float64: torch.complex128}[dtype]
-            self._cache[key] = RopeTables(torch.polar(torch.ones_like(ang), ang).to(positions.device, cdtype),
-                                          ang.cos().to(positions.device, dtype), ang.sin().to(positions.device, dtype))
+            dev = positions.device
+            self._cache[key] = RopeTables(torch.polar(torch.ones_like(ang), ang).to(dev, cdtype),
+                                          ang.cos().to(dev, dtype), ang.sin().to(dev, dtype))
         cis, cos, sin = self._cache[key]
         if real or real is None and torch.compiler.is_compiling():
             return RopeTables(None, cos[positions], sin[positions])
@@ -184,7 +197,8 @@ def _f64_cpu_compiling(q: torch.Tensor) -> bool:
     return q.dtype == torch.float64 and q.device.type == "cpu" and torch.compiler.is_compiling()
 
 
-def attend(q, k, v, mask: torch.Tensor | None = None, causal: bool = False, fused: bool = True) -> torch.Tensor:
+def attend(q, k, v, mask: torch.Tensor | None = None, causal: bool = False, fused: bool = True
+           ) -> torch.Tensor:
     """Scaled dot-product attention over (B, H, T, hd) tensors.
 
     fused=True uses PyTorch's SDPA kernels (fast; no double backward on GPU);
@@ -206,16 +220,6 @@ def attend(q, k, v, mask: torch.Tensor | None = None, causal: bool = False, fuse
     return torch.softmax(scores.to(compute_dtype(scores.dtype)), dim=-1).type_as(q) @ v
 
 
-def _softmax(s: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension. Under forward-mode AD (the JVP weight-gradient path) it is
-    written out: PyTorch's softmax tangent rule updates its output in place, which breaks a backward
-    through the tangent (reverse-over-forward)."""
-    if fwAD.unpack_dual(s).tangent is None:
-        return torch.softmax(s, dim=-1)
-    e = (s - s.detach().amax(-1, keepdim=True)).exp()
-    return e / e.sum(-1, keepdim=True)
-
-
 def candidate_frame(ctx: tuple, S: int, device) -> tuple["KVCache", torch.Tensor, torch.Tensor]:
     """Unpack an EBT context for S candidates: ctx is (cache, prefix) from EBT.context, or (cache,
     prefix, offset[, allowed]) in generation, where static-shape decoding gives the offset as a tensor
@@ -229,41 +233,38 @@ def candidate_frame(ctx: tuple, S: int, device) -> tuple["KVCache", torch.Tensor
     return cache, positions, allowed
 
 
-def candidate_probs(qy, ky, kc, allowed) -> torch.Tensor:
-    """The candidate stream's attention weights in the compute dtype, (B, H, S, C + 1): one softmax
-    over the allowed context scores and, last, the candidate's score with itself."""
-    scale = 1.0 / math.sqrt(qy.shape[-1])
-    s_ctx = ((qy @ kc.transpose(-2, -1)) * scale).masked_fill(~allowed, float("-inf"))  # (B, H, S, C)
-    s_self = (qy * ky).sum(-1, keepdim=True) * scale  # (B, H, S, 1)
-    return _softmax(torch.cat([s_ctx, s_self], -1).to(compute_dtype(qy.dtype)))
+def candidate_probs(qy, ky, kc, allowed) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidate stream's attention weights in the compute dtype: (context weights (B, H, S, C), self
+    weight (B, H, S, 1)), one softmax over the allowed context scores and the candidate's score with itself.
 
-
-def candidate_probs_split(qy, ky, kc, allowed) -> tuple[torch.Tensor, torch.Tensor]:
-    """candidate_probs as its two parts, (context weights (B, H, S, C), self weight (B, H, S, 1)), the
-    softmax written out over both without concatenating them: the context part keeps the keys' width
-    C, which stays aligned for tensor-core products (a (C + 1)-wide row does not). More kernels than
-    one softmax, which the compiler fuses: the written-out gradient's form (ebt.energy_grad), while
-    the autograd paths keep candidate_probs; the same numbers to rounding."""
+    Eager code takes PyTorch's softmax over the two concatenated (one kernel). Under torch.compile it is
+    written out over the two parts, which the compiler fuses, and the context part keeps the keys' width
+    C, aligned for tensor-core products (a (C + 1)-wide row is not); so under forward-mode AD too, whose
+    softmax tangent rule updates its output in place and so breaks a backward through the tangent."""
     scale = 1.0 / math.sqrt(qy.shape[-1])
     cd = compute_dtype(qy.dtype)
     s_ctx = ((qy @ kc.transpose(-2, -1)) * scale).masked_fill(~allowed, float("-inf")).to(cd)
     s_self = ((qy * ky).sum(-1, keepdim=True) * scale).to(cd)
-    m = torch.maximum(s_ctx.amax(-1, keepdim=True), s_self)
+    eager = not torch.compiler.is_compiling()
+    if eager and fwAD.unpack_dual(s_ctx).tangent is None and fwAD.unpack_dual(s_self).tangent is None:
+        probs = torch.softmax(torch.cat([s_ctx, s_self], -1), dim=-1)
+        return probs[..., :-1], probs[..., -1:]
+    m = torch.maximum(s_ctx.amax(-1, keepdim=True), s_self).detach()  # any m gives the same weights
     e_ctx, e_self = (s_ctx - m).exp(), (s_self - m).exp()
     total = e_ctx.sum(-1, keepdim=True) + e_self
     return e_ctx / total, e_self / total
 
 
-def candidate_attend(qy, ky, vy, kc, vc, allowed) -> torch.Tensor:
+def candidate_attention(qy, ky, vy, kc, vc, allowed) -> tuple[torch.Tensor, tuple]:
     """The EBT's candidate stream (ebt-method.md 2.2), against the context stream's keys and values.
 
     qy, ky, vy: (B, H, S, hd) for the candidates; kc, vc: (B, H, C, hd) for the context (the step
     tokens, then x_0, x_1, ...); allowed: the (S, C) mask from `candidate_frame`. Candidate i attends to
     the context it is allowed and to itself only: never to x_{i+1} (its target) nor to another
     candidate. Explicit scores, so double backward works; no (C+S)^2 matrix as in the official code.
-    """
-    probs = candidate_probs(qy, ky, kc, allowed).type_as(qy)
-    return probs[..., :-1] @ vc + probs[..., -1:] * vy
+    Returns the output and the weights (candidate_probs), which the written-out backward reads."""
+    pc, ps = candidate_probs(qy, ky, kc, allowed)
+    return pc.type_as(qy) @ vc + ps.type_as(qy) * vy, (pc, ps)
 
 
 class KVCache:
@@ -287,7 +288,8 @@ class KVCache:
         """Store k, v for positions pos..pos+T-1; return all keys and values up to pos+T."""
         if not self.static:
             if pos:
-                k, v = torch.cat([self.k[layer][:, :, :pos], k], 2), torch.cat([self.v[layer][:, :, :pos], v], 2)
+                k = torch.cat([self.k[layer][:, :, :pos], k], 2)
+                v = torch.cat([self.v[layer][:, :, :pos], v], 2)
             self.k[layer], self.v[layer] = k, v
             return k, v
         if torch.is_tensor(pos):  # static-shape decoding (CUDA graphs): write at a position tensor and
@@ -322,44 +324,72 @@ class KVCache:
         return out
 
 
-def capture_cuda_graph(fn, warmup: int = 2):
-    """Run fn() `warmup` times on a side stream, then capture one call as a CUDA graph: returns (graph,
-    its output). A replay reruns every kernel on the same memory without the CPU launching them one by
-    one."""
-    return capture_cuda_graphs([fn], warmup)[0]
+class BlockWeights(NamedTuple):
+    """One block's weights as plain tensors, what `block` reads. qkv holds the query, key and value maps
+    and w13 the feed-forward's two input maps: one matrix each (the modules' parameters), or `stacked`
+    into one (one matrix product instead of three and two: small batches are bound by kernel launches)."""
+    attn_norm: torch.Tensor
+    qkv: tuple[torch.Tensor, ...]
+    wo: torch.Tensor
+    ffn_norm: torch.Tensor
+    w13: tuple[torch.Tensor, ...]
+    w2: torch.Tensor
 
 
-def capture_cuda_graphs(fns, warmup: int = 2, warmup_fns=None, release: bool = False) -> list:
-    """Graphs that never run at the same time (e.g. one per step count), each replay's outputs used before
-    the next replay (a replay may overwrite the other graphs' outputs): each of `warmup_fns` (default
-    fns) run `warmup` times on a side stream, then each of fns captured, all into one memory pool.
-    Returns [(graph, its output)]. Every warm-up comes before any capture, so a warm-up never runs
-    beside an earlier graph's memory; with `release` the allocator's cache is emptied in between, so the
-    warm-ups' memory is not held beside the graphs' pool either (a training step's: gigabytes; a decode
-    step's is not worth the synchronisation). autocast's weight-cast cache stays off meanwhile (its
-    copies would be freed under the graph)."""
-    cast = lambda: torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),  # noqa: E731
-                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), cast():
-        for f in warmup_fns or fns:
-            for _ in range(warmup):
-                f()
-    torch.cuda.current_stream().wait_stream(side)
-    if release:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-    out, pool = [], None
-    for fn in fns:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool), cast():
-            out.append((graph, fn()))
-        pool = pool if pool is not None else graph.pool()
-    return out
+def stacked(w: BlockWeights) -> BlockWeights:
+    return BlockWeights(w.attn_norm, (torch.cat(w.qkv),), w.wo, w.ffn_norm, (torch.cat(w.w13),), w.w2)
+
+
+def _linear_parts(x: torch.Tensor, ws: tuple, n: int) -> tuple:
+    """x through n maps, given as n matrices or one stacked matrix."""
+    return F.linear(x, ws[0]).chunk(n, -1) if len(ws) == 1 else tuple(F.linear(x, w) for w in ws)
+
+
+def split_heads(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    return t.unflatten(-1, (n_head, -1)).transpose(1, 2)  # (B, T, D) -> (B, H, T, hd)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(1, 2).flatten(-2)  # (B, H, T, hd) -> (B, T, D)
+
+
+def attention_inputs(w: BlockWeights, x, rope: RopeTables, n_head: int, eps: float) -> tuple:
+    """A block's queries and keys (rotated) and values, (B, H, T, hd), and its attention norm's saved
+    tensors."""
+    a, sa = rms_norm(x, w.attn_norm, eps)
+    q, k, v = (split_heads(t, n_head) for t in _linear_parts(a, w.qkv, 3))
+    return apply_rope(q, rope), apply_rope(k, rope), v, sa
+
+
+def block_output(w: BlockWeights, x, o, eps: float) -> tuple[torch.Tensor, tuple]:
+    """The block after its attention output o (B, H, T, hd): h = x + Wo o; h + SwiGLU(RMSNorm(h)), with
+    hidden width D. Returns the output and what the written-out backward reads."""
+    h = x + F.linear(merge_heads(o), w.wo)
+    b, sb = rms_norm(h, w.ffn_norm, eps)
+    g1, g3 = _linear_parts(b, w.w13, 2)
+    s1 = F.silu(g1)
+    return h + F.linear(s1 * g3, w.w2), (h.dtype, sb, g1, g3, s1)
+
+
+def block(w: BlockWeights, x, rope: RopeTables, n_head: int, eps: float, attend_fn) -> tuple:
+    """The transformer block as a function of its weights: x + Attn(RMSNorm(x)), then + SwiGLU(RMSNorm).
+    attend_fn(q, k, v) -> (output, saved) attends over the rotated heads (causally, over a cache, or as
+    the candidate stream). Returns the block's output and the tensors its written-out backward reads
+    (ebt.fast.written_out): (x's dtype, attention norm, q, k, v, attention's, then block_output's)."""
+    q, k, v, sa = attention_inputs(w, x, rope, n_head, eps)
+    o, so = attend_fn(q, k, v)
+    out, rest = block_output(w, x, o, eps)
+    return out, (x.dtype, sa, q, k, v, so, *rest)
+
+
+def block_candidates(w: BlockWeights, y, rope: RopeTables, n_head: int, eps: float, kc, vc, allowed) -> tuple:
+    """`block` on the EBT's candidate stream y, attending to the context stream's keys/values kc, vc."""
+    return block(w, y, rope, n_head, eps, lambda q, k, v: candidate_attention(q, k, v, kc, vc, allowed))
 
 
 class Attention(nn.Module):
+    """The attention maps' weights (the maths is `block`'s)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.d_model
@@ -369,30 +399,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d, d, bias=False)
         self.wo = nn.Linear(d, d, bias=False)
 
-    def qkv(self, x, rope):
-        heads = lambda t: t.unflatten(-1, (self.n_head, self.head_dim)).transpose(1, 2)  # noqa: E731
-        return apply_rope(heads(self.wq(x)), rope), apply_rope(heads(self.wk(x)), rope), heads(self.wv(x))
-
-    def out(self, y):
-        return self.wo(y.transpose(1, 2).flatten(-2))
-
-    def forward(self, x, rope, mask=None, causal=True, fused=True, cache=None, layer=0, pos=0):
-        """cache: a KVCache to write this call's keys/values into at `pos` and attend over."""
-        q, k, v = self.qkv(x, rope)
-        if cache is not None:
-            k, v = cache.write(layer, k, v, pos)
-        return self.out(attend(q, k, v, mask=mask, causal=causal, fused=fused))
-
 
 class SwiGLU(nn.Module):
+    """The feed-forward's weights: w2(silu(w1 x) * w3 x) (the maths is `block_output`'s)."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
@@ -403,15 +418,25 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.d_model)  # hidden = D: the official models use no 8/3 factor
 
-    def forward(self, x, rope, **attn_kw):
-        x = x + self.attn(self.attn_norm(x), rope, **attn_kw)
-        return x + self.ffn(self.ffn_norm(x))
+    def weights(self) -> BlockWeights:
+        a, f = self.attn, self.ffn
+        return BlockWeights(self.attn_norm.weight, (a.wq.weight, a.wk.weight, a.wv.weight), a.wo.weight,
+                            self.ffn_norm.weight, (f.w1.weight, f.w3.weight), f.w2.weight)
+
+    def forward(self, x, rope, mask=None, causal=True, fused=True, cache=None, layer=0, pos=0):
+        """A causal stream (or under `mask`). cache: a KVCache to write this call's keys/values into at
+        `pos` and attend over."""
+        def attend_fn(q, k, v):
+            if cache is not None:
+                k, v = cache.write(layer, k, v, pos)
+            return attend(q, k, v, mask=mask, causal=causal, fused=fused), None
+
+        return block(self.weights(), x, rope, self.attn.n_head, self.attn_norm.eps, attend_fn)[0]
 
     def forward_candidates(self, y, rope, kc, vc, allowed):
         """The same block on the EBT's candidate stream, attending to cached context keys/values."""
-        qy, ky, vy = self.attn.qkv(self.attn_norm(y), rope)
-        y = y + self.attn.out(candidate_attend(qy, ky, vy, kc, vc, allowed))
-        return y + self.ffn(self.ffn_norm(y))
+        w, n_head, eps = self.weights(), self.attn.n_head, self.attn_norm.eps
+        return block_candidates(w, y, rope, n_head, eps, kc, vc, allowed)[0]
 
 
 class Backbone(nn.Module):
@@ -428,16 +453,16 @@ class Backbone(nn.Module):
         """A causal stream (attn_kw: mask / causal / fused). With a cache, each layer's keys and values
         are written at `pos` and attended over (prefill when pos = 0, decoding after)."""
         rope = self.rope.tables(positions, compute_dtype(h.dtype))
-        for i, block in enumerate(self.blocks):
-            h = block(h, rope, cache=cache, layer=i, pos=pos, **attn_kw)
+        for i, b in enumerate(self.blocks):
+            h = b(h, rope, cache=cache, layer=i, pos=pos, **attn_kw)
         return self.norm(h)
 
     def candidates(self, y, positions, cache: KVCache, allowed):
         """The EBT's candidate stream given the context stream's per-layer keys/values in `cache` (positions
         and allowed from `candidate_frame`)."""
         rope = self.rope.tables(positions, compute_dtype(y.dtype))
-        for i, block in enumerate(self.blocks):
-            y = block.forward_candidates(y, rope, cache.k[i], cache.v[i], allowed)
+        for i, b in enumerate(self.blocks):
+            y = b.forward_candidates(y, rope, cache.k[i], cache.v[i], allowed)
         return self.norm(y)
 
 

@@ -20,3 +20,10 @@ def save_figure(fig, out, dpi: int = 120) -> Path:
     fig.savefig(out, dpi=dpi)
     pyplot().close(fig)
     return out
+
+
+def written_lines(files: dict, json_path=None) -> list[str]:
+    """'files written:' and one line per file (path, then what it holds), for an evaluation's output."""
+    files = {**files, **({str(json_path): "this report as JSON (--json)"} if json_path else {})}
+    width = max(len(str(path)) for path in files)
+    return ["files written:"] + [f"  {str(path):<{width}}  {what}" for path, what in files.items()]

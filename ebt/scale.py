@@ -65,15 +65,16 @@ class StudyConfig:
     # how runs execute
     launcher: str = "local"  # local: in this process, one after another; torchrun: one torchrun job per run
     nproc_per_node: int = 1
-    torchrun_args: list[str] = field(default_factory=list)  # e.g. ["--nnodes", "2", "--rdzv-endpoint", "h:29500"]
+    # e.g. ["--nnodes", "2", "--rdzv-endpoint", "h:29500"]
+    torchrun_args: list[str] = field(default_factory=list)
     shard: str = "0/1"  # k/n: this job runs runs k, k+n, k+2n, ... (independent jobs, one output directory)
 
     def __post_init__(self):
         if self.axis not in AXES:
             raise ConfigError(f"unknown scaling axis {self.axis!r}; choose one of: {', '.join(AXES)}")
         if len(self.values) < 2:
-            raise ConfigError(f"a study needs at least 2 values along {self.axis!r} to fit a slope (3+ for an "
-                              f"interval); got {self.values}")
+            raise ConfigError(f"a study needs at least 2 values along {self.axis!r} to fit a slope "
+                              f"(3+ for an interval); got {self.values}")
         bad = [m for m in self.models if m not in MODELS]
         if bad or not self.models:
             raise ConfigError(f"unknown model(s) {bad}: a study compares {' and '.join(MODELS)}")
@@ -82,8 +83,8 @@ class StudyConfig:
         if self.launcher not in ("local", "torchrun"):
             raise ConfigError(f"launcher must be 'local' or 'torchrun' (got {self.launcher!r})")
         if self.fsdp and self.launcher != "torchrun":
-            raise ConfigError("fsdp shards a model over the processes of a torchrun job: use launcher='torchrun' "
-                              "(--launcher torchrun --nproc-per-node N)")
+            raise ConfigError("fsdp shards a model over the processes of a torchrun job: "
+                              "use launcher='torchrun' (--launcher torchrun --nproc-per-node N)")
         if self.size not in SIZES:
             raise ConfigError(f"unknown base size {self.size!r}; choose one of: {', '.join(SIZES)}")
         shard_index, shard_count = self.shard_parts
@@ -118,20 +119,20 @@ def load_study(path: str | Path, **overrides) -> StudyConfig:
         except ModuleNotFoundError:
             raise ConfigError("reading a TOML study needs Python 3.11+ or `pip install tomli`") from None
     try:
-        d = tomllib.loads(Path(path).read_text())
+        values = tomllib.loads(Path(path).read_text())
     except OSError as e:
         raise ConfigError(f"cannot read the study file {path}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}") from e
-    return study_from_dict({**d, **overrides})
+    return study_from_dict({**values, **overrides})
 
 
-def study_from_dict(d: dict) -> StudyConfig:
+def study_from_dict(values: dict) -> StudyConfig:
     known = {f.name for f in dataclasses.fields(StudyConfig)}
-    unknown = set(d) - known
+    unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown study keys {sorted(unknown)}; known: {sorted(known)}")
-    return StudyConfig(**d)
+    return StudyConfig(**values)
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -143,8 +144,8 @@ def parse_size(value: str, base: StudyConfig) -> tuple[str, int | None, int | No
     try:
         layers, width, heads = (int(x) for x in value.lower().split("x"))
     except ValueError:
-        raise ConfigError(f"size {value!r} is neither a named size ({', '.join(SIZES)}) nor LAYERSxWIDTHxHEADS "
-                          f"such as 2x64x2") from None
+        raise ConfigError(f"size {value!r} is neither a named size ({', '.join(SIZES)}) nor "
+                          f"LAYERSxWIDTHxHEADS such as 2x64x2") from None
     return base.size, layers, width, heads
 
 
@@ -189,8 +190,9 @@ def run_config(study: StudyConfig, model: str, value: str, seed: int, vocab_size
         tokens = _int_value("tokens", value)
         steps = tokens // (batch * study.context_length)
         if steps < 1:
-            raise ConfigError(f"{tokens} training tokens is less than one step of {batch} x {study.context_length} "
-                              f"tokens: raise the values or lower batch_size / context_length")
+            raise ConfigError(f"{tokens} training tokens is less than one step of {batch} x "
+                              f"{study.context_length} tokens: raise the values or lower batch_size / "
+                              f"context_length")
     mcfg = ModelConfig(model=model, size=size, n_layer=n_layer, d_model=d_model, n_head=n_head,
                        vocab_size=vocab_size, pad_token_id=pad_id, context_length=study.context_length,
                        ebt=recipe(study.recipe) if model == "ebt" else None)
@@ -208,8 +210,8 @@ def plan(study: StudyConfig) -> list[StudyRun]:
     from ebt.data.loader import TokenData
 
     if not (Path(study.data_dir) / "manifest.json").is_file():
-        raise DataError(f"{study.data_dir} is not a prepared dataset (no manifest.json): run `ebt data prepare "
-                        f"--out {study.data_dir}` first, or point data_dir / --data at one")
+        raise DataError(f"{study.data_dir} is not a prepared dataset (no manifest.json): run "
+                        f"`ebt data prepare --out {study.data_dir}` first, or point data_dir / --data at one")
     probe = TokenData(study.data_dir, "train", 1)
     return [StudyRun(m, v, s, run_config(study, m, v, s, probe.vocab_size, probe.pad_id))
             for v in study.values for m in study.models for s in study.seeds]
@@ -218,58 +220,61 @@ def plan(study: StudyConfig) -> list[StudyRun]:
 def read_json(path: Path) -> dict:
     """A JSON file the study wrote earlier; a damaged one is named, not a traceback."""
     try:
-        d = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise DataError(f"{path} is unreadable or corrupt ({e}); delete it (a run's file: retrain that run) and "
-                        f"run the study again") from e
-    if not isinstance(d, dict):
+        raise DataError(f"{path} is unreadable or corrupt ({e}); delete it (a run's file: retrain that "
+                        f"run) and run the study again") from e
+    if not isinstance(data, dict):
         raise DataError(f"{path} is not a JSON object; delete it and run the study again")
-    return d
+    return data
 
 
-def is_finished(r: StudyRun) -> bool:
-    f = r.out_dir / "final_metrics.json"
-    if not f.is_file():
+def is_finished(study_run: StudyRun) -> bool:
+    path = study_run.out_dir / "final_metrics.json"
+    if not path.is_file():
         return False
-    final = read_json(f)
-    return final.get("step") == r.run.train.steps and "val" in final
+    final = read_json(path)
+    return final.get("step") == study_run.run.train.steps and "val" in final
 
 
-def resources(r: StudyRun, final: dict) -> dict:
-    m = r.run.model
-    tokens = final.get("tokens_seen", r.run.train.steps * r.run.train.batch_size * m.context_length)
-    fpt = train_flops_per_token(m)
-    return {"params": non_embedding_params(m), "params_total": final.get("params"), "layers": m.n_layer,
-            "width": m.d_model, "tokens": tokens, "batch": r.run.train.batch_size, "flops_per_token": fpt,
-            "flops": fpt * tokens}
+def resources(study_run: StudyRun, final: dict) -> dict:
+    mcfg = study_run.run.model
+    tcfg = study_run.run.train
+    tokens = final.get("tokens_seen", tcfg.steps * tcfg.batch_size * mcfg.context_length)
+    flops_per_token = train_flops_per_token(mcfg)
+    return {"params": non_embedding_params(mcfg), "params_total": final.get("params"), "layers": mcfg.n_layer,
+            "width": mcfg.d_model, "tokens": tokens, "batch": tcfg.batch_size,
+            "flops_per_token": flops_per_token, "flops": flops_per_token * tokens}
 
 
 def check_study_dir(study: StudyConfig) -> None:
     """A study directory keeps its settings: refuse to mix runs made under different fixed settings."""
     path = Path(study.out_dir) / "study.json"
-    mine = {k: v for k, v in to_dict(study).items() if k not in EXECUTION_FIELDS}
+    current = {k: v for k, v in to_dict(study).items() if k not in EXECUTION_FIELDS}
     if path.is_file():
         old = {k: v for k, v in read_json(path).items() if k not in EXECUTION_FIELDS}
-        diff = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
+        diff = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
         if diff:
-            raise ConfigError(f"{study.out_dir} holds a study with other settings ({', '.join(f'{k}: {old.get(k)!r}' for k in diff)}); "
-                              f"use another --out, or the same settings (values, models and seeds may change)")
+            changed = ", ".join(f"{k}: {old.get(k)!r}" for k in diff)
+            raise ConfigError(f"{study.out_dir} holds a study with other settings ({changed}); use another "
+                              f"--out, or the same settings (values, models and seeds may change)")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_dict(study), indent=2, sort_keys=True) + "\n")
 
 
-def _torchrun(study: StudyConfig, r: StudyRun, resume: bool, log) -> None:
-    r.out_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = r.out_dir / "run_config.json"
-    cfg_path.write_text(json.dumps(to_dict(r.run), indent=2, sort_keys=True) + "\n")
+def _torchrun(study: StudyConfig, study_run: StudyRun, resume: bool, log) -> None:
+    study_run.out_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = study_run.out_dir / "run_config.json"
+    cfg_path.write_text(json.dumps(to_dict(study_run.run), indent=2, sort_keys=True) + "\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(study.nproc_per_node),
            *study.torchrun_args, "-m", "ebt.cli", "train", "--config", str(cfg_path), "--no-progress",
            *(["--resume"] if resume else [])]
     log("  $ " + " ".join(cmd))
     res = subprocess.run(cmd)
     if res.returncode != 0:
-        raise ConfigError(f"torchrun job for {r.out_dir} failed with exit status {res.returncode} (see its output "
-                          f"above); fix the cause and run the study again: finished runs are kept")
+        raise ConfigError(f"torchrun job for {study_run.out_dir} failed with exit status {res.returncode} "
+                          f"(see its output above); fix the cause and run the study again: finished runs "
+                          f"are kept")
 
 
 def run_study(study: StudyConfig, log=print) -> dict:
@@ -279,29 +284,30 @@ def run_study(study: StudyConfig, log=print) -> dict:
     k, n = study.shard_parts
     from ebt.checkpoint import find_checkpoint
 
-    mine = [r for i, r in enumerate(runs) if i % n == k]
-    log(f"study: {study.axis} = {study.values}, models {study.models}, seeds {study.seeds}: {len(runs)} runs, "
-        f"{len(mine)} in shard {study.shard}")
-    for i, r in enumerate(mine, 1):
-        tag = f"[{i}/{len(mine)}] {LABELS[r.model]} {study.axis}={r.value} seed {r.seed}"
-        if is_finished(r):
-            log(f"{tag}: finished, skipped ({r.out_dir})")
+    shard_runs = [study_run for i, study_run in enumerate(runs) if i % n == k]
+    log(f"study: {study.axis} = {study.values}, models {study.models}, seeds {study.seeds}: "
+        f"{len(runs)} runs, {len(shard_runs)} in shard {study.shard}")
+    for i, study_run in enumerate(shard_runs, 1):
+        tag = (f"[{i}/{len(shard_runs)}] {LABELS[study_run.model]} {study.axis}={study_run.value} "
+               f"seed {study_run.seed}")
+        if is_finished(study_run):
+            log(f"{tag}: finished, skipped ({study_run.out_dir})")
             continue
-        resume = find_checkpoint(r.out_dir) is not None
-        log(f"{tag}: {'resuming' if resume else 'training'} -> {r.out_dir}")
+        resume = find_checkpoint(study_run.out_dir) is not None
+        log(f"{tag}: {'resuming' if resume else 'training'} -> {study_run.out_dir}")
         t0 = time.perf_counter()
         if study.launcher == "torchrun":
-            _torchrun(study, r, resume, log)
+            _torchrun(study, study_run, resume, log)
         else:
             from ebt.train import train
 
-            r.run.train.progress = False
-            train(r.run, resume=resume, log=lambda *a: None)
+            study_run.run.train.progress = False
+            train(study_run.run, resume=resume, log=lambda *a: None)
         seconds = time.perf_counter() - t0
-        timing = r.out_dir / "scale_timing.json"
+        timing = study_run.out_dir / "scale_timing.json"
         prev = read_json(timing).get("seconds", 0.0) if timing.is_file() else 0.0
         timing.write_text(json.dumps({"seconds": prev + seconds}) + "\n")
-        final = read_json(r.out_dir / "final_metrics.json")
+        final = read_json(study_run.out_dir / "final_metrics.json")
         log(f"{tag}: val loss {final['val']['loss']:.4f}, ppl {final['val']['ppl']:.2f} ({seconds:.0f} s)")
     return report(study, runs, log)
 
@@ -351,12 +357,12 @@ def says_something(fit: dict) -> bool:
 def mean_ci(values: list[float]) -> dict:
     """Mean and 95% Student-t interval over independent repeats (seeds)."""
     n = len(values)
-    m = sum(values) / n
+    mean = sum(values) / n
     if n < 2:
-        return {"mean": m, "ci95": [float("nan"), float("nan")], "n": n}
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
-    half = t95(n - 1) * sd / math.sqrt(n)
-    return {"mean": m, "ci95": [m - half, m + half], "n": n}
+        return {"mean": mean, "ci95": [float("nan"), float("nan")], "n": n}
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t95(n - 1) * std / math.sqrt(n)
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
 
 
 def scaling_rate(slope_ebt: float, slope_tpp: float) -> float:
@@ -373,26 +379,29 @@ def rate_with_ci(fits_ebt: dict, fits_tpp: dict) -> dict:
     if len(seeds) > 1:
         per_seed = [scaling_rate(fits_ebt[s]["slope"], fits_tpp[s]["slope"]) for s in seeds]
         return {**mean_ci(per_seed), "per_seed": dict(zip(seeds, per_seed)), "interval": "t over seeds"}
-    fe, ft = fits_ebt[seeds[0]], fits_tpp[seeds[0]]
-    r = scaling_rate(fe["slope"], ft["slope"])
-    se = math.sqrt((fe["stderr"] / ft["slope"]) ** 2 + (fe["slope"] * ft["stderr"] / ft["slope"] ** 2) ** 2)
-    dof = min(fe["n"], ft["n"]) - 2
+    ebt_fit, tpp_fit = fits_ebt[seeds[0]], fits_tpp[seeds[0]]
+    rate = scaling_rate(ebt_fit["slope"], tpp_fit["slope"])
+    se = math.sqrt((ebt_fit["stderr"] / tpp_fit["slope"]) ** 2
+                   + (ebt_fit["slope"] * tpp_fit["stderr"] / tpp_fit["slope"] ** 2) ** 2)
+    dof = min(ebt_fit["n"], tpp_fit["n"]) - 2
     half = t95(dof) * se
-    return {"mean": r, "ci95": [r - half, r + half], "n": 1, "interval": "delta method from the fits (one seed)"}
+    return {"mean": rate, "ci95": [rate - half, rate + half], "n": 1,
+            "interval": "delta method from the fits (one seed)"}
 
 
 # -------------------------------------------------------------------------------------------- report
 
 def collect(runs: list[StudyRun], metric: str) -> list[dict]:
     rows = []
-    for r in runs:
-        if not is_finished(r):
+    for study_run in runs:
+        if not is_finished(study_run):
             continue
-        final = read_json(r.out_dir / "final_metrics.json")
-        timing = r.out_dir / "scale_timing.json"
-        rows.append({"model": r.model, "value": r.value, "seed": r.seed, "out_dir": str(r.out_dir),
+        final = read_json(study_run.out_dir / "final_metrics.json")
+        timing = study_run.out_dir / "scale_timing.json"
+        rows.append({"model": study_run.model, "value": study_run.value, "seed": study_run.seed,
+                     "out_dir": str(study_run.out_dir),
                      "val_loss": final["val"]["loss"], "val_ppl": final["val"]["ppl"],
-                     "metric": final["val"][metric], **resources(r, final),
+                     "metric": final["val"][metric], **resources(study_run, final),
                      "seconds": read_json(timing).get("seconds", 0.0) if timing.is_file() else None})
     return rows
 
@@ -404,26 +413,29 @@ def fit_study(rows: list[dict], axis: str, models) -> dict:
     for res in (AXES[axis], "flops"):
         fits, rates = {}, {}
         per_seed_all = {}
-        for m in models:
-            pts = [r for r in rows if r["model"] == m]
-            if len({r[res] for r in pts}) < 2:
+        for model in models:
+            points = [row for row in rows if row["model"] == model]
+            if len({row[res] for row in points}) < 2:
                 continue
-            pooled = fit_loglog([r[res] for r in pts], [r["metric"] for r in pts])
+            pooled = fit_loglog([row[res] for row in points], [row["metric"] for row in points])
             per_seed = {}
-            for s in sorted({r["seed"] for r in pts}):
-                sp = [r for r in pts if r["seed"] == s]
-                if len({r[res] for r in sp}) >= 2:
-                    per_seed[s] = fit_loglog([r[res] for r in sp], [r["metric"] for r in sp])
-            per_seed_all[m] = per_seed
-            fits[m] = {**pooled, "per_seed_slopes": {s: f["slope"] for s, f in per_seed.items()}}
+            for s in sorted({row["seed"] for row in points}):
+                seed_points = [row for row in points if row["seed"] == s]
+                if len({row[res] for row in seed_points}) >= 2:
+                    per_seed[s] = fit_loglog([row[res] for row in seed_points],
+                                             [row["metric"] for row in seed_points])
+            per_seed_all[model] = per_seed
+            fits[model] = {**pooled, "per_seed_slopes": {s: fit["slope"] for s, fit in per_seed.items()}}
             if len(per_seed) > 1:
-                fits[m]["slope_over_seeds"] = mean_ci([f["slope"] for f in per_seed.values()])
+                fits[model]["slope_over_seeds"] = mean_ci([fit["slope"] for fit in per_seed.values()])
         if "ebt" in per_seed_all and "transformer" in per_seed_all:
             rates = rate_with_ci(per_seed_all["ebt"], per_seed_all["transformer"])
-            rising = [LABELS[m] for m in ("ebt", "transformer") if fits[m]["slope"] >= 0]
-            if rates and rising:  # |slope| hides the sign: a rate between a falling and a rising curve means little
-                rates["warning"] = (f"{' and '.join(rising)}: the fitted slope is >= 0 (the metric does not fall with "
-                                    f"the resource), so the ratio of |slopes| is not a scaling rate")
+            rising = [LABELS[model] for model in ("ebt", "transformer") if fits[model]["slope"] >= 0]
+            # |slope| hides the sign: a rate between a falling and a rising curve means little
+            if rates and rising:
+                rates["warning"] = (f"{' and '.join(rising)}: the fitted slope is >= 0 (the metric does not "
+                                    f"fall with the resource), so the ratio of |slopes| is not a scaling "
+                                    f"rate")
         out[res] = {"fits": fits, "scaling_rate": rates}
     return out
 
@@ -432,25 +444,27 @@ def plot_study(rows: list[dict], fits: dict, study: StudyConfig, path: Path) -> 
     from ebt.plots import pyplot, save_figure
 
     plt = pyplot()
-    resources_ = list(fits)
-    fig, axes = plt.subplots(1, len(resources_), figsize=(5.5 * len(resources_), 4.2), squeeze=False)
+    resource_names = list(fits)
+    fig, axes = plt.subplots(1, len(resource_names), figsize=(5.5 * len(resource_names), 4.2),
+                             squeeze=False)
     colors = {"transformer": "tab:blue", "ebt": "tab:red"}
     ylabel = "validation perplexity" if study.metric == "ppl" else "validation loss (nats)"
-    for ax, res in zip(axes[0], resources_):
-        for m in study.models:
-            pts = [r for r in rows if r["model"] == m]
-            if not pts:
+    for ax, res in zip(axes[0], resource_names):
+        for model in study.models:
+            points = [row for row in rows if row["model"] == model]
+            if not points:
                 continue
-            ax.scatter([r[res] for r in pts], [r["metric"] for r in pts], color=colors[m], s=22, alpha=0.8)
-            f = fits[res]["fits"].get(m)
-            if f:
-                xs = sorted({r[res] for r in pts})
+            ax.scatter([row[res] for row in points], [row["metric"] for row in points], color=colors[model],
+                       s=22, alpha=0.8)
+            fit = fits[res]["fits"].get(model)
+            if fit:
+                xs = sorted({row[res] for row in points})
                 lo, hi = math.log(xs[0]), math.log(xs[-1])
                 grid = [lo + (hi - lo) * i / 50 for i in range(51)]  # log resource
                 # the line in log space: exp(intercept) alone overflows for an extreme fit
-                line = [math.exp(min(f["intercept"] + f["slope"] * g, 700.0)) for g in grid]
-                ax.plot([math.exp(g) for g in grid], line, color=colors[m],
-                        label=f"{LABELS[m]}: slope {f['slope']:.3f}" + ("" if says_something(f) else
+                line = [math.exp(min(fit["intercept"] + fit["slope"] * g, 700.0)) for g in grid]
+                ax.plot([math.exp(g) for g in grid], line, color=colors[model],
+                        label=f"{LABELS[model]}: slope {fit['slope']:.3f}" + ("" if says_something(fit) else
                                                                          " (says nothing)"))
         rate = fits[res]["scaling_rate"]
         title = f"vs {RESOURCE_LABELS[res]}"
@@ -475,35 +489,40 @@ def _fmt_ci(ci) -> str:
 def summary_markdown(rows: list[dict], fits: dict, study: StudyConfig) -> str:
     lines = [f"# Scaling study: {study.axis} ({', '.join(study.values)})", "",
              f"Fixed: base size {study.size}, recipe {study.recipe}, context {study.context_length}, "
-             f"{study.steps} steps x batch {study.batch_size} (unless the axis varies them), data {study.data_dir}. "
+             f"{study.steps} steps x batch {study.batch_size} (unless the axis varies them), "
+             f"data {study.data_dir}. "
              f"Fitted: log(val {study.metric}) = a + slope * log(resource).", "",
              "| model | value | seed | non-emb. params | tokens | train FLOPs | val loss | val ppl | s |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["model"], r["params"], r["tokens"], r["batch"], r["seed"])):
-        secs = f"{r['seconds']:.0f}" if r["seconds"] is not None else "-"
-        lines.append(f"| {LABELS[r['model']]} | {r['value']} | {r['seed']} | {r['params']:,} | {r['tokens']:,} | "
-                     f"{r['flops']:.3g} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | {secs} |")
+    for row in sorted(rows, key=lambda row: (row["model"], row["params"], row["tokens"], row["batch"],
+                                             row["seed"])):
+        secs = f"{row['seconds']:.0f}" if row["seconds"] is not None else "-"
+        lines.append(f"| {LABELS[row['model']]} | {row['value']} | {row['seed']} | {row['params']:,} | "
+                     f"{row['tokens']:,} | {row['flops']:.3g} | {row['val_loss']:.4f} | "
+                     f"{row['val_ppl']:.2f} | {secs} |")
     for res, block in fits.items():
         lines += ["", f"## vs {RESOURCE_LABELS[res]}", "", "| model | slope | 95% interval | r^2 | points |",
                   "|---|---|---|---|---|"]
-        for m, f in block["fits"].items():
-            over = f.get("slope_over_seeds")
-            slope_ci = over["ci95"] if over else f["ci95"]
-            lines.append(f"| {LABELS[m]} | {f['slope']:.4f} | {_fmt_ci(slope_ci)} | {f['r2']:.3f} | {f['n']} |")
-        silent = [LABELS[m] for m, f in block["fits"].items() if not says_something(f)]
+        for model, fit in block["fits"].items():
+            over = fit.get("slope_over_seeds")
+            slope_ci = over["ci95"] if over else fit["ci95"]
+            lines.append(f"| {LABELS[model]} | {fit['slope']:.4f} | {_fmt_ci(slope_ci)} | {fit['r2']:.3f} "
+                         f"| {fit['n']} |")
+        silent = [LABELS[model] for model, fit in block["fits"].items() if not says_something(fit)]
         if silent:
-            lines += ["", f"The fit says nothing for {', '.join(silent)}: the slope's 95% interval is undefined "
-                          f"(2 points) or includes 0, so not even its sign is known."]
+            lines += ["", f"The fit says nothing for {', '.join(silent)}: the slope's 95% interval is "
+                          f"undefined (2 points) or includes 0, so not even its sign is known."]
         rate = block["scaling_rate"]
         if rate:
             ci = rate["ci95"]
-            interval = "-" if any(math.isnan(c) for c in ci) else f"[{100 * ci[0]:+.1f}%, {100 * ci[1]:+.1f}%]"
+            interval = ("-" if any(math.isnan(c) for c in ci)
+                        else f"[{100 * ci[0]:+.1f}%, {100 * ci[1]:+.1f}%]")
             lines += ["", f"Scaling rate |slope_EBT| / |slope_T++| - 1 = {100 * rate['mean']:+.1f}% "
                           f"(95% interval {interval}, {rate['interval']})."]
             if "warning" in rate:
                 lines += ["", f"**Caution**: {rate['warning']}."]
-    lines += ["", "Intervals over seeds use Student t; with one seed they come from the regression residuals and "
-              "say nothing about seed-to-seed variation."]
+    lines += ["", "Intervals over seeds use Student t; with one seed they come from the regression residuals "
+              "and say nothing about seed-to-seed variation."]
     return "\n".join(lines) + "\n"
 
 
@@ -514,7 +533,8 @@ def report(study: StudyConfig, runs: list[StudyRun] | None = None, log=print) ->
     missing = len(runs) - len(rows)
     out = Path(study.out_dir)
     if missing:
-        log(f"{missing} of {len(runs)} runs are not finished yet (other shards?): fitting the {len(rows)} that are")
+        log(f"{missing} of {len(runs)} runs are not finished yet (other shards?): "
+            f"fitting the {len(rows)} that are")
     if not rows:
         return {"runs": [], "fits": {}}
     fits = fit_study(rows, study.axis, study.models)
@@ -526,5 +546,6 @@ def report(study: StudyConfig, runs: list[StudyRun] | None = None, log=print) ->
     if any(block["fits"] for block in fits.values()):
         summary["figure"] = str(plot_study(rows, fits, study, out / "scaling.png"))
     log(md)
-    log(f"wrote {out / 'summary.json'}, {out / 'summary.md'}" + (f", {summary['figure']}" if "figure" in summary else ""))
+    figure = f", {summary['figure']}" if "figure" in summary else ""
+    log(f"wrote {out / 'summary.json'}, {out / 'summary.md'}{figure}")
     return summary

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,10 +27,12 @@ from ebt.checkpoint import (NonFiniteWeights, find_checkpoint, load_pt, load_sta
                             save_staged, set_rng_state, unwrap)
 from ebt.config import RunConfig, to_dict
 from ebt.errors import CheckpointError, ConfigError, EBTError, first_line
-from ebt.evaluate import autocast, evaluate_lm, fmt_ppl
-from ebt.think import GRAD_METHODS, RECYCLER, draw_steps, step_range
+from ebt.evaluate import evaluate_lm, fmt_ppl
+from ebt.runtime import autocast
+from ebt.fast.plan import GRAD_METHODS, resolve_plan
+from ebt.objective import train_step, trains_itself
 from ebt.models import build_model
-from ebt.nn import capture_cuda_graphs
+from ebt.fast.cuda_graph import CapturedStep
 
 
 class TrainingError(EBTError):
@@ -48,7 +51,8 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     else:
         device = torch.device(device_pref)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but this torch build sees no GPU; use --device cpu")
+            raise ConfigError("--device cuda was asked for but this torch build sees no GPU; use --device "
+                              "cpu")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
     if device.type == "cuda":
@@ -56,82 +60,6 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
-
-
-class CapturedStep:
-    """One training micro-step (forward and backward, e.g. EBT.train_step) captured as a CUDA graph and
-    replayed. An EBT step launches thousands of small kernels (every layer, every unroll step, the
-    second-order terms) and the CPU cannot issue them as fast as the GPU runs them; a replay issues them
-    all at once. A graph needs the same shapes every call, no host synchronisation and no host-side
-    randomness, so System 2's recipe is met this way:
-    - a random step schedule (a count, or with several landscapes a count per landscape) is drawn here on
-      the host (as the step itself would draw it), and each possible schedule gets its own graph, all
-      captured at once into one memory pool (they never run at the same time);
-    - the replay buffer samples and writes on the device (ebt.models.ebt.ReplayBuffer); until it is full
-      the number of replayed rows and the rows to sample from change, so those steps run eagerly;
-    - the warm-ups before the captures push no rows (`paused`): the replay after capture is the step;
-      the allocator's cache (the eager steps' and warm-ups' memory) is emptied before the captures.
-    A replay's outputs (its losses and the gradients it binds to .grad) last until the next replay: the
-    graphs share their pool, so another count's graph writes its temporaries over them. Use them first
-    (clip, optimizer step, summed logs), as the training loop does; clone what must outlive the step.
-    `capture` is the capturing function (ebt.nn.capture_cuda_graphs; tests pass a stand-in on CPU)."""
-
-    def __init__(self, model: torch.nn.Module, step, warmup: int = 2, capture=capture_cuda_graphs):
-        device = next(model.parameters()).device
-        if capture is capture_cuda_graphs and device.type != "cuda":
-            raise ConfigError(f"--cuda-graph needs a CUDA device, and the model is on {device}: drop --cuda-graph "
-                              f"or train with --device cuda")
-        self.model, self.step, self.warmup, self.capture = model, step, warmup, capture
-        self.recipe = getattr(getattr(model, "cfg", None), "ebt", None)
-        self.replay = getattr(model, "replay", None)
-        self.graphs = {}  # drawn schedule (None: the recipe's fixed one) -> (graph, (outputs, parameter grads))
-
-    def counts(self) -> list:
-        """Every step schedule the recipe can draw (None: it draws none)."""
-        e = self.recipe
-        return list(step_range(e)) if e is not None and e.rand_steps else [None]
-
-    def __call__(self, batch: torch.Tensor, **kw) -> dict:
-        if self.recipe is not None and self.recipe.rand_steps:
-            kw = {**kw, "n_steps": draw_steps(self.recipe, self.model.training)}
-        if self.replay is not None and self.model.training and len(self.replay) < self.replay.capacity:
-            return self.step(batch, **kw)  # still filling: eager
-        if not self.graphs:
-            self._capture(batch, kw)
-        graph, (out, grads) = self.graphs[kw.get("n_steps")]
-        self.static_batch.copy_(batch)
-        graph.replay()
-        for p, g in zip(self.params, grads):  # the optimizer may have unbound them (set_to_none)
-            p.grad = g
-        return out
-
-    def _capture(self, batch, kw) -> None:
-        self.static_batch = batch.clone()  # the input of every graph, allocated outside their pool
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-
-        def run(n):
-            def fn():
-                for p in self.params:  # captured from no gradient: each replay writes fresh ones, never adds
-                    p.grad = None
-                out = self.step(self.static_batch, **{**kw, **({} if n is None else {"n_steps": n})})
-                return out, [p.grad for p in self.params]
-            return fn
-
-        def warm(n):
-            def fn():
-                if self.replay is not None:
-                    self.replay.paused = True
-                try:
-                    return run(n)()
-                finally:
-                    if self.replay is not None:
-                        self.replay.paused = False
-            return fn
-
-        counts = self.counts()
-        graphs = self.capture([run(n) for n in counts], self.warmup, warmup_fns=[warm(n) for n in counts],
-                              release=True)
-        self.graphs = dict(zip(counts, graphs))
 
 
 def leave_process_group() -> None:
@@ -205,7 +133,8 @@ def make_optimizer(model, cfg, lr: float, device: torch.device):
     mults = [g.pop("lr_mult", 1.0) for g in groups]
     for g, mult in zip(groups, mults):
         g["lr"] = lr * mult
-    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": False}  # foreach=False: same math, fewer copies on CPU
+    # foreach=False: the same maths with fewer copies on CPU
+    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": False}
     opt = torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), **kwargs)
     c = cfg
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [
@@ -217,8 +146,9 @@ def make_optimizer(model, cfg, lr: float, device: torch.device):
 def optimizer_step(model, own_step, fwd, rows: torch.Tensor, optimizer, scheduler, cfg, device: torch.device,
                    world: int = 1, init: torch.Tensor | None = None):
     """One optimizer step in the official trainer's order: forward and backward of each micro-batch of
-    `rows` (own_step: the model's own forward + backward, e.g. EBT.train_step; else fwd's loss.backward()),
-    gradients averaged over ranks, clipped by global norm, AdamW step, schedule step. init: the EBT's
+    `rows` (own_step: the model's own forward + backward, e.g. ebt.objective.train_step; else fwd's
+    loss.backward()), gradients averaged over ranks, clipped by global norm, AdamW step, schedule
+    step. init: the EBT's
     starting candidates (a reference replay), else the model draws them. Returns (loss, summed model
     metrics, gradient norm before clipping) in the run's precision (fp64 keeps float64). The training
     loop and `ebt check-reference` (ebt.compat.official) share it."""
@@ -253,6 +183,12 @@ def optimizer_step(model, own_step, fwd, rows: torch.Tensor, optimizer, schedule
     return step_loss, extras, gnorm
 
 
+# per candidate type: what a step consumes, the rate's name, and the first/last step loss's names
+LOG_UNITS = {"tokens": ("tokens", "tok/s", ("ce1", "ceN")),
+             "frames": ("frames", "frames/s", ("sl1_1", "sl1_N")),  # Smooth L1 on the next frame
+             "image": ("images", "images/s", ("sl1_1", "sl1_N"))}  # Smooth L1 to the clean image
+
+
 class MetricsLog:
     """JSON lines in out_dir/metrics.jsonl, mirrored to TensorBoard / W&B when enabled (rank 0 only)."""
 
@@ -272,7 +208,8 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise ConfigError("--tensorboard needs the tensorboard package: pip install 'ebt[tensorboard]'") from e
+                raise ConfigError("--tensorboard needs the tensorboard package: pip install "
+                                  "'ebt[tensorboard]'") from e
             self.tb = SummaryWriter(str(out_dir / "tensorboard"))
         if cfg.wandb:  # key and package checked by train() before any work (check_wandb)
             import wandb
@@ -319,7 +256,8 @@ def _rows_until(path: Path, step: int) -> list[str]:
 
 
 def check_wandb() -> None:
-    """--wandb takes its key from WANDB_API_KEY only (never ~/.netrc), and needs the package: checked at start."""
+    """--wandb takes its key from WANDB_API_KEY only (never ~/.netrc) and needs the package: checked at
+    start."""
     if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
         raise ConfigError("--wandb needs WANDB_API_KEY in the environment (or WANDB_MODE=offline); "
                           "set it, or drop --wandb")
@@ -413,9 +351,9 @@ def frame_features(run: RunConfig, resume_from: Path | None, out_dir: Path, is_m
 def warmup_warning(cfg) -> str:
     """A run shorter than its warm-up never reaches its peak learning rate: say so before it starts."""
     last = lr_factor(cfg.steps - 1, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.warmup_base_lr_divider)
-    return (f"warning: --warmup-steps {cfg.warmup_steps} is not below --steps {cfg.steps}: the learning rate "
-            f"only warms up (its last step at {100 * last:.0f}% of the peak) and early figures will look poor; "
-            f"lower --warmup-steps (about a tenth of --steps is usual)")
+    return (f"warning: --warmup-steps {cfg.warmup_steps} is not below --steps {cfg.steps}: the learning "
+            f"rate only warms up (its last step at {100 * last:.0f}% of the peak) and early figures will "
+            f"look poor; lower --warmup-steps (about a tenth of --steps is usual)")
 
 
 def resume_from(src: Path, model, optimizer, scheduler, mcfg, cfg, rank: int, device, log) -> tuple[int, int]:
@@ -451,8 +389,8 @@ def resume_from(src: Path, model, optimizer, scheduler, mcfg, cfg, rank: int, de
                 model.replay.load_state_dict({k: v.to(device) if isinstance(v, torch.Tensor) else v
                                               for k, v in load_pt(f, "replay buffer").items()})
             except (ConfigError, AttributeError) as e:
-                raise CheckpointError(f"{f}: {e}" if isinstance(e, ConfigError) else
-                                      f"{f} is not a replay buffer (corrupt); resume from another checkpoint") from e
+                raise CheckpointError(f"{f}: {e}" if isinstance(e, ConfigError) else f"{f} is not a replay "
+                                      f"buffer (corrupt); resume from another checkpoint") from e
         else:
             log(f"rank {rank}: no replay buffer in {src} (saved with {state['trainer'].get('world_size')} "
                 f"processes); this rank starts with an empty one")
@@ -465,8 +403,8 @@ def start_point(out_dir: Path, resume: bool, force: bool) -> Path | None:
     found = find_checkpoint(out_dir)
     if resume:
         if found is None:
-            raise CheckpointError(f"--resume: {out_dir} holds no checkpoint to continue; drop --resume to start "
-                                  f"a new run there")
+            raise CheckpointError(f"--resume: {out_dir} holds no checkpoint to continue; drop --resume to "
+                                  f"start a new run there")
         return found
     if found is not None and not force:
         raise CheckpointError(f"{found} already holds a checkpoint: pass --resume to continue it, --force to "
@@ -478,26 +416,13 @@ def start_point(out_dir: Path, resume: bool, force: bool) -> Path | None:
 def open_ood_splits(run: RunConfig, features) -> dict:
     """The out-of-distribution splits the data has, opened (and so checked) before training starts."""
     have = _available_splits(run.data.data_dir)
-    return {s: open_split(run.data, s, run.model.context_length, features) for s in run.data.ood_splits if s in have}
+    return {s: open_split(run.data, s, run.model.context_length, features)
+            for s in run.data.ood_splits if s in have}
 
 
-def train(run: RunConfig, resume: bool = False, log=print, force: bool = False) -> dict:
-    """Train `run.model` on `run.data` as `run.train` says. Returns the final evaluation.
-    resume: continue from the run's checkpoint; force: start anew over an existing checkpoint."""
-    cfg, mcfg = run.train, run.model
-    if cfg.wandb:
-        check_wandb()
-    rank, world, device = setup_distributed(cfg.device)
-    is_main = rank == 0
-    micro = cfg.batch_size // (world * cfg.grad_accum) if cfg.batch_size % (world * cfg.grad_accum) == 0 else 0
-    if micro == 0:
-        raise ConfigError(f"batch_size {cfg.batch_size} must be a positive multiple of world size ({world}) "
-                          f"x grad_accum ({cfg.grad_accum})")
-    out_dir = Path(cfg.out_dir)
-    ckpt_dir = out_dir / "checkpoint"
-    src = start_point(out_dir, resume, force)  # every file of a resumed checkpoint is read from src
-    if force and src is None and is_main:
-        remove_checkpoint(out_dir)
+def open_data(run: RunConfig, src: Path | None, out_dir: Path, is_main: bool):
+    """(train split, val split, ood splits) opened and checked against the model before any work."""
+    mcfg = run.model
     features = frame_features(run, src, out_dir, is_main)
     data = open_split(run.data, run.data.train_split, mcfg.context_length, features, verify=run.data.verify)
     val = open_split(run.data, run.data.val_split, mcfg.context_length, features)
@@ -507,61 +432,46 @@ def train(run: RunConfig, resume: bool = False, log=print, force: bool = False) 
     ood = open_ood_splits(run, features)
     if isinstance(data, ImageSplit):
         if mcfg.candidate != "image":
-            raise ConfigError(f"{run.data.data_dir} holds images: train an image model (--model ebt or dit) with "
-                              f"candidate='image'")
+            raise ConfigError(f"{run.data.data_dir} holds images: train an image model (--model ebt or "
+                              f"dit) with candidate='image'")
         data.images.check_model(mcfg.channels, mcfg.image_size)
     elif features is not None:
         if mcfg.candidate != "frames" or mcfg.feature_dim != data.feature_dim:
-            raise ConfigError(f"{run.data.data_dir} holds video clips encoded to {data.feature_dim} features, but the "
-                              f"model expects {mcfg.candidate} (feature_dim {mcfg.feature_dim}); build it with "
-                              f"candidate='frames', feature_dim={data.feature_dim}")
+            raise ConfigError(f"{run.data.data_dir} holds video clips encoded to {data.feature_dim} "
+                              f"features, but the model expects {mcfg.candidate} (feature_dim "
+                              f"{mcfg.feature_dim}); build it with candidate='frames', "
+                              f"feature_dim={data.feature_dim}")
     elif data.vocab_size != mcfg.vocab_size:
         raise ConfigError(
             f"tokenizer/vocabulary mismatch: {run.data.data_dir} was tokenized with {data.tokenizer_name!r} "
             f"(vocabulary {data.vocab_size}) but the model has vocab_size {mcfg.vocab_size}; "
             f"use vocab_size={data.vocab_size} (the CLI does this unless --vocab-size is given)")
-    run_dict = to_dict(run)
+    return data, val, ood
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(mcfg).to(device=device, dtype=_dtype(cfg.precision))
-    if cfg.fsdp:  # FSDP2 (ebt/fsdp.py): sharded before the optimizer sees the parameters
-        from ebt.fsdp import check_fsdp, shard_model
 
-        check_fsdp(world, cfg)
-        model = shard_model(model, device)
-    lr = cfg.lr if cfg.lr is not None else mcfg.default_lr
-    optimizer, scheduler = make_optimizer(model, cfg, lr, device)
-    start_step, tokens_seen = 0, 0
-    if src is not None:
-        start_step, tokens_seen = resume_from(src, model, optimizer, scheduler, mcfg, cfg, rank, device, log)
-        if start_step > cfg.steps:
-            raise ConfigError(f"--steps {cfg.steps} is below the step of the checkpoint in {src} ({start_step}): "
-                              f"pass --steps above {start_step} to train further")
-        if is_main:
-            log(f"resumed from {src} at step {start_step}")
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(run_dict, indent=2, sort_keys=True) + "\n")
-    n_params = sum(p.numel() for p in model.parameters())
-    own_step = None if cfg.fsdp else getattr(model, "train_step", None)
-    if own_step is not None and cfg.compile and hasattr(model, "compile_grad"):
-        # an EBT's second-order step is not compilable as a whole: its written-out energy gradient is
-        # (ebt.energy_grad), for training and for validation's thinking
-        model.compile_grad = True
+def step_functions(model, cfg, world: int, device: torch.device, is_main: bool, log):
+    """(plan, own_step, fwd): the run's paths (ebt.fast.plan, resolved once, here), the model's own forward
+    + backward (an EBT's ebt.objective.train_step, maybe replayed as a CUDA graph; None for the plain path)
+    and the forward the plain path calls (compiled, or wrapped by DDP)."""
+    own = not cfg.fsdp and trains_itself(model)
+    if own and cfg.ebt_grad not in ("auto", *GRAD_METHODS):
+        raise ConfigError(f"unknown ebt_grad {cfg.ebt_grad!r}; choose auto or one of {GRAD_METHODS}")
+    # an EBT's second-order step is not compilable as a whole: its written-out energy gradient is
+    # (ebt.fast.written_out), for training and for validation's thinking; "auto": per device and compilation
+    plan = resolve_plan(model, device, compile=own and cfg.compile, cuda_graph=cfg.cuda_graph,
+                        grad=cfg.ebt_grad if own else "auto")
+    own_step = partial(train_step, model, plan=plan) if own else None
+    if own and cfg.compile:
         fwd = model
         if is_main:
-            log("EBT --compile: the written-out energy gradient and the loss gradient run through torch.compile "
-                "(ebt/energy_grad.py; the first steps pay the compilation)")
+            log("EBT --compile: the written-out energy gradient and the loss gradient run through "
+                "torch.compile (ebt/fast/written_out.py; the first steps pay the compilation)")
     else:
         fwd = torch.compile(model) if cfg.compile else model
-    # an EBT runs forward and backward itself, one unroll step's graph at a time (EBT.train_step);
+    # an EBT runs forward and backward itself, one unroll step's graph at a time (ebt.objective.train_step);
     # its gradients are then averaged across ranks here rather than by DDP's per-backward hooks
     # Under FSDP it takes the plain forward + backward (FSDP's hooks wrap forward calls and reduce-scatter
     # in the loss's backward; train_step's own backward would bypass them).
-    if own_step is not None:
-        if cfg.ebt_grad not in ("auto", *GRAD_METHODS):
-            raise ConfigError(f"unknown ebt_grad {cfg.ebt_grad!r}; choose auto or one of {GRAD_METHODS}")
-        model.grad_method = cfg.ebt_grad  # auto: chosen per device and compilation (ebt.think.auto_grad_method)
     if cfg.cuda_graph:
         if own_step is None:
             raise ConfigError("--cuda-graph applies to EBT training steps (Transformer++: use --compile)")
@@ -573,140 +483,245 @@ def train(run: RunConfig, resume: bool = False, log=print, force: bool = False) 
             dist.broadcast(p.data, 0)
     elif world > 1 and not cfg.fsdp:
         fwd = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
+    return plan, own_step, fwd
 
-    metrics = MetricsLog(out_dir, cfg, run_dict, enabled=is_main, keep_until=start_step if src is not None else None)
-    extra = {name: d for name, d in (("tokenizer", Path(run.data.data_dir) / "tokenizer"),
-                                     ("features", out_dir / "features")) if d.is_dir()}
 
-    replay = getattr(model, "replay", None)
-    last_good = (src, start_step) if src is not None else None  # the newest checkpoint known to be finite
+class Trainer:
+    """One training run's state and its pieces: set-up (__init__), one optimizer step, the log of an
+    interval, validation, checkpointing and the end. `train` is the loop over them."""
 
-    def nonfinite(what: str):
-        hint = getattr(unwrap(model), "nonfinite_hint", "lower the learning rate (--lr), check the data, "
-                       "or raise --warmup-steps")
-        where = (f"the last good checkpoint is {last_good[0]} (step {last_good[1]}): fix the setting, then "
-                 f"continue it with --resume" if last_good else "no checkpoint was written (none holds finite weights)")
+    def __init__(self, run: RunConfig, resume: bool, force: bool, log):
+        cfg = self.cfg = run.train
+        self.mcfg, self.log = run.model, log
+        self.rank, self.world, self.device = setup_distributed(cfg.device)
+        self.is_main = self.rank == 0
+        per_step = self.world * cfg.grad_accum
+        if cfg.batch_size % per_step or cfg.batch_size < per_step:  # each micro-step gets >= 1 row
+            raise ConfigError(f"batch_size {cfg.batch_size} must be a positive multiple of world size "
+                              f"({self.world}) x grad_accum ({cfg.grad_accum})")
+        self.out_dir = out_dir = Path(cfg.out_dir)
+        self.ckpt_dir = out_dir / "checkpoint"
+        src = start_point(out_dir, resume, force)  # every file of a resumed checkpoint is read from src
+        if force and src is None and self.is_main:
+            remove_checkpoint(out_dir)
+        self.data, self.val, self.ood = open_data(run, src, out_dir, self.is_main)
+        self.run_dict = to_dict(run)
+        self._build_model(src)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.plan, self.own_step, self.fwd = step_functions(self.model, cfg, self.world, self.device,
+                                                            self.is_main, log)
+        self.eval_plan = self.plan if hasattr(self.model, "energy_from") else None  # EBTs think with it
+        self.metrics = MetricsLog(out_dir, cfg, self.run_dict, enabled=self.is_main,
+                                  keep_until=self.start_step if src is not None else None)
+        self.extra = {name: d for name, d in (("tokenizer", Path(run.data.data_dir) / "tokenizer"),
+                                              ("features", out_dir / "features")) if d.is_dir()}
+        self.replay = getattr(self.model, "replay", None)
+        self.last_good = (src, self.start_step) if src is not None else None  # newest checkpoint known finite
+        if self.is_main:
+            self._announce()
+        self.history = []
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
+        self.use_bar = cfg.progress and self.is_main and sys.stderr.isatty()
+
+    def _build_model(self, src: Path | None) -> None:
+        """The model (seeded, sharded under FSDP), its optimizer and schedule, resumed from `src` if given."""
+        cfg, mcfg, device = self.cfg, self.mcfg, self.device
+        torch.manual_seed(cfg.seed)
+        model = build_model(mcfg).to(device=device, dtype=_dtype(cfg.precision))
+        if cfg.fsdp:  # FSDP2 (ebt/fsdp.py): sharded before the optimizer sees the parameters
+            from ebt.fsdp import check_fsdp, shard_model
+
+            check_fsdp(self.world, cfg)
+            model = shard_model(model, device)
+        lr = cfg.lr if cfg.lr is not None else mcfg.default_lr
+        self.model = model
+        self.optimizer, self.scheduler = make_optimizer(model, cfg, lr, device)
+        self.start_step, self.tokens_seen = 0, 0
+        if src is not None:
+            self.start_step, self.tokens_seen = resume_from(src, model, self.optimizer, self.scheduler, mcfg,
+                                                            cfg, self.rank, device, self.log)
+            if self.start_step > cfg.steps:
+                at = self.start_step
+                raise ConfigError(f"--steps {cfg.steps} is below the step of the checkpoint in {src} ({at}): "
+                                  f"pass --steps above {at} to train further")
+            if self.is_main:
+                self.log(f"resumed from {src} at step {self.start_step}")
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            config = json.dumps(self.run_dict, indent=2, sort_keys=True)
+            (self.out_dir / "config.json").write_text(config + "\n")
+
+    def _announce(self) -> None:
+        """What runs: the replay buffer's memory, the model, the data and the batch."""
+        cfg, mcfg, log = self.cfg, self.mcfg, self.log
+        if self.replay is not None:
+            e = mcfg.ebt
+            row = (mcfg.context_length + 1) * 8 + mcfg.context_length * mcfg.vocab_size * 4
+            log(f"replay buffer: {e.replay_buffer} rows x {row / 2**20:.1f} MiB = "
+                f"{e.replay_buffer * row / 2**20:.0f} MiB per process (bounded; set with --replay-buffer)")
+        unit = LOG_UNITS[mcfg.candidate][0]
+        per_row = "" if unit == "images" else f" x {mcfg.context_length}"
+        batch = f"{cfg.batch_size}{per_row} {unit}"
+        log(f"model {mcfg.model} {mcfg.size} ({mcfg.n_layer} layers, d {mcfg.d_model}): "
+            f"{self.n_params / 1e6:.2f}M params | {self.data.num_tokens:,} train {unit} | {self.world} "
+            f"process(es) on {self.device} | global batch {batch}, {cfg.grad_accum} micro-step(s)")
+        if cfg.warmup_steps >= cfg.steps:
+            log(warmup_warning(cfg))
+
+    def restart_clock(self) -> None:
+        """Start a log interval: its time, tokens, summed loss and summed model metrics."""
+        self.t0, self.tokens_at_t0 = time.perf_counter(), self.tokens_seen
+        self.loss_sum, self.extras = torch.zeros((), device=self.device), {}
+
+    def step(self, step: int) -> None:
+        """One optimizer step; its figures stay on the device (no host sync) until the interval's report."""
+        cfg, mcfg = self.cfg, self.mcfg
+        rows = self.data.train_batch(step, cfg.batch_size, cfg.seed, self.rank, self.world)
+        step_loss, step_extras, self.gnorm = optimizer_step(self.model, self.own_step, self.fwd, rows,
+                                                            self.optimizer, self.scheduler, cfg, self.device,
+                                                            self.world)
+        for k, v in step_extras.items():  # summed over the log interval
+            self.extras[k] = self.extras.get(k, 0.0) + v
+        finite = torch.isfinite(step_loss) & torch.isfinite(self.gnorm)
+        for v in self.extras.values():
+            finite &= torch.isfinite(v).all()
+        bad = self.bad_step
+        self.bad_step = torch.where((bad < 0) & ~finite, torch.full_like(bad, step), bad)
+        self.tokens_seen += cfg.batch_size * (1 if mcfg.candidate == "image" else mcfg.context_length)
+        self.loss_sum += step_loss
+
+    def check_finite(self) -> None:
+        """One host sync: a non-finite step stops the run before it is logged or saved."""
+        if int(self.bad_step) >= 0:
+            raise self.nonfinite(f"loss, energy or gradient became non-finite at step {int(self.bad_step)}")
+
+    def report(self, done: int, bar) -> None:
+        """Log the interval that ends after `done` steps (metrics file, progress bar or one plain line)."""
+        cfg = self.cfg
+        self.check_finite()  # one host sync per log interval, not per step
+        n = done % cfg.log_every or cfg.log_every
+        dt = time.perf_counter() - self.t0
+        train_loss = float(self.loss_sum) / n
+        rec = {"loss": train_loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(self.gnorm),
+               "tokens_per_s": (self.tokens_seen - self.tokens_at_t0) / dt, "tokens_seen": self.tokens_seen,
+               **{k: float(v) / n for k, v in self.extras.items()}}
+        unit, rate, (first, last) = LOG_UNITS[self.mcfg.candidate]
+        if unit != "tokens":  # the same figures under their own names; the token keys stay for old readers
+            rec.update({f"{unit}_per_s": rec["tokens_per_s"], f"{unit}_seen": rec["tokens_seen"]})
+        self.metrics.log("train", done, **rec)
+        think = {first: f"{rec['ce_first']:.2f}", last: f"{rec['ce_last']:.2f}"} if "ce_last" in rec else {}
+        bar.set_postfix({"loss": f"{train_loss:.3f}", rate.replace("/", "_"): f"{rec['tokens_per_s']:.0f}",
+                         **think})
+        if self.is_main and cfg.progress and not self.use_bar:
+            self.log(f"step {done:6d} | loss {train_loss:.4f} | "
+                     + "".join(f"{k} {v} | " for k, v in think.items()) + f"{rec['tokens_per_s']:.0f} {rate}")
+        self.restart_clock()
+
+    def nonfinite(self, what: str) -> TrainingError:
+        """The error that stops a run gone non-finite: what to change and where to continue from."""
+        hint = getattr(unwrap(self.model), "nonfinite_hint", "lower the learning rate (--lr), check the "
+                       "data, or raise --warmup-steps")
+        good = self.last_good
+        where = (f"the last good checkpoint is {good[0]} (step {good[1]}): fix the setting, then continue it "
+                 f"with --resume" if good else "no checkpoint was written (none holds finite weights)")
         return TrainingError(f"{what}: {hint}; {where}")
 
-    def checkpoint(step):
-        nonlocal last_good
-        if int(bad_step) >= 0:  # one host sync per save: a non-finite step never reaches a checkpoint
-            raise nonfinite(f"loss, energy or gradient became non-finite at step {int(bad_step)}")
+    def validate(self, step: int) -> dict:
+        """Token-weighted validation, logged."""
+        self.plan.pool.clear()  # the training step's reused (B, S, V) tensors would add to evaluation's own
+        cfg = self.cfg
+        res = evaluate_lm(self.model, self.val, cfg.eval_batch_size, cfg.eval_windows, self.device,
+                          cfg.precision, plan=self.eval_plan)
+        self.metrics.log("val", step, loss=res["loss"], ppl=res["ppl"], tokens=res["tokens"])
+        if self.is_main:
+            ppl = {"tokens": f" | val ppl {fmt_ppl(res['ppl'])}", "frames": " (Smooth L1 per frame)",
+                   "image": " (per image: Smooth L1 for the EBT, the DDPM noise MSE for the DiT)"}
+            self.log(f"step {step:6d} | val loss {res['loss']:.4f}{ppl[self.mcfg.candidate]}")
+        return res
+
+    def checkpoint(self, step: int) -> None:
+        """Save after `step` steps: every rank's part staged, then published at once by rank 0."""
+        cfg, world = self.cfg, self.world
+        self.check_finite()  # one host sync per save: a non-finite step never reaches a checkpoint
         if cfg.fsdp:  # full tensors, gathered by every process
             from ebt.fsdp import full_state
 
-            saved_model, saved_optimizer = full_state(model, optimizer)
+            saved_model, saved_optimizer = full_state(self.model, self.optimizer)
         else:
-            saved_model, saved_optimizer = model, optimizer
-        if is_main:
+            saved_model, saved_optimizer = self.model, self.optimizer
+        if self.is_main:
             try:
-                save_checkpoint(ckpt_dir, saved_model, run_dict, saved_optimizer, scheduler,
-                                {"step": step, "tokens_seen": tokens_seen, "world_size": world,
+                save_checkpoint(self.ckpt_dir, saved_model, self.run_dict, saved_optimizer, self.scheduler,
+                                {"step": step, "tokens_seen": self.tokens_seen, "world_size": world,
                                  "data_position": {"step": step, "seed": cfg.seed}},
-                                extra_dirs=extra, publish=False)
+                                extra_dirs=self.extra, publish=False)
             except NonFiniteWeights as e:
-                raise nonfinite(f"the weights held NaN or inf when saving after {step} steps") from e
+                raise self.nonfinite(f"the weights held NaN or inf when saving after {step} steps") from e
         if world > 1:
             dist.barrier()
-        if replay is not None:  # every rank writes its own buffer into the staged checkpoint
-            save_staged(ckpt_dir, f"replay_rank{rank}.pt", replay.state_dict())
+        if self.replay is not None:  # every rank writes its own buffer into the staged checkpoint
+            save_staged(self.ckpt_dir, f"replay_rank{self.rank}.pt", self.replay.state_dict())
         if world > 1:
             dist.barrier()
-        if is_main:
-            publish_checkpoint(ckpt_dir)
-        last_good = (ckpt_dir, step)
+        if self.is_main:
+            publish_checkpoint(self.ckpt_dir)
+        self.last_good = (self.ckpt_dir, step)
         if world > 1:
             dist.barrier()
 
-    def validate(step):
-        RECYCLER.clear()  # the training step's reused (B, S, V) tensors would add to evaluation's own
-        res = evaluate_lm(model, val, cfg.eval_batch_size, cfg.eval_windows, device, cfg.precision)
-        metrics.log("val", step, loss=res["loss"], ppl=res["ppl"], tokens=res["tokens"])
-        if is_main:
-            ppl = {"tokens": f" | val ppl {fmt_ppl(res['ppl'])}", "frames": " (Smooth L1 per frame)",
-                   "image": " (per image: Smooth L1 for the EBT, the DDPM noise MSE for the DiT)"}[mcfg.candidate]
-            log(f"step {step:6d} | val loss {res['loss']:.4f}{ppl}")
-        return res
+    def finish(self, last: int) -> dict:
+        """Save, evaluate (val, then every ood split) and close; a run stopped early only saves."""
+        cfg = self.cfg
+        if last < cfg.steps:  # a time-boxed piece of a longer run: save and leave the rest to --resume
+            self.checkpoint(last)
+            self.metrics.close()
+            self.plan.pool.clear()
+            return {"step": last, "tokens_seen": self.tokens_seen, "stopped_early": True,
+                    "history": self.history}
+        final = {"step": cfg.steps, "tokens_seen": self.tokens_seen, "params": self.n_params}
+        if self.start_step < cfg.steps or not self.history:
+            final["val"] = self.validate(cfg.steps)
+            self.history.append({"step": cfg.steps, **final["val"]})
+        self.checkpoint(cfg.steps)
+        for split, split_data in self.ood.items():
+            res = evaluate_lm(self.model, split_data, cfg.eval_batch_size, cfg.eval_windows, self.device,
+                              cfg.precision, plan=self.eval_plan)
+            self.metrics.log(split, cfg.steps, loss=res["loss"], ppl=res["ppl"], tokens=res["tokens"])
+            final[split] = res
+        final["history"] = self.history
+        if self.is_main:
+            (self.out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
+        self.metrics.close()
+        self.plan.pool.clear()
+        return final
 
-    if is_main and getattr(model, "replay", None) is not None:
-        e = mcfg.ebt
-        row = (mcfg.context_length + 1) * 8 + mcfg.context_length * mcfg.vocab_size * 4
-        log(f"replay buffer: {e.replay_buffer} rows x {row / 2**20:.1f} MiB = {e.replay_buffer * row / 2**20:.0f} MiB "
-            f"per process (bounded; set with --replay-buffer)")
-    if is_main:
-        log(f"model {mcfg.model} {mcfg.size} ({mcfg.n_layer} layers, d {mcfg.d_model}): {n_params / 1e6:.2f}M params | "
-            f"{data.num_tokens:,} train tokens | {world} process(es) on {device} | global batch {cfg.batch_size} "
-            f"x {mcfg.context_length} tokens, {cfg.grad_accum} micro-step(s)")
-        if cfg.warmup_steps >= cfg.steps:
-            log(warmup_warning(cfg))
-    history = []
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, checked lazily
-    if start_step == 0:
-        history.append({"step": 0, **validate(0)})
+
+def train(run: RunConfig, resume: bool = False, log=print, force: bool = False) -> dict:
+    """Train `run.model` on `run.data` as `run.train` says. Returns the final evaluation.
+    resume: continue from the run's checkpoint; force: start anew over an existing checkpoint."""
+    cfg = run.train
+    if cfg.wandb:
+        check_wandb()
+    t = Trainer(run, resume, force, log)
+    if t.start_step == 0:
+        t.history.append({"step": 0, **t.validate(0)})
     from tqdm.auto import tqdm
 
     # a live bar on a terminal; in logs (CI, cluster jobs) one plain line per log interval instead
-    use_bar = cfg.progress and is_main and sys.stderr.isatty()
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not use_bar, desc="train", dynamic_ncols=True)
-    model.train()
-    t0, tokens_at_t0, loss_sum = time.perf_counter(), tokens_seen, torch.zeros((), device=device)
-    extras: dict[str, torch.Tensor] = {}  # summed over the log interval, like loss_sum
+    bar = tqdm(total=cfg.steps, initial=t.start_step, disable=not t.use_bar, desc="train", dynamic_ncols=True)
+    t.model.train()
+    t.restart_clock()
     last = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
-    for step in range(start_step, last):
-        rows = data.train_batch(step, cfg.batch_size, cfg.seed, rank, world)
-        step_loss, step_extras, gnorm = optimizer_step(model, own_step, fwd, rows, optimizer, scheduler, cfg,
-                                                       device, world)
-        for k, v in step_extras.items():  # summed over the log interval
-            extras[k] = extras.get(k, 0.0) + v
-        finite = torch.isfinite(step_loss) & torch.isfinite(gnorm)
-        for v in extras.values():
-            finite &= torch.isfinite(v).all()
-        bad_step = torch.where((bad_step < 0) & ~finite, torch.full_like(bad_step, step), bad_step)
-        tokens_seen += cfg.batch_size * (1 if mcfg.candidate == "image" else mcfg.context_length)
-        loss_sum += step_loss
+    for step in range(t.start_step, last):
+        t.step(step)
         bar.update(1)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            if int(bad_step) >= 0:  # one host sync per log interval, not per step
-                raise nonfinite(f"loss, energy or gradient became non-finite at step {int(bad_step)}")
-            n = done % cfg.log_every or cfg.log_every
-            dt = time.perf_counter() - t0
-            train_loss = float(loss_sum) / n
-            rec = {"loss": train_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(gnorm),
-                   "tokens_per_s": (tokens_seen - tokens_at_t0) / dt, "tokens_seen": tokens_seen,
-                   **{k: float(v) / n for k, v in extras.items()}}
-            extras = {}
-            metrics.log("train", done, **rec)
-            think = {"ce1": f"{rec['ce_first']:.2f}", "ceN": f"{rec['ce_last']:.2f}"} if "ce_last" in rec else {}
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", **think)
-            if is_main and cfg.progress and not use_bar:
-                log(f"step {done:6d} | loss {train_loss:.4f} | " + "".join(f"{k} {v} | " for k, v in think.items())
-                    + f"{rec['tokens_per_s']:.0f} tok/s")
-            t0, tokens_at_t0, loss_sum = time.perf_counter(), tokens_seen, torch.zeros((), device=device)
-        evaluated = False
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-            history.append({"step": done, **validate(done)})
-            evaluated = True
+            t.report(done, bar)
+        evaluated = bool(cfg.eval_every) and done % cfg.eval_every == 0 and done != cfg.steps
+        if evaluated:
+            t.history.append({"step": done, **t.validate(done)})
         if (cfg.save_every and done % cfg.save_every == 0) or (evaluated and not cfg.save_every):
-            checkpoint(done)
+            t.checkpoint(done)
     bar.close()
-    if last < cfg.steps:  # a time-boxed piece of a longer run: save and leave the rest to --resume
-        checkpoint(last)
-        metrics.close()
-        RECYCLER.clear()
-        return {"step": last, "tokens_seen": tokens_seen, "stopped_early": True, "history": history}
-    final = {"step": cfg.steps, "tokens_seen": tokens_seen, "params": n_params}
-    if start_step < cfg.steps or not history:
-        final["val"] = validate(cfg.steps)
-        history.append({"step": cfg.steps, **final["val"]})
-    checkpoint(cfg.steps)
-    for split, split_data in ood.items():
-        res = evaluate_lm(model, split_data, cfg.eval_batch_size, cfg.eval_windows, device, cfg.precision)
-        metrics.log(split, cfg.steps, loss=res["loss"], ppl=res["ppl"], tokens=res["tokens"])
-        final[split] = res
-    final["history"] = history
-    if is_main:
-        (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2) + "\n")
-    metrics.close()
-    RECYCLER.clear()
-    return final
+    return t.finish(last)

@@ -1,4 +1,4 @@
-"""Continuous sequences (ebt-method.md 5): evaluating next-frame prediction on moving-digit videos.
+"""Continuous sequences (docs/method.md 5): evaluating next-frame prediction on moving-digit videos.
 
 Next-frame Smooth L1 and MSE (in feature space), multi-step rollouts (the model's own predictions fed
 back as context), per-frame energy along a clip (the paper's uncertainty figure: energy should rise where
@@ -10,18 +10,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ebt.evaluate import seeded
+from ebt.fast.plan import resolve_plan
+from ebt.runtime import seeded
 from ebt.think import ThinkConfig, think
 from ebt.plots import pyplot, save_figure
 
 
-def predict_next(model, context: torch.Tensor, think_cfg: ThinkConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def predict_next(model, context: torch.Tensor,
+                 think_cfg: ThinkConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Predicted next-frame features (B, S, F) for context frames (B, S, F), and an EBT's final energy."""
     if hasattr(model, "energy_from"):
-        out = think(model, context, think_cfg or ThinkConfig())
+        think_cfg = think_cfg or ThinkConfig()
+        out = think(model, context, think_cfg, step=resolve_plan(model).think_step(model, think_cfg))
         return out.z, out.energy
     with torch.no_grad():
         return model.logits(context), None
@@ -32,17 +36,17 @@ def next_frame_errors(model, data, think_cfg=None, batch_size: int = 32, max_win
                       seed: int = 0) -> dict:
     """Frame-weighted next-frame Smooth L1 and MSE over a ClipData split."""
     model.eval()
-    sl1 = mse = 0.0
+    smooth_l1 = mse = 0.0
     n = 0
     dev = next(model.parameters()).device
     with seeded(seed, dev):
-        for w in data.eval_batches(batch_size, max_windows=max_windows):
-            w = w.to(dev, model.tok_emb.weight.dtype)
-            pred, _ = predict_next(model, w[:, :-1], think_cfg)
-            sl1 += float(F.smooth_l1_loss(pred, w[:, 1:], beta=1.0, reduction="none").mean(-1).sum())
-            mse += float((pred - w[:, 1:]).pow(2).mean(-1).sum())
-            n += w.shape[0] * (w.shape[1] - 1)
-    return {"smooth_l1": sl1 / n, "mse": mse / n, "frames": n}
+        for window in data.eval_batches(batch_size, max_windows=max_windows):
+            window = window.to(dev, model.tok_emb.weight.dtype)
+            pred, target = predict_next(model, window[:, :-1], think_cfg)[0], window[:, 1:]
+            smooth_l1 += float(F.smooth_l1_loss(pred, target, beta=1.0, reduction="none").mean(-1).sum())
+            mse += float((pred - target).pow(2).mean(-1).sum())
+            n += window.shape[0] * (window.shape[1] - 1)
+    return {"smooth_l1": smooth_l1 / n, "mse": mse / n, "frames": n}
 
 
 @torch.no_grad()
@@ -54,21 +58,23 @@ def rollout_errors(model, clips: torch.Tensor, context: int, horizon: int = 8, t
     dev = next(model.parameters()).device
     clips = clips.to(dev, model.tok_emb.weight.dtype)
     if clips.shape[1] < context + horizon:
-        raise ValueError(f"clips have {clips.shape[1]} frames; a rollout needs context {context} + horizon {horizon}")
+        raise ValueError(f"clips have {clips.shape[1]} frames; a rollout needs context {context} + "
+                         f"horizon {horizon}")
     seq = clips[:, :context]
     per_step = []
     with seeded(seed, dev):
         for h in range(horizon):
             window = seq[:, -model.cfg.context_length:]
             pred, _ = predict_next(model, window, think_cfg)
-            nxt = pred[:, -1:]
-            per_step.append(float((nxt[:, 0] - clips[:, context + h]).pow(2).mean()))
-            seq = torch.cat([seq, nxt], 1)
+            next_frame = pred[:, -1:]
+            per_step.append(float((next_frame[:, 0] - clips[:, context + h]).pow(2).mean()))
+            seq = torch.cat([seq, next_frame], 1)
     return {"mse_per_step": per_step, "mse_mean": sum(per_step) / horizon}
 
 
 @torch.no_grad()
-def energy_along_clips(model, clips: torch.Tensor, bounces: torch.Tensor, think_cfg=None, seed: int = 0) -> dict:
+def energy_along_clips(model, clips: torch.Tensor, bounces: torch.Tensor, think_cfg=None,
+                       seed: int = 0) -> dict:
     """Final energy of each predicted frame (B, T-1): prediction i is frame i+1. Compares the mean energy
     of predictions whose target frame follows a bounce with the others."""
     model.eval()
@@ -79,10 +85,10 @@ def energy_along_clips(model, clips: torch.Tensor, bounces: torch.Tensor, think_
         _, energy = predict_next(model, clips[:, :S], think_cfg)
     # frame t+1 is hard to predict when a bounce happens between t and t+1 (flag at frame t+1)
     hard = bounces[:, 1:S + 1].to(dev)
-    e = energy.double()
-    return {"energy": e.cpu(), "hard": hard.cpu(),
-            "mean_energy_bounce": float(e[hard].mean()) if hard.any() else float("nan"),
-            "mean_energy_other": float(e[~hard].mean()) if (~hard).any() else float("nan")}
+    energy = energy.double()
+    return {"energy": energy.cpu(), "hard": hard.cpu(),
+            "mean_energy_bounce": float(energy[hard].mean()) if hard.any() else float("nan"),
+            "mean_energy_other": float(energy[~hard].mean()) if (~hard).any() else float("nan")}
 
 
 def plot_energy(energy: torch.Tensor, hard: torch.Tensor, out: str | Path, clips_shown: int = 4) -> Path:
@@ -91,9 +97,11 @@ def plot_energy(energy: torch.Tensor, hard: torch.Tensor, out: str | Path, clips
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
     for c in range(min(clips_shown, energy.shape[0])):
-        line, = ax.plot(range(1, energy.shape[1] + 1), energy[c].numpy(), marker="o", ms=3, label=f"clip {c}")
+        line, = ax.plot(range(1, energy.shape[1] + 1), energy[c].numpy(), marker="o", ms=3,
+                        label=f"clip {c}")
         idx = hard[c].nonzero().flatten()
-        ax.scatter((idx + 1).numpy(), energy[c, idx].numpy(), s=70, facecolors="none", edgecolors=line.get_color())
+        ax.scatter((idx + 1).numpy(), energy[c, idx].numpy(), s=70, facecolors="none",
+                   edgecolors=line.get_color())
     ax.set_xlabel("predicted frame (circled: a digit bounced)")
     ax.set_ylabel("energy")
     ax.set_title("EBT energy of each predicted frame along a few clips", fontsize=9)
@@ -109,13 +117,13 @@ def frame_strip(rows: dict[str, "object"], out: str | Path) -> Path:
     names = list(rows)
     T = max(len(v) for v in rows.values())
     fig, axes = plt.subplots(len(names), T, figsize=(T * 0.9, len(names) * 1.0), squeeze=False)
-    for r, name in enumerate(names):
+    for row, name in enumerate(names):
         for t in range(T):
-            ax = axes[r][t]
+            ax = axes[row][t]
             ax.axis("off")
             if t < len(rows[name]):
                 ax.imshow(rows[name][t], cmap="gray", vmin=0, vmax=255)
-        axes[r][0].set_title(name, fontsize=7, loc="left")
+        axes[row][0].set_title(name, fontsize=7, loc="left")
     fig.tight_layout()
     return save_figure(fig, out, dpi=100)
 
@@ -127,7 +135,8 @@ def load_features(ckpt):
 
     path = resolve(ckpt) / "features" / "features.safetensors"
     if not path.is_file():
-        raise CheckpointError(f"{path.parent.parent} has no frame encoder (features/): it was not trained on video")
+        raise CheckpointError(f"{path.parent.parent} has no frame encoder (features/): "
+                              f"it was not trained on video")
     return FrameFeatures.load(path)
 
 
@@ -141,9 +150,8 @@ def video_report(checkpoint, data_dir: str | None = None, baseline=None, think_s
     the Langevin std (None: the trained one)."""
     import json
 
-    import numpy as np
-
-    from ebt.checkpoint import load_model, read_config, resolve
+    from ebt.checkpoint import read_config, resolve
+    from ebt.models import load_model
     from ebt.data.video import ClipData
 
     out_dir = Path(out_dir)
@@ -157,6 +165,41 @@ def video_report(checkpoint, data_dir: str | None = None, baseline=None, think_s
     all_clips = data.clips()[:clips]
     context = min(S, all_clips.shape[1] - horizon)
     steps_list = think_steps or sorted({model.inference_steps() * m for m in (1, 2, 4)})
+    rows = _ebt_rows(model, data, all_clips, context, horizon, steps_list, candidates, final_landscape,
+                     noise, max_windows, log)
+    base_model = base_data = None
+    if baseline is not None:
+        base_model = load_model(resolve(baseline), device=device).eval()
+        base_data = ClipData(data_dir, split, base_model.cfg.context_length, load_features(baseline))
+        base = {"model": base_model.cfg.model,
+                **next_frame_errors(base_model, base_data, max_windows=max_windows),
+                "rollout": rollout_errors(base_model, base_data.clips()[:clips], context, horizon)}
+        rows.append(base)
+        log(f"  baseline {base['model']}: next-frame smooth L1 {base['smooth_l1']:.4f} "
+            f"mse {base['mse']:.4f} | rollout mse {base['rollout']['mse_mean']:.4f}")
+    bounce_file = Path(data_dir) / f"{split}_bounces.npy"  # unknown (absent) for users' own clips
+    bounces = torch.from_numpy(np.load(bounce_file)[:clips]) if bounce_file.is_file() else \
+        torch.zeros(all_clips.shape[:2], dtype=torch.bool)
+    energy = energy_along_clips(model, all_clips, bounces, ThinkConfig(noise=noise))
+    plot_energy(energy["energy"], energy["hard"], out_dir / "energy_along_clips.png")
+    real = np.load(Path(data_dir) / f"{split}.npy", mmap_mode="r")[0]
+    strip = _strip(model, feats, all_clips, real, noise, base_model, base_data, baseline)
+    frame_strip(strip, out_dir / "frames.png")
+    report = {"checkpoint": str(ckpt), "data": data_dir, "split": split, "rows": rows,
+              "energy": {k: energy[k] for k in ("mean_energy_bounce", "mean_energy_other")},
+              "png": [str(out_dir / "energy_along_clips.png"), str(out_dir / "frames.png")]}
+    report["files"] = {str(out_dir / "video_eval.md"): "next-frame and rollout errors (Markdown)",
+                       str(out_dir / "video_eval.json"): "this report as JSON",
+                       str(out_dir / "energy_along_clips.png"): "figure: energy along clips, bounces marked",
+                       str(out_dir / "frames.png"): "figure: real and predicted frames"}
+    (out_dir / "video_eval.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "video_eval.md").write_text(video_markdown(report))
+    return report
+
+
+def _ebt_rows(model, data, all_clips, context, horizon, steps_list, candidates, final_landscape, noise,
+              max_windows, log) -> list[dict]:
+    """Next-frame and rollout errors of the EBT for each thinking budget (steps x candidates)."""
     rows = []
     where = "on the last landscape" if final_landscape else "per landscape"
     where = where if model.cfg.ebt.landscapes > 1 else ""
@@ -167,52 +210,39 @@ def video_report(checkpoint, data_dir: str | None = None, baseline=None, think_s
                    **next_frame_errors(model, data, cfg, max_windows=max_windows),
                    "rollout": rollout_errors(model, all_clips, context, horizon, cfg)}
             rows.append(row)
-            log(f"  EBT {steps} steps x {c}: next-frame smooth L1 {row['smooth_l1']:.4f} mse {row['mse']:.4f} | "
-                f"rollout mse {row['rollout']['mse_mean']:.4f}")
-    base_model = None
-    if baseline is not None:
-        base_model = load_model(resolve(baseline), device=device).eval()
-        bdata = ClipData(data_dir, split, base_model.cfg.context_length, load_features(baseline))
-        base = {"model": base_model.cfg.model, **next_frame_errors(base_model, bdata, max_windows=max_windows),
-                "rollout": rollout_errors(base_model, bdata.clips()[:clips], context, horizon)}
-        rows.append(base)
-        log(f"  baseline {base['model']}: next-frame smooth L1 {base['smooth_l1']:.4f} mse {base['mse']:.4f} | "
-            f"rollout mse {base['rollout']['mse_mean']:.4f}")
-    bfile = Path(data_dir) / f"{split}_bounces.npy"  # unknown (absent) for users' own clips
-    bounces = torch.from_numpy(np.load(bfile)[:clips]) if bfile.is_file() else \
-        torch.zeros(all_clips.shape[:2], dtype=torch.bool)
-    en = energy_along_clips(model, all_clips, bounces, ThinkConfig(noise=noise))
-    plot_energy(en["energy"], en["hard"], out_dir / "energy_along_clips.png")
-    # frame strip: real frames, the EBT's one-step predictions, and (if given) the baseline's
-    real = np.load(Path(data_dir) / f"{split}.npy", mmap_mode="r")[0]
+            log(f"  EBT {steps} steps x {c}: next-frame smooth L1 {row['smooth_l1']:.4f} "
+                f"mse {row['mse']:.4f} | rollout mse {row['rollout']['mse_mean']:.4f}")
+    return rows
+
+
+def _strip(model, feats, all_clips, real, noise, base_model, base_data, baseline) -> dict:
+    """Frame strip rows: real frames, the EBT's one-step predictions, and (if given) the baseline's."""
+    S = model.cfg.context_length
     with seeded(0, next(model.parameters()).device):  # the start and any noise repeat
         pred, _ = predict_next(model, all_clips[:1, :S].to(model.tok_emb.weight.dtype),
                                ThinkConfig(noise=noise))
-    strip = {"real frames 1..": np.asarray(real[1:S + 1]), "EBT next-frame prediction": feats.decode(pred[0].cpu())}
+    strip = {"real frames 1..": np.asarray(real[1:S + 1]),
+             "EBT next-frame prediction": feats.decode(pred[0].cpu())}
     if base_model is not None:
-        bpred, _ = predict_next(base_model, bdata.clips()[:1, :base_model.cfg.context_length].to(
-            base_model.tok_emb.weight.dtype))
-        strip[f"{base_model.cfg.model} prediction"] = load_features(baseline).decode(bpred[0].cpu())
+        base_clip = base_data.clips()[:1, :base_model.cfg.context_length]
+        base_pred, _ = predict_next(base_model, base_clip.to(base_model.tok_emb.weight.dtype))
+        strip[f"{base_model.cfg.model} prediction"] = load_features(baseline).decode(base_pred[0].cpu())
     strip["real decoded through the encoder"] = feats.decode(all_clips[0, 1:S + 1])
-    frame_strip(strip, out_dir / "frames.png")
-    report = {"checkpoint": str(ckpt), "data": data_dir, "split": split, "rows": rows,
-              "energy": {k: en[k] for k in ("mean_energy_bounce", "mean_energy_other")},
-              "png": [str(out_dir / "energy_along_clips.png"), str(out_dir / "frames.png")]}
-    (out_dir / "video_eval.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "video_eval.md").write_text(video_markdown(report))
-    return report
+    return strip
 
 
 def video_markdown(report: dict) -> str:
-    lines = ["| model | thinking | next-frame Smooth L1 | next-frame MSE | rollout MSE (mean of 8) | rollout MSE at 1 / 4 / 8 |",
+    lines = ["| model | thinking | next-frame Smooth L1 | next-frame MSE | rollout MSE (mean of 8) "
+             "| rollout MSE at 1 / 4 / 8 |",
              "|---|---|---|---|---|---|"]
-    for r in report["rows"]:
-        where = f" {r['where']}" if r.get("where") else ""
-        think_ = f"{r['steps']} steps{where} x {r['candidates']} cand." if "steps" in r else "-"
-        ro = r["rollout"]["mse_per_step"]
-        lines.append(f"| {r['model']} | {think_} | {r['smooth_l1']:.4f} | {r['mse']:.4f} | {r['rollout']['mse_mean']:.4f} | "
-                     f"{ro[0]:.4f} / {ro[min(3, len(ro) - 1)]:.4f} / {ro[-1]:.4f} |")
-    e = report["energy"]
-    lines.append(f"\nMean EBT energy of predicted frames right after a bounce: {e['mean_energy_bounce']:.4f}; "
-                 f"other frames: {e['mean_energy_other']:.4f}.")
+    for row in report["rows"]:
+        where = f" {row['where']}" if row.get("where") else ""
+        thinking = f"{row['steps']} steps{where} x {row['candidates']} cand." if "steps" in row else "-"
+        rollout = row["rollout"]["mse_per_step"]
+        lines.append(f"| {row['model']} | {thinking} | {row['smooth_l1']:.4f} | {row['mse']:.4f} | "
+                     f"{row['rollout']['mse_mean']:.4f} | "
+                     f"{rollout[0]:.4f} / {rollout[min(3, len(rollout) - 1)]:.4f} / {rollout[-1]:.4f} |")
+    energy = report["energy"]
+    lines.append(f"\nMean EBT energy of predicted frames right after a bounce: "
+                 f"{energy['mean_energy_bounce']:.4f}; other frames: {energy['mean_energy_other']:.4f}.")
     return "\n".join(lines) + "\n"

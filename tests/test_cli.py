@@ -91,13 +91,21 @@ def test_thinking_eval_generate_and_inspect(tmp_path):
     assert grid["rows"][3]["results"]["val"]["passes_per_token"] == 2 * (3 + 1)
     md = (tmp_path / "g.md").read_text()
     assert md.count("\n") == 2 + 6 and "ood_dyck ppl" in md
+    # the generated sets went to the run's own folder: the data still holds just its 3 shards
+    r = ebt("data", "verify", tmp_path / "data")
+    assert r.returncode == 0 and r.stdout.startswith("ok: 3 shard(s)"), r.stdout + r.stderr
+    assert (run / "reasoning_data" / "ood_dyck_00000.bin").is_file()
     r = ebt("generate", run, "--prompt", "The quick brown", "--prompt", "Document", "--max-new-tokens", "5",
             "--device", "cpu")
     assert r.returncode == 0 and r.stdout.count("--- ") == 2, r.stderr
     r = ebt("inspect", run, "--text", "The quick brown fox jumps", "--out", tmp_path / "e.png", "--windows", "4",
-            "--device", "cpu")
+            "--device", "cpu", "--json", tmp_path / "i.json")
     assert r.returncode == 0, r.stderr
-    rep = json.loads(r.stdout)
+    rep = json.loads((tmp_path / "i.json").read_text())
+    lines = r.stdout.splitlines()  # a report to read, the JSON in its file
+    assert lines[0] == f"energy heatmap: {tmp_path / 'e.png'}"
+    assert lines[-1] == f"report (JSON): {tmp_path / 'i.json'}"
+    assert any(line.startswith("  natural < shuffled < random ") for line in lines)
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
     assert set(rep["validation"]) >= {"mean_energy_natural", "mean_energy_shuffled", "mean_energy_random",
                                       "spearman_energy_nll"}

@@ -129,7 +129,7 @@ def _read(out, split):
 
 def test_build_corpus_split_invariants(tmp_path, fake_registry):
     info = build_corpus(tmp_path / "o", sources=("a", "b", "one", "broken"), ood_source="c",
-                        val_fraction=0.1, seed=3, log=lambda *a: None)
+                        val_fraction=0.1, seed=3, log=lambda *a: None, skip=("broken",))
     splits = {s: _read(tmp_path / "o", s) for s in ("train", "val", "ood")}
     ids = {s: [d["doc_id"] for d in v] for s, v in splits.items()}
     all_ids = sum(ids.values(), [])
@@ -145,7 +145,7 @@ def test_build_corpus_split_invariants(tmp_path, fake_registry):
         assert chars - max(len(d["text"]) for d in val) < 0.1 * total  # ...and stops once it has it
     assert [d["source"] for d in splits["train"]].count("one") == 1  # a single document stays in train
     assert info["sources_used"] == ["a", "b", "one", "c"]
-    assert "registry is down" in info["sources_skipped"]["broken"]
+    assert info["sources_skipped"] == {"broken": "left out with --skip-source"}
     assert info["licenses"]["a"]["text"] == "a licence"
     assert info["splits"]["val"]["by_source"]["b"]["documents"] == len([d for d in splits["val"] if d["source"] == "b"])
     assert info["splits"]["ood"]["chars"] == sum(len(d["text"]) for d in splits["ood"])
@@ -169,20 +169,30 @@ def test_build_corpus_without_ood(tmp_path, fake_registry):
     assert {d["source"] for d in _read(tmp_path, "val")} == {"a", "c"}
 
 
-def test_build_corpus_skips_apt_sources_without_apt(tmp_path, fake_registry, monkeypatch):
+def test_build_corpus_apt_sources_without_apt_need_skip(tmp_path, fake_registry, monkeypatch):
     monkeypatch.setattr(corpus, "have_apt", lambda: False)
+    with pytest.raises(DataError) as e:
+        build_corpus(tmp_path, sources=("a", "aptonly"), ood_source="c", log=lambda *a: None)
+    assert str(e.value) == ("source 'aptonly' failed to build: needs apt-get and dpkg-deb (Debian/Ubuntu), "
+                            "not found on this machine; to build it, make ? available on this machine; "
+                            "or leave it out with --skip-source aptonly")
     logged = []
-    info = build_corpus(tmp_path, sources=("a", "aptonly"), ood_source="c", log=logged.append)
-    assert "apt-get" in info["sources_skipped"]["aptonly"]
-    assert any("skipping aptonly" in l for l in logged)
+    info = build_corpus(tmp_path, sources=("a", "aptonly"), ood_source="c", log=logged.append,
+                        skip=("aptonly",))
+    assert info["sources_skipped"] == {"aptonly": "left out with --skip-source"}
+    assert "skipping aptonly: left out with --skip-source" in "\n".join(logged)
 
 
 def test_build_corpus_errors(tmp_path, fake_registry):
     quiet = dict(log=lambda *a: None)
+    with pytest.raises(DataError, match="source 'broken' failed to build: the registry is down; "):
+        build_corpus(tmp_path, sources=("a", "broken"), ood_source="c", **quiet)
     with pytest.raises(DataError, match="out-of-distribution source 'broken'"):
-        build_corpus(tmp_path, sources=("a",), ood_source="broken", **quiet)
+        build_corpus(tmp_path, sources=("a",), ood_source="broken", skip=("broken",), **quiet)
     with pytest.raises(DataError, match="no in-domain source"):
-        build_corpus(tmp_path, sources=("c", "broken"), ood_source="c", **quiet)
+        build_corpus(tmp_path, sources=("c", "broken"), ood_source="c", skip=("broken",), **quiet)
+    with pytest.raises(ConfigError, match=r"unknown --skip-source name\(s\) \['bibel'\]; valid: \["):
+        build_corpus(tmp_path, sources=("a",), ood_source="c", skip=("bibel",), **quiet)
     with pytest.raises(ConfigError, match="valid"):
         build_corpus(tmp_path, sources=("nope",), ood_source="c", **quiet)
     with pytest.raises(ConfigError):
@@ -223,3 +233,41 @@ def test_bible_binary_found_from_a_relative_cache_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     lines, err = _run_bible(Path("cache/usr/bin/bible"), Path("cache/usr/lib"))
     assert err is None and lines == ["Ge1:1 In the beginning God created the heaven and the earth."]
+
+
+# ---------------------------------------------------------------- a failing source stops `ebt data prepare`
+
+def _bible_fails(cache_dir, meta=None):
+    raise SourceUnavailable("could not decode bible.data (bible: exit 1: cannot open file)")
+
+
+def test_prepare_stops_on_a_failing_source_unless_skipped(tmp_path, monkeypatch, capsys):
+    from ebt.cli import main
+    from ebt.data.cli import summary
+
+    for name in ("shakespeare", "wikipedia", "austen"):  # the real registry, with tiny documents
+        monkeypatch.setattr(sources.SOURCES[name], "load", _fake(name, 8, 300).load)
+    monkeypatch.setattr(sources.SOURCES["bible"], "load", _bible_fails)
+    monkeypatch.setattr(corpus, "have_apt", lambda: True)
+    prepare = ["data", "prepare", "--out", str(tmp_path / "d"), "--vocab-size", "300"]
+    with pytest.raises(SystemExit) as e:
+        main(prepare)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: source 'bible' failed to build: could not decode bible.data (bible: exit 1: cannot open "
+        "file); to build it, install the Debian package (sudo apt-get install bible-kjv); or leave it out "
+        "with --skip-source bible\n")
+
+    with pytest.raises(SystemExit) as e:
+        main(prepare + ["--skip-source", "bible", "--skip-source", "bibel"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: unknown --skip-source name(s) ['bibel']; "
+                                       "valid: ['austen', 'bible', 'shakespeare', 'wikipedia']\n")
+
+    main(prepare + ["--skip-source", "bible"])
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert manifest["corpus"]["sources_used"] == ["shakespeare", "wikipedia", "austen"]
+    assert manifest["corpus"]["sources_skipped"] == {"bible": "left out with --skip-source"}
+    assert manifest["settings"]["skip_sources"] == ["bible"]
+    assert "[data] skipping bible: left out with --skip-source" in capsys.readouterr().out
+    assert "  skipped bible: left out with --skip-source" in summary(tmp_path / "d").splitlines()

@@ -1,6 +1,7 @@
 """The image EBT denoiser: energy gradient, PSNR arithmetic, thinking on images, bad input, the report."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,67 @@ def test_denoising_table_and_probe():
     y = torch.arange(6) % 2
     acc = linear_probe(m, x, y, x, y, epochs=50)
     assert 0.0 <= acc <= 1.0
+
+
+def test_image_run_logs_images_not_tokens(tmp_path, monkeypatch):
+    """An image run's log lines count images and name its Smooth L1 loss; metrics.jsonl keeps the old keys."""
+    import json
+
+    import numpy as np
+
+    from ebt.config import DataConfig, RunConfig, TrainConfig
+    from ebt.data import images
+    from ebt.train import train
+
+    x = np.random.default_rng(0).integers(0, 255, (24, 28, 28), dtype=np.uint8)
+    monkeypatch.setattr(images, "load_fashion_mnist", lambda cache_dir: {"train": (x, np.arange(24) % 10),
+                                                                         "test": (x[:6], np.arange(6) % 10)})
+    run = RunConfig(
+        model=ModelConfig(model="ebt", candidate="image", size="4xs", n_layer=1, d_model=32, n_head=2,
+                          patch=8),
+        data=DataConfig(data_dir="images:fashion_mnist", image_cache=str(tmp_path / "cache")),
+        train=TrainConfig(out_dir=str(tmp_path / "run"), steps=4, batch_size=4, warmup_steps=1, eval_every=0,
+                          eval_windows=4, eval_batch_size=4, log_every=2, device="cpu", precision="fp32",
+                          progress=True, seed=0))
+    lines = []
+    train(run, log=lines.append)
+    steps = [line for line in lines if line.startswith("step") and "val" not in line]
+    assert len(steps) == 2 and all("images/s" in s and "sl1_1" in s and "sl1_N" in s for s in steps)
+    text = "\n".join(lines)
+    assert "tok/s" not in text and "tokens" not in text and "ce1" not in text
+    assert "24 train images" in text and "global batch 4 images" in text
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert [r["images_seen"] for r in train_rows] == [8, 16] == [r["tokens_seen"] for r in train_rows]
+    assert all(r["images_per_s"] == r["tokens_per_s"] > 0 for r in train_rows)
+
+
+@pytest.mark.slow
+def test_denoise_eval_names_every_file_it_wrote(tmp_path, monkeypatch, capsys):
+    """`ebt eval` of an image run prints where its table, JSON and figures went."""
+    import numpy as np
+
+    from ebt.cli import main
+    from ebt.config import DataConfig, RunConfig, TrainConfig
+    from ebt.data import images
+    from ebt.train import train
+
+    x = np.random.default_rng(0).integers(0, 255, (24, 28, 28), dtype=np.uint8)
+    monkeypatch.setattr(images, "load_fashion_mnist", lambda cache_dir: {"train": (x, np.arange(24) % 10),
+                                                                         "test": (x[:6], np.arange(6) % 10)})
+    run = RunConfig(
+        model=ModelConfig(model="ebt", candidate="image", size="4xs", n_layer=1, d_model=32, n_head=2, patch=8),
+        data=DataConfig(data_dir="images:fashion_mnist", image_cache=str(tmp_path / "cache")),
+        train=TrainConfig(out_dir=str(tmp_path / "run"), steps=2, batch_size=4, warmup_steps=1, eval_every=0,
+                          eval_windows=4, eval_batch_size=4, device="cpu", precision="fp32", progress=False))
+    train(run, log=lambda *a: None)
+    capsys.readouterr()
+    main(["eval", str(tmp_path / "run"), "--windows", "6", "--device", "cpu", "--out-dir", str(tmp_path / "d")])
+    out = capsys.readouterr().out.splitlines()
+    listed, d = out[out.index("files written:") + 1:], tmp_path / "d"
+    names = ("denoise.md", "denoise.json", "psnr_vs_passes.png", "grid_level0.1.png", "grid_level0.2.png")
+    assert [line.split()[0] for line in listed] == [str(d / f) for f in names]
+    assert listed[0].endswith("  PSNR table and linear probe (Markdown)")
+    assert listed[3].endswith("  figure: clean, noisy and denoised images, noise 0.1")
+    for line in listed:
+        assert Path(line.split()[0]).stat().st_size > 0

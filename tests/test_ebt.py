@@ -12,6 +12,8 @@ from ebt.config import EBTConfig, ModelConfig, recipe
 from ebt.errors import CheckpointError, ConfigError
 from ebt.models import build_model, from_pretrained
 from ebt.models.ebt import ReplayBuffer
+from ebt.recipe import draw_steps
+from ebt.think import unroll
 from ebt.train import make_optimizer
 from ebt.config import TrainConfig
 
@@ -58,9 +60,9 @@ def tiny_ebt(variant="time_embed", vocab=23, S=7, landscapes=2, **kw):
                                    context_length=S, ebt=e)).double()
 
 
-def energy_and_grad(model, x, z, k=0):
+def energy_and_grad(model, x, z, k=0, first_order=False):
     p = torch.softmax(z, -1).requires_grad_()
-    E = model.energy(x, p, k)
+    E = model.energy_from(model.context(x, k, first_order=first_order), p)
     (g,) = torch.autograd.grad(E.sum(), p)
     return E.detach(), g
 
@@ -118,16 +120,15 @@ def test_one_context_pass_per_landscape():
 def test_fused_attention_equals_explicit_for_first_order_thinking():
     model = tiny_ebt()
     x, z = torch.randint(0, 23, (2, 7)), torch.randn(2, 7, 23, dtype=torch.float64)
-    E, g = energy_and_grad(model, x, z)
-    model.fused_attention = True
-    E2, g2 = energy_and_grad(model, x, z)
+    E, g = energy_and_grad(model, x, z)  # the context with explicit attention (double-backward capable)
+    E2, g2 = energy_and_grad(model, x, z, first_order=True)  # fused attention kernels
     assert torch.allclose(E, E2, atol=1e-12) and torch.allclose(g, g2, atol=1e-12)
 
 
 def test_update_is_taken_with_respect_to_probabilities():
     model = tiny_ebt().eval()
     x, z = torch.randint(0, 23, (1, 7)), torch.randn(1, 7, 23, dtype=torch.float64)
-    logits, energies = model.unroll(x, z, 1, stochastic=False, build_graph=False)
+    logits, energies = unroll(model, x, z, 1, stochastic=False, build_graph=False)
     E, g = energy_and_grad(model, x, z)
     assert torch.allclose(logits[0], torch.softmax(z, -1) - 3.0 * g, atol=1e-12)
     assert torch.allclose(energies[0], E, rtol=1e-12, atol=1e-12)  # inference contexts use fused attention
@@ -160,7 +161,7 @@ def test_alpha_gets_its_own_group_with_multiplier_and_no_decay():
 def test_s2_training_randomness():
     model = tiny_ebt(landscapes=1, rand_steps=2, rand_steps_min=2, alpha_rand_scale=2.0, langevin=3.0,
                      detach=False, truncate=True, loss_last_only=True, replay_buffer=5).train()
-    steps = {model.train_steps() for _ in range(60)}
+    steps = {draw_steps(model.cfg.ebt, model.training) for _ in range(60)}
     assert steps == {2, 3}
     a = model.step_alpha((4, 7, 23), stochastic=True)
     assert a.shape == (4, 7, 1) and (a >= 1.5).all() and (a <= 6.0).all() and a.std() > 0.3
@@ -171,7 +172,7 @@ def test_s2_training_randomness():
     out = model(w)
     assert float(out["replay_rows"]) == 2 and len(model.replay) == 5  # 0.5 x batch replayed; only fresh pushed
     model.eval()
-    assert model.train_steps() == 3
+    assert draw_steps(model.cfg.ebt, model.training) == 3
 
 
 def test_replay_buffer_is_bounded_fifo_and_round_trips():
@@ -204,7 +205,7 @@ def test_convert_official_lightning_checkpoint(reference_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     model = from_pretrained(tmp_path / "conv").double().eval()
     assert model.cfg.ebt.alpha_lr_mult == 1500 and model.cfg.vocab_size == 97
-    logits, _ = model.unroll(t["input.tokens"][:, :-1], t["input.init_logits"], 2, False, False)
+    logits, _ = unroll(model, t["input.tokens"][:, :-1], t["input.init_logits"], 2, False, False)
     # weights were stored in float32 (our checkpoints' dtype), so agreement is to float32 precision
     assert (logits[-1] - t["step1.logits"]).abs().max() / t["step1.logits"].abs().max() < 1e-4
     torch.save({"weights": state}, tmp_path / "bad.ckpt")

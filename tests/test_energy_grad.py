@@ -1,4 +1,4 @@
-"""The written-out energy gradient (ebt.energy_grad) is the energy's gradient, and its own gradient.
+"""The written-out energy gradient (ebt.fast.written_out) is the energy's gradient, and its own gradient.
 
 It must give autograd's dE/dy (first order) and autograd's d/dtheta <dE/dy, r> (the second-order term
 training backpropagates), for both step-token variants, for the decoding contexts (offset, mask), for
@@ -13,11 +13,15 @@ import weakref
 import pytest
 import torch
 
-from ebt.energy_grad import energy_grad
+import ebt.nn as ebt_nn
+from ebt.fast.written_out import energy_grad
 from ebt.errors import ConfigError
+from ebt.fast.plan import resolve_plan
+from ebt.fast.stepwise import Losses
 from ebt.models.ebt import EBT
 from ebt.nn import KVCache, Rope, vocab_in
-from ebt.think import ThinkConfig, think, unroll_backward
+from ebt.objective import train_step
+from ebt.think import ThinkConfig, think
 
 from test_speed_paths import grads_after, max_rel, tiny, window
 
@@ -102,10 +106,8 @@ def test_thinking_with_the_written_out_gradient(rec):
     z0 = model.init_candidate(x)
     # noise=0 explicit: S2's default is now its trained Langevin std (issue 19), drawn afresh by each run
     cfg = ThinkConfig(steps=3, candidates=1, accept_lower=True, trace=True, noise=0.0)
-    model.explicit_grad = False
-    a = think(model, x, cfg, init=z0)
-    model.explicit_grad = True
-    b = think(model, x, cfg, init=z0)
+    a = think(model, x, cfg, init=z0, step=resolve_plan(model, explicit=False).think_step(model, cfg))
+    b = think(model, x, cfg, init=z0, step=resolve_plan(model, explicit=True).think_step(model, cfg))
     assert torch.allclose(a.z, b.z, rtol=1e-10, atol=1e-12)
     assert torch.allclose(a.trace, b.trace, rtol=1e-10, atol=1e-12)
 
@@ -114,7 +116,7 @@ def test_explicit_needs_a_model_with_a_written_out_gradient(monkeypatch):
     model = tiny("s1")
     monkeypatch.delattr(EBT, "energy_grad")
     with pytest.raises(ConfigError, match="no written-out energy gradient"):
-        model.train_step(window(model), method="explicit")
+        train_step(model, window(model), plan=resolve_plan(model, grad="explicit"))
 
 
 @pytest.mark.parametrize("method", ["double", "explicit", "jvp"])
@@ -133,9 +135,10 @@ def test_training_step_frees_its_starting_candidate(method):
     def loss_grad(k, z, s, out=None):
         return z.sum() * 0, torch.zeros_like(z)
 
+    stepwise = resolve_plan(model, grad=method).train_step(model, z0)
     start = [z0]
     del z0
-    unroll_backward(model, x, start, 2, False, model.cfg.ebt, loss_grad, [0, 1], method=method, on_step=on_step)
+    stepwise(model, x, start, 2, Losses(loss_grad, [0, 1]), on_step=on_step)
     assert start == [] and seen == [True, True]
 
 
@@ -149,7 +152,7 @@ def test_explicit_under_autocast_is_as_accurate_as_double_backward():
         m = copy.deepcopy(model).train()
         torch.manual_seed(3)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = m.train_step(x, method=method)
+            out = train_step(m, x, plan=resolve_plan(m, grad=method))
         assert out["ce_last"].dtype == torch.float32
         return {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
 
@@ -160,8 +163,9 @@ def test_explicit_under_autocast_is_as_accurate_as_double_backward():
 
 
 def test_written_out_context_stream_matches_the_backbone(monkeypatch):
-    """context_kv (what a compiled model's context is) gives the keys and values of EBT.context."""
-    from ebt.energy_grad import context_kv
+    """context_kv (what a compiled plan's context is) gives the keys and values of EBT.context."""
+    import ebt.fast.written_out as written_out
+    from ebt.fast.written_out import context_kv
 
     model = tiny("s1")
     x = window(model)[:, :-1]
@@ -171,20 +175,18 @@ def test_written_out_context_stream_matches_the_backbone(monkeypatch):
         out = context_kv(model, h, torch.arange(h.shape[1]))
         for a, b in zip(ref.k + ref.v, out.k + out.v):
             assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
-    model.compile_grad = True  # a compiled model's training and thinking contexts take it
-    import ebt.models.ebt as ebt_model
-
+    step = resolve_plan(model, compile=True).think_step(model)  # a compiled plan's contexts take it
     calls = []
-    monkeypatch.setattr(ebt_model, "context_kv", lambda *a, **kw: calls.append(kw) or context_kv(*a))
-    model.context(x, 0, first_order=True)
-    model.context(x, 0)  # a graph for double backward: the module path
+    monkeypatch.setattr(written_out, "context_kv", lambda *a, **kw: calls.append(kw) or context_kv(*a))
+    step.context(x, 0, first_order=True)
+    step.context(x, 0)  # a graph for double backward: the module path
     assert calls == [{"compiled": True}]
 
 
 def test_written_out_decoding_step_matches_the_backbone():
     """context_decode_step (a compiled model's static decoding step) writes the keys and values that
     Backbone.forward's decoding step writes, at a position tensor, attending under the valid mask."""
-    from ebt.energy_grad import context_decode_step
+    from ebt.fast.written_out import context_decode_step
     from ebt.nn import KVCache
 
     model = tiny("s2", S=24)
@@ -202,32 +204,33 @@ def test_written_out_decoding_step_matches_the_backbone():
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
-def spy_compiled(monkeypatch) -> list:
-    """Record the name of every function run through ebt.nn.compiled (by its users' imports)."""
-    import ebt.energy_grad as eg
-    import ebt.models.transformer as tr
-    import ebt.think as th
-    from ebt.nn import compiled
+class CompileCalls:
+    """The functions run through ebt.nn.compiled since made (or `clear`ed), by name (ebt.nn.COMPILE_CALLS)."""
 
-    calls = []
+    def __init__(self):
+        self.clear()
 
-    def spy(fn):
-        calls.append(fn.__name__)
-        return compiled(fn)
+    def clear(self):
+        self.base = dict(ebt_nn.COMPILE_CALLS)
 
-    for module, name in ((eg, "compile_fn"), (th, "compiled"), (tr, "compiled")):
-        monkeypatch.setattr(module, name, spy)
-    return calls
+    def count(self, name: str) -> int:
+        return ebt_nn.COMPILE_CALLS.get(name, 0) - self.base.get(name, 0)
+
+    def __iter__(self):
+        return iter([n for n in ebt_nn.COMPILE_CALLS if self.count(n) > 0])
+
+    def __bool__(self):
+        return any(True for _ in self)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bf16", [False, True])
-def test_compiled_step_matches_eager(monkeypatch, bf16):
+def test_compiled_step_matches_eager(bf16):
     """torch.compile (inductor on CPU) of the written-out gradient, the loss gradient, the context
     stream and the (B, S, V) side of each step: the same weight gradients (float64; under bf16 autocast, as close to the
     eager step as the eager step is to float32). S2 runs first-order steps without a graph, the last
     step with one, and two batch shapes (the second call appends replayed rows)."""
-    calls = spy_compiled(monkeypatch)
+    calls = CompileCalls()
     model = tiny("s2", replay_buffer=8)
     x = window(model)
     if bf16:
@@ -236,12 +239,11 @@ def test_compiled_step_matches_eager(monkeypatch, bf16):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         eager, out = grads_after(copy.deepcopy(model), x, "explicit")
         assert not calls
-        model.compile_grad = True
-        compiled, out_c = grads_after(model, x, "explicit")
+        compiled, out_c = grads_after(model, x, "explicit", compile=True)
     assert {"_energy_grad", "_context"} <= set(calls)
     # the (B, S, V) side is fused where the products read another layout (here: bf16); in float64 on CPU
-    # it runs eagerly into recycled memory (ebt.think.Recycler), the loss gradient too
-    assert ({"_probs_in", "_update", "token_loss_grad"} <= set(calls)) == bf16
+    # it runs eagerly into recycled memory (ebt.fast.memory.Recycler), the loss gradient too
+    assert ({"_probs_in", "_mapped_update", "token_loss_grad"} <= set(calls)) == bf16
     assert ("token_loss_grad" in calls) == bf16
     if bf16:
         assert max_rel(compiled, ref) < 1.5 * max_rel(eager, ref), (max_rel(compiled, ref), max_rel(eager, ref))
@@ -251,63 +253,56 @@ def test_compiled_step_matches_eager(monkeypatch, bf16):
 
 
 @pytest.mark.slow
-def test_compiled_step_with_padded_layouts_matches(monkeypatch):
+def test_compiled_step_with_padded_layouts_matches():
     """What CUDA does, here: the compiled step's (B, S, V) tensors padded to an aligned width and the
     context's keys to a multiple of 8 (masked); the same gradients and loss as without (float64)."""
-    import ebt.nn as ebt_nn
-
-    calls = spy_compiled(monkeypatch)
+    calls = CompileCalls()
     model = tiny("s2", replay_buffer=8)  # V 97, context 1 + 12 keys: both get padded
-    model.compile_grad = True
     x = window(model)
-    monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", set())
-    plain, out = grads_after(model, x, "explicit")
-    monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", {"cpu"})
-    padded, out_p = grads_after(model, x, "explicit")
-    assert {"_probs_in", "_update"} <= set(calls)
+    plain, out = grads_after(model, x, "explicit", compile=True, pad_vocab=False)
+    padded, out_p = grads_after(model, x, "explicit", compile=True, pad_vocab=True)
+    assert {"_probs_in", "_mapped_update"} <= set(calls)
     assert max_rel(padded, plain) < 1e-10
     assert float(out_p["loss"]) == pytest.approx(float(out["loss"]), rel=1e-10)
 
 
 @pytest.mark.slow
-def test_compiled_thinking_with_padded_layouts_matches(monkeypatch):
+def test_compiled_thinking_with_padded_layouts_matches():
     """Thinking through the compiled, fused step (padded layouts forced, as on CUDA) gives the eager
     thinking's candidates and energies: with and without a final score, several candidates, noise."""
-    import ebt.nn as ebt_nn
     from ebt.generate import GenerateConfig, generate
 
-    calls = spy_compiled(monkeypatch)
-    model = tiny("s2", S=24).eval()
+    calls = CompileCalls()
+    model = tiny("s2", replay_buffer=8).eval()  # the compiled training tests' shapes: fewer compilations
     x = window(model)[:, :-1]
-    monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", {"cpu"})
     for cfg in (ThinkConfig(steps=3, score_final=False), ThinkConfig(steps=2, candidates=2, noise=0.1)):
         outs = []
         for compiled in (False, True):
-            model.compile_grad = compiled
+            step = resolve_plan(model, compile=compiled, pad_vocab=True).think_step(model, cfg)
             torch.manual_seed(0)
-            outs.append(think(model, x, cfg))
+            outs.append(think(model, x, cfg, step=step))
         ref, out = outs
         assert torch.allclose(out.z, ref.z, rtol=1e-9, atol=1e-9)
         assert torch.allclose(out.energy, ref.energy, rtol=1e-9, atol=1e-12)
         assert torch.allclose(out.initial_energy, ref.initial_energy, rtol=1e-9, atol=1e-12)
         assert out.passes == ref.passes and torch.equal(out.steps_used, ref.steps_used)
-    assert {"_probs_in", "_update", "_context"} <= set(calls)
-    model.compile_grad = False
+    assert {"_probs_in", "_mapped_update", "_context"} <= set(calls)
     calls.clear()
     prompts, gen = [[1, 2, 3], [4, 5, 6, 7, 8]], dict(max_new_tokens=5, think=ThinkConfig(steps=2, score_final=False))
-    a = generate(model, prompts, GenerateConfig(**gen))
-    assert generate(model, prompts, GenerateConfig(**gen, cuda_graph=True, compile=True)) == a
-    assert {"_context", "_probs_in", "_update"} <= set(calls)  # the static step, compiled
+    a = generate(model, prompts, GenerateConfig(**gen), plan=resolve_plan(model, pad_vocab=True))
+    plan = resolve_plan(model, compile=True, cuda_graph=True, pad_vocab=True)
+    assert generate(model, prompts, GenerateConfig(**gen, cuda_graph=True, compile=True), plan=plan) == a
+    assert {"_context", "_probs_in", "_mapped_update"} <= set(calls)  # the static step, compiled
 
 
 @pytest.mark.slow
-def test_compiled_generation_chooses_the_same_tokens(monkeypatch):
+def test_compiled_generation_chooses_the_same_tokens():
     """GenerateConfig(compile=True): decoding thinks through the compiled written-out gradient, with
     static shapes (cuda_graph; eager here on CPU) and with a growing cache; same greedy tokens."""
     from ebt.generate import GenerateConfig, generate
 
-    calls = spy_compiled(monkeypatch)
-    model = tiny("s2", S=24).eval()
+    calls = CompileCalls()
+    model = tiny("s2", replay_buffer=8).eval()  # the shapes of the tests above: fewer compilations
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     cfg = dict(max_new_tokens=6, think=ThinkConfig(steps=2, score_final=False))
     a, la = generate(model, prompts, GenerateConfig(**cfg), return_logits=True)
@@ -317,26 +312,27 @@ def test_compiled_generation_chooses_the_same_tokens(monkeypatch):
         assert a == b and torch.allclose(la, lb, rtol=1e-9, atol=1e-9), static
         assert calls.count("_energy_grad") >= 6 * 2  # every token's thinking steps went through it
         calls.clear()
-    assert model.explicit_grad is None and not model.compile_grad  # restored after generation
+    assert not {"compile_grad", "explicit_grad"} & set(vars(model))  # the model carries no path flags
 
 
 def test_inference_default_is_written_out_on_cpu_and_autograd_on_cuda():
-    """explicit_grad None (auto): the written-out gradient on CPU (the faster there) or when compiled,
+    """explicit None (auto): the written-out gradient on CPU (the faster there) or when compiled,
     autograd on CUDA eager; the official algorithm always takes autograd."""
     from ebt.compat.official_algorithm import OfficialAlgorithmEBT
-    from ebt.think import ContextCache, energy_and_grad, explicit_for
+    from ebt.fast.plan import explicit_for
+    from ebt.think import ContextCache
 
     model = tiny("s2").eval()
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert model.explicit_grad is None and explicit_for(model, cpu) and not explicit_for(model, cuda)
-    model.compile_grad = True
-    assert explicit_for(model, cuda)
-    model.compile_grad = False
+    assert explicit_for(model, cpu) and not explicit_for(model, cuda)
+    assert explicit_for(model, cuda, compiled=True)
     assert not explicit_for(OfficialAlgorithmEBT.from_model(model), cpu)
+    assert not resolve_plan(OfficialAlgorithmEBT.from_model(model), cpu, compile=True).explicit
     x = window(model)[:, :-1]
     calls, real = [], model.energy_grad
-    model.energy_grad = lambda ctx, p: calls.append(1) or real(ctx, p)
-    energy_and_grad(model, ContextCache(model, x).get_ctx(0, False), model.init_candidate(x))
+    model.energy_grad = lambda ctx, p, **kw: calls.append(1) or real(ctx, p, **kw)
+    step = resolve_plan(model).think_step(model)  # the plan's default, on this (CPU) device
+    step.grad(ContextCache(model, x).get_ctx(0, False), model.init_candidate(x))
     assert calls == [1]  # on CPU the default took the written-out gradient
 
 
@@ -348,10 +344,10 @@ def test_each_training_method_takes_the_gradient_it_names(rec):
     x = window(model)
     calls = []
     real, real_y = model.energy_grad, model.energy_grad_embedding
-    model.energy_grad = lambda ctx, p: calls.append(1) or real(ctx, p)
-    model.energy_grad_embedding = lambda ctx, y: calls.append(1) or real_y(ctx, y)
+    model.energy_grad = lambda ctx, p, **kw: calls.append(1) or real(ctx, p, **kw)
+    model.energy_grad_embedding = lambda ctx, y, **kw: calls.append(1) or real_y(ctx, y, **kw)
     for method in ("double", "jvp", "full", "explicit"):
         calls.clear()
-        model.measure_final_energy = False  # the logging pass is inference (the device default)
-        model.train_step(x, method=method)
+        # no logging pass (the energy gap): it is inference (the device default)
+        train_step(model, x, plan=resolve_plan(model, grad=method, energy_gap=False))
         assert bool(calls) == (method == "explicit"), method

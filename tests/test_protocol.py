@@ -15,8 +15,10 @@ from ebt.evaluate import evaluate_lm
 from ebt.generate import GenerateConfig, generate
 from ebt.models import build_model
 from ebt.models.transformer import prediction_loss
-from ebt.think import (ThinkConfig, draw_steps, inference_schedule, repeat_range, step_landscapes, step_range,
-                       think)
+from ebt.fast.plan import resolve_plan
+from ebt.objective import train_step
+from ebt.recipe import draw_steps, inference_schedule, repeat_range, step_landscapes, step_range
+from ebt.think import ThinkConfig, think, unroll
 
 V, S = 19, 6
 
@@ -160,7 +162,7 @@ def test_validation_adds_the_trained_noise_at_every_step():
     x = w[:, :-1]
     z0 = torch.randn(2, S, V, dtype=torch.float64)
     torch.manual_seed(5)
-    logits, energies = m.unroll(x, z0, m.cfg.ebt.eval_steps, stochastic=False, build_graph=False)
+    logits, energies = unroll(m, x, z0, m.cfg.ebt.eval_steps, stochastic=False, build_graph=False)
     torch.manual_seed(5)
     _, _, ref, _ = official_steps(m, x, z0, [0, 1, 1], 0.7)
     assert len(logits) == 3 and all(torch.allclose(a, b, rtol=1e-9, atol=1e-9) for a, b in zip(logits, ref))
@@ -169,7 +171,7 @@ def test_validation_adds_the_trained_noise_at_every_step():
         out = m(w, init=z0)  # the validation forward (eval mode)
     ce = float(prediction_loss(ref[-1], w[:, 1:], m.cfg)["loss"])
     assert float(out["ce_last"]) == pytest.approx(ce, rel=1e-9)
-    quiet = m.unroll(x, z0, 3, stochastic=False, build_graph=False, noise=0.0)[0]
+    quiet = unroll(m, x, z0, 3, stochastic=False, build_graph=False, noise=0.0)[0]
     torch.manual_seed(5)
     assert torch.allclose(quiet[-1], official_steps(m, x, z0, [0, 1, 1], 0.0)[2][-1], rtol=1e-9, atol=1e-9)
 
@@ -190,11 +192,11 @@ def test_evaluation_draws_its_noise_from_its_seed():
 @pytest.mark.parametrize("explicit", [None, False])  # the recycled written-out steps (CPU default), autograd
 def test_thinking_is_the_official_advanced_inference(steps, final, explicit):
     m = tiny(2, rand_steps=2, rand_steps_min=2, langevin=0.8)
-    m.explicit_grad = explicit
     x = torch.randint(0, V, (2, S))
     z0 = m.init_candidate(x).clone()
+    cfg = ThinkConfig(steps=steps, final_landscape=final)
     torch.manual_seed(3)
-    out = think(m, x, ThinkConfig(steps=steps, final_landscape=final), init=z0)
+    out = think(m, x, cfg, init=z0, step=resolve_plan(m, explicit=explicit).think_step(m, cfg))
     order = official_inference_steps(2, 2, steps or 1, final, "time_embed")
     torch.manual_seed(3)
     z, E, _, _ = official_steps(m, x, z0, order, 0.8)
@@ -259,25 +261,28 @@ def test_accept_lower_as_the_official_inference():
 
 
 def test_captured_steps_replay_each_drawn_schedule():
-    """ebt.train.CapturedStep keeps one graph per value of step_range: with two landscapes a schedule
+    """ebt.fast.cuda_graph.CapturedStep keeps one graph per value of step_range: with two landscapes a schedule
     (stand-in capture on CPU, as tests/test_speed_paths.py), the same losses and gradients as eager."""
     import copy
 
+    from functools import partial
+
     from test_speed_paths import stand_in_capture, tiny as tiny_s, window
-    from ebt.train import CapturedStep
+    from ebt.fast.cuda_graph import CapturedStep
 
     eager = tiny_s("s1", landscapes=2, rand_steps=1, rand_steps_min=1).train()
     graphed = copy.deepcopy(eager)
-    step = CapturedStep(graphed, graphed.train_step, capture=stand_in_capture)
+    plan_e, plan_g = resolve_plan(eager, grad="explicit"), resolve_plan(graphed, grad="explicit")
+    step = CapturedStep(graphed, partial(train_step, graphed, plan=plan_g), capture=stand_in_capture)
     assert step.counts() == [(0, 1), (0, 1, 1), (0, 0, 1), (0, 0, 1, 1)]
     for i in range(4):
         x = window(eager, B=3)
         for m in (eager, graphed):
             m.zero_grad(set_to_none=True)
         torch.manual_seed(100 + i)
-        a = eager.train_step(x, method="explicit")
+        a = train_step(eager, x, plan=plan_e)
         torch.manual_seed(100 + i)
-        b = step(x, method="explicit")
+        b = step(x)
         assert float(a["loss"]) == float(b["loss"]) and float(a["steps"]) >= 2
         for p, q in zip(eager.parameters(), graphed.parameters()):
             assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))

@@ -2,13 +2,15 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from ebt.data import reasoning
-from ebt.data.loader import TokenData, tokenizer_for
-from ebt.data.reasoning import (GENERATORS, PAIRS, add_reasoning_splits, check_arithmetic, generate_arithmetic,
-                                generate_dyck, solve_dyck, write_reasoning_set)
+from ebt.data.loader import TokenData, tokenizer_for, verify_dataset
+from ebt.data.reasoning import (GENERATORS, PAIRS, add_reasoning_splits, check_arithmetic,
+                                default_reasoning_dir, generate_arithmetic, generate_dyck, solve_dyck,
+                                write_reasoning_set)
 from ebt.data.shards import read_manifest, write_shards
 from ebt.data.tokenizers import get_tokenizer
 from ebt.errors import ConfigError, DataError
@@ -156,41 +158,61 @@ def _tiny_dataset(data_dir):
 
 
 def test_add_reasoning_splits(tmp_path):
-    data_dir = tmp_path / "data"
+    data_dir, out = tmp_path / "data", tmp_path / "run" / "reasoning_data"
     _tiny_dataset(data_dir)
+    before = {p: p.read_bytes() for p in data_dir.rglob("*") if p.is_file()}
     logs = []
-    assert add_reasoning_splits(data_dir, n=40, seed=2, log=logs.append) == ["ood_dyck", "ood_arithmetic"]
+    splits = add_reasoning_splits(data_dir, out, n=40, seed=2, log=logs.append)
+    assert splits == ["ood_dyck", "ood_arithmetic"]
+    assert {p: p.read_bytes() for p in data_dir.rglob("*") if p.is_file()} == before  # the data untouched
+    assert verify_dataset(data_dir) == [] and verify_dataset(out) == []
+    assert sum(len(e["shards"]) for e in read_manifest(data_dir)["splits"].values()) == 2
 
     tok = tokenizer_for(data_dir)
+    assert read_manifest(out)["tokenizer"] == read_manifest(data_dir)["tokenizer"]
     for name, marker in (("dyck", "Input:"), ("arithmetic", "Question:")):
         docs = GENERATORS[name](40, 2)
-        entry = read_manifest(data_dir)["splits"][f"ood_{name}"]
+        entry = read_manifest(out)["splits"][f"ood_{name}"]
         assert entry["documents"] == 40 and entry["reasoning"]["seed"] == 2
         assert entry["tokens"] == sum(len(tok.encode(d)) + 1 for d in docs)  # one eos per document
-        data = TokenData(data_dir, f"ood_{name}", 16)
+        data = TokenData(out, f"ood_{name}", 16)
         assert tok.decode(data.window(0)).startswith(marker)  # the split starts with the first document
         text = tok.decode([t for i in range(len(data)) for t in data.window(i)[:-1]])  # windows overlap by 1
         assert docs[0] + tok.tk.id_to_token(tok.eos_id) + docs[1] in text
-    assert set(read_manifest(data_dir)["splits"]) == {"train", "val", "ood_dyck", "ood_arithmetic"}
+    assert set(read_manifest(out)["splits"]) == {"ood_dyck", "ood_arithmetic"}
 
     # a second call finds everything in place and rewrites nothing
-    files = {p: p.stat().st_mtime_ns for p in data_dir.rglob("*") if p.is_file()}
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     logs.clear()
-    add_reasoning_splits(data_dir, n=40, seed=2, log=logs.append)
-    assert {p: p.stat().st_mtime_ns for p in data_dir.rglob("*") if p.is_file()} == files
+    add_reasoning_splits(data_dir, out, n=40, seed=2, log=logs.append)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files
     assert len(logs) == 2 and all("skipping" in l for l in logs)
 
     # another seed rebuilds just the split asked for
-    add_reasoning_splits(data_dir, names="dyck", n=40, seed=3, log=logs.append)
-    assert read_manifest(data_dir)["splits"]["ood_dyck"]["reasoning"]["seed"] == 3
-    assert read_manifest(data_dir)["splits"]["ood_arithmetic"]["reasoning"]["seed"] == 2
+    add_reasoning_splits(data_dir, out, names="dyck", n=40, seed=3, log=logs.append)
+    assert read_manifest(out)["splits"]["ood_dyck"]["reasoning"]["seed"] == 3
+    assert read_manifest(out)["splits"]["ood_arithmetic"]["reasoning"]["seed"] == 2
+
+
+def test_default_reasoning_dir():
+    assert default_reasoning_dir("runs/x/checkpoint") == Path("runs/x/reasoning_data")
+    assert default_reasoning_dir("runs/x/checkpoint.old") == Path("runs/x/reasoning_data")
+    assert default_reasoning_dir("exported") == Path("exported/reasoning_data")
 
 
 def test_add_reasoning_splits_errors(tmp_path):
     with pytest.raises(DataError, match="not a prepared dataset"):
-        add_reasoning_splits(tmp_path, n=5)
+        add_reasoning_splits(tmp_path, tmp_path / "r", n=5)
     data_dir = tmp_path / "data"
     _tiny_dataset(data_dir)
     with pytest.raises(ConfigError, match="valid: dyck, arithmetic"):
-        add_reasoning_splits(data_dir, names=("dyck", "chess"), n=5)
-    assert not (data_dir / "reasoning").exists()  # a bad name fails before any work
+        add_reasoning_splits(data_dir, tmp_path / "r", names=("dyck", "chess"), n=5)
+    assert not (tmp_path / "r").exists()  # a bad name fails before any work
+    with pytest.raises(ConfigError, match="folder of their own, not into the dataset"):
+        add_reasoning_splits(data_dir, data_dir, n=5)
+    other = tmp_path / "other"  # the same folder asked to hold sets of another tokenizer
+    texts = ["Completely different words here, with more of them."] * 8
+    write_shards(texts, get_tokenizer("bpe", other / "cache", texts=texts, vocab_size=270), other, "train")
+    add_reasoning_splits(data_dir, tmp_path / "r", names="dyck", n=5, log=lambda *a: None)
+    with pytest.raises(DataError, match="made with another tokenizer"):
+        add_reasoning_splits(other, tmp_path / "r", names="dyck", n=5)

@@ -1,6 +1,6 @@
 """The fast paths compute exactly what the straightforward ones do (float64), and keep memory bounded.
 
-- EBT.train_step with "double", "jvp" and "explicit" (one unroll step's graph at a time) against "full" (the whole
+- ebt.objective.train_step with "double", "jvp" and "explicit" (one unroll step's graph at a time) against "full" (the whole
   unroll's graph), for S1, S1 "default", S2 (random steps, alpha, Langevin noise, replay), and frames;
 - the official algorithm (ebt.compat.official_algorithm: doubled sequence, explicit mask) against ours;
 - closed-form cross-entropy gradient, vocabulary padding, static-shape decoding, autocast caching.
@@ -9,6 +9,7 @@
 import copy
 import gc
 import weakref
+from functools import partial
 
 import pytest
 import torch
@@ -18,9 +19,14 @@ from ebt.compat.official import check_reference
 from ebt.compat.official_algorithm import OfficialAlgorithmEBT, doubled_mask
 from ebt.config import ModelConfig, recipe
 from ebt.errors import ConfigError
+from ebt.fast.cuda_graph import CapturedStep
+from ebt.fast.memory import Recycler
+from ebt.fast.plan import resolve_plan
 from ebt.models import build_model
 from ebt.models.transformer import token_loss, token_loss_grad
-from ebt.think import RECYCLER, ContextCache, Recycler, ThinkConfig, energy_and_grad, randn_, think
+from ebt.objective import train_step
+from ebt.rand import randn_
+from ebt.think import ContextCache, ThinkConfig, energy_and_grad, think
 
 
 def tiny(rec="s1", variant=None, candidate="tokens", vocab=97, S=12, **ebt_kw):
@@ -41,14 +47,16 @@ def window(model, B=3):
     return torch.randint(0, cfg.vocab_size, (B, cfg.context_length + 1))
 
 
-def grads_after(model, x, method, calls=2, official=False):
-    """Gradients of the last of `calls` training steps (the second one replays rows in S2)."""
+def grads_after(model, x, method, calls=2, official=False, **plan_options):
+    """Gradients of the last of `calls` training steps (the second one replays rows in S2), each taken
+    with `method` (a plan's grad; plan_options: its other fields, ebt.fast.plan.resolve_plan)."""
     m = OfficialAlgorithmEBT.from_model(model) if official else copy.deepcopy(model)
     m.train()
+    plan = resolve_plan(m, grad=method, **plan_options)
     for c in range(calls):
         torch.manual_seed(10 + c)  # the same random draws (steps, alpha, noise, replay) for every method
         m.zero_grad(set_to_none=True)
-        out = m.train_step(x, method=method)
+        out = train_step(m, x, plan=plan)
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, out
 
 
@@ -153,34 +161,38 @@ def test_closed_form_loss_where_the_target_probability_underflows():
     assert torch.isfinite(g).all()
 
 
-@pytest.fixture
-def poisoned_recycler(monkeypatch):
-    """The CPU recycler on every tensor size, and each tensor it keeps overwritten with NaN: a tensor read
-    after it was given back, or a recycled one not wholly overwritten, turns the results into NaN."""
-    give = Recycler.give
+class PoisonedRecycler(Recycler):
+    """A CPU recycler on every tensor size, each tensor it keeps overwritten with NaN: a tensor read after
+    it was given back, or a recycled one not wholly overwritten, turns the results into NaN."""
 
-    def give_and_poison(self, *tensors):
-        give(self, *tensors)
+    def __init__(self):
+        super().__init__(min_bytes=0)
+
+    def give(self, *tensors):
+        super().give(*tensors)
         for t in self.free:
             if any(t.data_ptr() == u.data_ptr() for u in tensors if u is not None):
                 t.fill_(float("nan"))
 
-    monkeypatch.setattr(Recycler, "MIN_BYTES", 0)
-    monkeypatch.setattr(Recycler, "give", give_and_poison)
-    RECYCLER.clear()
-    yield RECYCLER
-    RECYCLER.clear()
+
+@pytest.fixture
+def poisoned_recycler():
+    return PoisonedRecycler()
+
+
+def fresh_memory():
+    """A recycler that keeps nothing: the same steps with fresh tensors only."""
+    return Recycler(keep=0, min_bytes=0)
 
 
 @pytest.mark.parametrize("rec", ["s1", "s2"])
-def test_recycled_memory_changes_no_result(rec, poisoned_recycler, monkeypatch):
+def test_recycled_memory_changes_no_result(rec, poisoned_recycler):
     model = tiny(rec, replay_buffer=8 if rec == "s2" else 0)
     x = window(model)
-    got = {m: grads_after(model, x, m, calls=3) for m in ("explicit", "jvp")}
+    got = {m: grads_after(model, x, m, calls=3, pool=poisoned_recycler) for m in ("explicit", "jvp")}
     assert poisoned_recycler.free  # the steps did recycle
-    monkeypatch.setattr(Recycler, "give", lambda self, *t: None)  # nothing recycled: fresh tensors only
     for method, (g, out) in got.items():
-        g_ref, out_ref = grads_after(model, x, method, calls=3)
+        g_ref, out_ref = grads_after(model, x, method, calls=3, pool=fresh_memory())
         assert g.keys() == g_ref.keys() and all(torch.equal(g[n], g_ref[n]) for n in g_ref), method  # NaN-safe
         assert float(out["loss"]) == float(out_ref["loss"]) and float(out["ce_first"]) == float(out_ref["ce_first"])
 
@@ -192,14 +204,15 @@ def test_recycling_never_takes_a_callers_tensor(poisoned_recycler):
     init = model.init_candidate(x[:, :-1])
     kept = init.clone()
     model.train()
+    plan = resolve_plan(model, grad="explicit", pool=poisoned_recycler)
     for _ in range(2):
-        model.train_step(x, init=init, method="explicit")
+        train_step(model, x, init=init, plan=plan)
     assert torch.equal(init, kept)
 
 
 @pytest.mark.parametrize("cfg", [ThinkConfig(steps=3), ThinkConfig(steps=3, noise=0.5, candidates=2),
                                  ThinkConfig(steps=2, score_final=False)])
-def test_recycled_thinking_changes_no_result(cfg, poisoned_recycler, monkeypatch):
+def test_recycled_thinking_changes_no_result(cfg, poisoned_recycler):
     """Thinking on CPU runs its steps in recycled memory: the same candidates and energies as with fresh
     tensors, and a start the caller passes in is left as it was."""
     model = tiny("s2").eval()
@@ -207,14 +220,14 @@ def test_recycled_thinking_changes_no_result(cfg, poisoned_recycler, monkeypatch
     init = model.init_candidate(x)
     kept = init.clone()
 
-    def run():
+    def run(pool):
+        step = resolve_plan(model, pool=pool).think_step(model, cfg)
         torch.manual_seed(5)
-        return think(model, x, cfg, init=init), think(model, x, cfg)
+        return think(model, x, cfg, init=init, step=step), think(model, x, cfg, step=step)
 
-    got = run()
+    got = run(poisoned_recycler)
     assert poisoned_recycler.free and torch.equal(init, kept)
-    monkeypatch.setattr(Recycler, "give", lambda self, *t: None)
-    for a, b in zip(got, run()):
+    for a, b in zip(got, run(fresh_memory())):
         assert torch.equal(a.z, b.z) and torch.equal(a.energy, b.energy)
         assert torch.equal(a.initial_energy, b.initial_energy)
 
@@ -238,23 +251,19 @@ def test_chunked_cpu_normal_draws():
     assert not torch.equal(chunks[0], chunks[1])
 
 
-def test_vocabulary_padding_changes_no_result(monkeypatch):
-    monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", {"cpu"})  # what CUDA does, here
+def test_vocabulary_padding_changes_no_result():
     model = tiny("s1")
     x = window(model)
     for method in ("double", "jvp", "explicit"):
-        monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", {"cpu"})
-        g_pad, out_pad = grads_after(model, x, method)
-        monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", set())
-        g, out = grads_after(model, x, method)
+        g_pad, out_pad = grads_after(model, x, method, pad_vocab=True)  # what CUDA does, here
+        g, out = grads_after(model, x, method, pad_vocab=False)
         assert max_rel(g_pad, g) < 1e-12 and float(out_pad["loss"]) == pytest.approx(float(out["loss"]), rel=1e-12)
     h, w = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(97, 8, dtype=torch.float64)
     p = torch.randn(2, 3, 97, dtype=torch.float64)
-    monkeypatch.setattr(ebt_nn, "PAD_VOCAB_DEVICES", {"cpu"})
-    assert ebt_nn.vocab_out(h, w).shape == (2, 3, 97)
-    assert torch.allclose(ebt_nn.vocab_out(h, w), h @ w.T)
-    assert ebt_nn.vocab_t(h, p).shape == (8, 97)
-    assert torch.allclose(ebt_nn.vocab_t(h, p), h.flatten(0, 1).T @ p.flatten(0, 1))
+    assert ebt_nn.vocab_out(h, w, pad=True).shape == (2, 3, 97)
+    assert torch.allclose(ebt_nn.vocab_out(h, w, pad=True), h @ w.T)
+    assert ebt_nn.vocab_t(h, p, pad=True).shape == (8, 97)
+    assert torch.allclose(ebt_nn.vocab_t(h, p, pad=True), h.flatten(0, 1).T @ p.flatten(0, 1))
 
 
 def test_autocast_does_not_keep_old_candidates_alive():
@@ -265,10 +274,10 @@ def test_autocast_does_not_keep_old_candidates_alive():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         ctx = ContextCache(model, x).get_ctx(0, False)
         z = torch.randn(3, 12, 97)
-        p, E, g = energy_and_grad(model, ctx, z, explicit=False)  # autograd: the path with a leaf
+        p, E, g = energy_and_grad(model, ctx, z)  # autograd: the path with a leaf
         first = weakref.ref(p)
         del p, E, g
-        energy_and_grad(model, ctx, z, explicit=False)
+        energy_and_grad(model, ctx, z)
         gc.collect()
         assert first() is None
 
@@ -325,14 +334,12 @@ def test_static_decoder_is_kept_across_calls_and_matches_dynamic():
 
 
 def test_captured_step_needs_cuda():
-    from ebt.train import CapturedStep
-
     with pytest.raises(ConfigError, match="CUDA"):
         CapturedStep(tiny("s1"), None)
 
 
 def stand_in_capture(fns, warmup, warmup_fns=None, release=False):
-    """What ebt.nn.capture_cuda_graphs does, on CPU: warm-up runs, then outputs that a replay overwrites
+    """What ebt.fast.cuda_graph.capture_cuda_graphs does, on CPU: warm-up runs, then outputs that a replay overwrites
     in place. A CUDA graph replays the host-side decisions made at capture (shapes, the step count, what
     runs); this stand-in reruns fn, so it checks CapturedStep's bookkeeping (which graph for which step
     count, eager steps while the buffer fills, no rows pushed by warm-ups), not the capture itself (the
@@ -376,20 +383,19 @@ def test_captured_s2_step_matches_eager_steps():
     """System 2 through CapturedStep (stand-in capture): the same step counts, replayed rows, buffer and
     gradients as eager train_step, step for step; none while the buffer fills, then one graph for every
     step count the recipe can draw."""
-    from ebt.train import CapturedStep
-
     eager = tiny("s2", replay_buffer=6).train()
     graphed = copy.deepcopy(eager)
-    step = CapturedStep(graphed, graphed.train_step, capture=stand_in_capture)
+    plan_e, plan_g = resolve_plan(eager, grad="explicit"), resolve_plan(graphed, grad="explicit")
+    step = CapturedStep(graphed, partial(train_step, graphed, plan=plan_g), capture=stand_in_capture)
     counts, prev = [], None
     for i in range(8):
         x = window(eager, B=4)
         for m in (eager, graphed):
             m.zero_grad(set_to_none=True)
         torch.manual_seed(100 + i)
-        a = eager.train_step(x, method="explicit")
+        a = train_step(eager, x, plan=plan_e)
         torch.manual_seed(100 + i)
-        b = step(x, method="explicit")
+        b = step(x)
         counts.append((int(a["steps"]), int(b["steps"]), len(step.graphs)))
         if prev is not None and counts[-2][2] and counts[-2][1] != counts[-1][1]:
             assert prev["loss"].isnan()  # the graphs share a pool: a replay's outputs last until the next
@@ -430,16 +436,17 @@ def test_s2_step_with_a_full_buffer_reads_nothing_back_on_the_host():
         m = tiny("s2", candidate=candidate, replay_buffer=3).train()
         m.cfg.pad_token_id = pad
         x = window(m, 3)
+        plan = resolve_plan(m, grad=method)
         for _ in range(2):
-            m.train_step(x, method=method)
+            train_step(m, x, plan=plan)
         assert len(m.replay) == 3
         Probe.hits, Probe.ops = [], 0
         with Probe():
-            out = m.train_step(x, method=method, n_steps=3)
+            out = train_step(m, x, plan=plan, n_steps=3)
         assert Probe.ops > 200 and Probe.hits == [], (method, Probe.hits)
         assert int(out["steps"]) == 3 and float(out["replay_rows"]) == 1
         with Probe():
-            m.train_step(x, method=method)
+            train_step(m, x, plan=plan)
         assert Probe.hits == ["__int__"]  # the step count drawn on the host (CapturedStep draws it outside)
 
 
@@ -471,15 +478,15 @@ def test_replay_buffer_samples_distinct_rows_and_resumes_its_cursor():
 def test_unknown_gradient_method_is_refused():
     model = tiny("s1")
     with pytest.raises(ConfigError, match="gradient method"):
-        model.train_step(window(model), method="reverse")
+        train_step(model, window(model), plan=resolve_plan(model, grad="reverse"))
 
 
-def test_thinking_is_unchanged_by_the_fast_context(monkeypatch):
+def test_thinking_is_unchanged_by_the_fast_context():
     """Inference contexts use fused attention kernels (no graph): same energies as explicit attention."""
     model = tiny("s2").eval()
     x = window(model)[:, :-1]
     torch.manual_seed(3)
-    a = think(model, x, ThinkConfig(steps=3))
+    a = think(model, x, ThinkConfig(steps=3), step=resolve_plan(model).think_step(model, ThinkConfig(steps=3)))
     official = OfficialAlgorithmEBT.from_model(model)
     torch.manual_seed(3)
     b = think(official, x, ThinkConfig(steps=3))

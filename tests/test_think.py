@@ -6,7 +6,7 @@ import torch
 from ebt.config import EBTConfig, ModelConfig
 from ebt.errors import ConfigError
 from ebt.models import build_model
-from ebt.think import ThinkConfig, think
+from ebt.think import ThinkConfig, think, unroll
 
 
 def model_(landscapes=1, langevin=0.0, V=19, S=6):
@@ -20,7 +20,7 @@ def test_steps_match_the_training_unroll():
     m = model_(landscapes=2)
     x = torch.randint(0, 19, (2, 6))
     z0 = m.init_candidate(x)
-    logits, energies = m.unroll(x, z0, 4, stochastic=False, build_graph=False)
+    logits, energies = unroll(m, x, z0, 4, stochastic=False, build_graph=False)
     # steps are per landscape now (issue 19): the validation order 0, 1, 1, 1 is the final-landscape option
     out = think(m, x, ThinkConfig(steps=3, final_landscape=True, trace=True), init=z0)
     assert torch.allclose(out.z, logits[-1], atol=1e-12)
@@ -92,18 +92,20 @@ def test_adaptive_stopping_reports_steps_per_position():
     assert huge.passes == 2 and (huge.steps_used == 1).all()  # all converged after one step: loop ends early
 
 
-@pytest.mark.parametrize("step_fn,explicit,calls", [("energy_and_grad", False, 17), ("_recycled_step", None, 16)])
+@pytest.mark.parametrize("step_fn,explicit,calls", [("grad", False, 17), ("recycled_step", None, 16)])
 def test_memory_does_not_grow_with_steps(monkeypatch, step_fn, explicit, calls):
     """Nothing per step is kept: the number of live tensors is the same at every step of a long run
-    (autograd's steps; the written-out steps in recycled memory, the CPU default)."""
+    (autograd's steps, `Step.grad`; the written-out steps in recycled memory, the CPU default)."""
     import gc
 
-    import ebt.think as th
+    import ebt.fast.vocab_side as vocab_side
+    from ebt.fast.plan import resolve_plan
 
     m = model_()
-    m.explicit_grad = explicit
     x = torch.randint(0, 19, (2, 6))
-    counts, real = [], getattr(th, step_fn)
+    cfg = ThinkConfig(steps=16)
+    step = resolve_plan(m, explicit=explicit).think_step(m, cfg)
+    counts, real = [], getattr(step if step_fn == "grad" else vocab_side, step_fn)
     gc.collect()
     # earlier tests' tensors stay alive until the end, so only this run's tensors can change the count
     # (torch 2.4 frees some of them a few at a time during a later test)
@@ -114,8 +116,8 @@ def test_memory_does_not_grow_with_steps(monkeypatch, step_fn, explicit, calls):
         counts.append(sum(1 for o in gc.get_objects() if torch.is_tensor(o)))
         return real(*a, **k)
 
-    monkeypatch.setattr(th, step_fn, counting)
-    think(m, x, ThinkConfig(steps=16))
+    monkeypatch.setattr(step if step_fn == "grad" else vocab_side, step_fn, counting)
+    think(m, x, cfg, step=step)
     assert len(counts) == calls and len(set(counts[2:])) == 1, counts
     assert counts[-1] > len(earlier)  # the count includes them
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ebt.checkpoint import load_model, save_checkpoint
+from ebt.checkpoint import save_checkpoint
+from ebt.models import load_model
 from ebt.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from ebt.errors import CheckpointError, ConfigError
 from ebt.evaluate import evaluate_lm
@@ -274,11 +275,13 @@ def test_compiled_ebt_training_gives_the_same_weights(tiny_data, tmp_path):
     (training and validation), against the uncompiled whole-graph path."""
     data_dir, _ = tiny_data
     run = ebt_config(data_dir, tmp_path / "c", steps=2, eval_every=2, eval_windows=2, precision="fp64", compile=True)
+    ref = ebt_config(data_dir, tmp_path / "ref", steps=2, eval_every=2, eval_windows=2, precision="fp64",
+                     ebt_grad="full")
+    for r in (run, ref):  # test_energy_grad's compiled shapes: a test session compiles them once for both
+        r.model.n_layer, r.model.n_head, r.model.context_length = 2, 4, 12
     logs = []
     train(run, log=logs.append)
     assert any("written-out energy gradient" in line for line in logs)
-    ref = ebt_config(data_dir, tmp_path / "ref", steps=2, eval_every=2, eval_windows=2, precision="fp64",
-                     ebt_grad="full")
     train(ref, log=lambda *a: None)
     a, b = weights(tmp_path / "c"), weights(tmp_path / "ref")
     assert all(torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-12) for k in a)
@@ -289,7 +292,7 @@ def test_compiled_ebt_training_gives_the_same_weights(tiny_data, tmp_path):
 
 
 def test_auto_gradient_method_is_the_fastest_measured():
-    from ebt.think import auto_grad_method
+    from ebt.fast.plan import auto_grad_method
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert auto_grad_method(cpu, False) == "explicit" and auto_grad_method(cuda, False) == "double"
@@ -426,17 +429,24 @@ def test_ebt_s1_trains_and_logs_thinking_metrics(tiny_data, tmp_path):
 def test_ebt_training_in_recycled_memory_gives_the_same_weights(tiny_data, tmp_path, monkeypatch, rec):
     """`ebt train` on CPU with every (B, S, V) tensor recycled (the size floor lifted for these tiny
     shapes) ends at the same weights as with fresh tensors, and holds no recycled memory afterwards."""
-    from ebt.think import RECYCLER, Recycler
+    import ebt.train
+    from ebt.fast.memory import Recycler
+    from ebt.fast.plan import resolve_plan
+
+    class Recording(Recycler):
+        def give(self, *tensors):
+            given.extend(tensors)
+            super().give(*tensors)
+
+    def train_with(pool, out):  # the run's plan (resolved once, in ebt.train) with this memory
+        monkeypatch.setattr(ebt.train, "resolve_plan", lambda *a, **kw: resolve_plan(*a, **kw, pool=pool))
+        train(ebt_config(data_dir, out, rec, steps=4), log=lambda *a: None)
 
     data_dir, _ = tiny_data
-    monkeypatch.setattr(Recycler, "MIN_BYTES", 0)
-    given = []
-    give = Recycler.give
-    monkeypatch.setattr(Recycler, "give", lambda self, *t: (given.extend(t), give(self, *t)))
-    train(ebt_config(data_dir, tmp_path / "a", rec, steps=4), log=lambda *a: None)
-    assert given and RECYCLER.free == []
-    monkeypatch.setattr(Recycler, "give", lambda self, *t: None)
-    train(ebt_config(data_dir, tmp_path / "b", rec, steps=4), log=lambda *a: None)
+    given, pool = [], Recording(min_bytes=0)
+    train_with(pool, tmp_path / "a")
+    assert given and pool.free == []
+    train_with(Recycler(keep=0, min_bytes=0), tmp_path / "b")  # nothing recycled: fresh tensors only
     a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_train import ebt_config, run_config, tiny_data, weights  # noqa: F401 (a fixture)
 
-from ebt.checkpoint import load_model
+from ebt.models import load_model
 from ebt.errors import CheckpointError
 from ebt.train import TrainingError, train
 

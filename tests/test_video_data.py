@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import warnings
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -201,6 +202,23 @@ def test_pca_features_variance_and_reconstruction():
         FrameFeatures("pca", 8).encode(frames)
     with pytest.raises(ConfigError, match="dim"):
         FrameFeatures("pca", 900).fit(frames)
+
+
+def test_pca_fit_on_a_read_only_memory_map_warns_nothing(tmp_path, monkeypatch):
+    """Clips are read as read-only memory maps; torch warns (once per process, so the wrapped arrays
+    are checked too) when it wraps one, and every video run printed that warning."""
+    np.save(tmp_path / "frames.npy", smooth_frames(100))
+    frames = np.load(tmp_path / "frames.npy", mmap_mode="r")
+    wrapped, from_numpy = [], torch.from_numpy
+    monkeypatch.setattr(torch, "from_numpy", lambda a: wrapped.append(a.flags.writeable) or from_numpy(a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ff = FrameFeatures("pca", dim=8).fit(frames)
+        feats = ff.encode(frames)
+    assert wrapped and all(wrapped)
+    monkeypatch.undo()
+    in_memory = FrameFeatures("pca", dim=8).fit(np.array(frames))
+    assert torch.equal(feats, in_memory.encode(np.array(frames)))  # the same features as before
 
 
 def test_randomized_components_match_exact_svd():

@@ -6,7 +6,7 @@ import torch
 from ebt.config import EBTConfig, ModelConfig
 from ebt.errors import ConfigError
 from ebt.models import EBT, build_model
-from ebt.think import ThinkConfig, think
+from ebt.think import ThinkConfig, think, unroll
 
 F = 12
 
@@ -25,7 +25,7 @@ def test_frames_use_the_text_code_path():
     z = torch.randn(2, 8, F, dtype=torch.float64)
     assert m.candidate_input(z) is z  # no softmax: the update is z - alpha dE/dz
     x = torch.randn(2, 8, F, dtype=torch.float64)
-    logits, energies = m.unroll(x, z, 1, stochastic=False, build_graph=False)
+    logits, energies = unroll(m, x, z, 1, stochastic=False, build_graph=False)
     zg = z.clone().requires_grad_()
     E = m.energy(x, zg, 0)
     (g,) = torch.autograd.grad(E.sum(), zg)
@@ -60,13 +60,13 @@ def test_frames_train_with_smooth_l1(kind):
     out = m(w)
     assert int(out["n_tokens"]) == 4 * 8 and out["loss"].requires_grad
     opt = torch.optim.Adam(m.parameters(), 3e-3)
-    first = float(out["loss"])
+    first = float(out["loss"].detach())
     for _ in range(30):
         loss = m(w)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float(loss) < first
+    assert float(loss.detach()) < first
 
 
 def test_feature_size_mismatch_and_missing_dim():
@@ -80,9 +80,10 @@ def test_feature_size_mismatch_and_missing_dim():
 
 
 @pytest.mark.slow
-def test_video_training_and_report(tmp_path, monkeypatch):
+def test_video_training_and_report(tmp_path, monkeypatch, capsys):
     """Train a tiny EBT and Transformer++ on generated clips, then the full video report."""
     import json
+    from pathlib import Path
 
     import numpy as np
 
@@ -122,6 +123,22 @@ def test_video_training_and_report(tmp_path, monkeypatch):
     assert md.count("| ebt |") == 2 and "| transformer |" in md and "bounce" in md
     assert json.loads((tmp_path / "eval" / "video_eval.json").read_text())["split"] == "test"
 
+    # `ebt eval` names every file it wrote, each with what it holds
+    from ebt.cli import main
+
+    capsys.readouterr()
+    main(["eval", str(tmp_path / "e"), "--think-steps", "1", "--video-split", "test", "--device", "cpu",
+          "--out-dir", str(tmp_path / "cli"), "--json", str(tmp_path / "v.json")])
+    out = capsys.readouterr().out.splitlines()
+    listed, d = out[out.index("files written:") + 1:], tmp_path / "cli"
+    names = ("video_eval.md", "video_eval.json", "energy_along_clips.png", "frames.png")
+    assert [line.split()[0] for line in listed] == [str(d / f) for f in names] + [str(tmp_path / "v.json")]
+    assert listed[0].endswith("  next-frame and rollout errors (Markdown)")
+    assert listed[2].endswith("  figure: energy along clips, bounces marked")
+    assert listed[-1].endswith("  this report as JSON (--json)")
+    for line in listed:
+        assert Path(line.split()[0]).stat().st_size > 0
+
 
 def test_frames_with_the_s2_recipe_and_replay():
     m = frames_model(rand_steps=2, rand_steps_min=2, detach=False, truncate=True, loss_last_only=True,
@@ -131,3 +148,12 @@ def test_frames_with_the_s2_recipe_and_replay():
     out = m(w)
     assert float(out["replay_rows"]) == 2 and m.replay.windows.dtype == torch.float64
     assert m.replay.windows.shape == (6, 9, F) and m.replay.logits.shape == (6, 8, F)
+
+
+def test_written_lines_align_paths_and_say_what_each_holds():
+    from ebt.plots import written_lines
+
+    files = {"out/a.md": "the table (Markdown)", "out/figure.png": "figure: a plot"}
+    assert written_lines(files) == ["files written:", "  out/a.md        the table (Markdown)",
+                                    "  out/figure.png  figure: a plot"]
+    assert written_lines(files, "r.json")[-1] == "  r.json          this report as JSON (--json)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from safetensors import safe_open
 
 from ebt.config import EBTConfig, ModelConfig
 from ebt.errors import CheckpointError, first_line
+from ebt.fast.plan import resolve_plan
+from ebt.think import unroll
 
 # official name pattern -> our name (shared by the Transformer++ and the EBT backbone)
 _RULES = [
@@ -37,11 +40,12 @@ _SETTINGS = {"langevin_dynamics_noise_std"}
 # official EBT hyperparameters whose other values change the model in ways this library does not implement
 # (the Transformer++ reads none of them; initialisation settings do not matter to trained weights)
 _SUPPORTED = {
-    "absolute_clamp": 0.0, "clamp_futures_grad": False, "clamp_max_after_warm_up": 0.0, "contrastive_loss": False,
-    "ebt_act_func": "silu", "ebt_norm": "rms", "langevin_dynamics_noise_learnable": False,
-    "normalize_initial_condition": True, "normalize_initial_condition_only_first_step": False,
-    "num_modality_processing_mlp_layers": 1, "randomize_mcmc_num_steps_final_landscape": False,
-    "sharpen_predicted_distribution": 0.0, "soften_target_prob_dist": 0.0, "vocab_to_embed_uses_prob_dist": False,
+    "absolute_clamp": 0.0, "clamp_futures_grad": False, "clamp_max_after_warm_up": 0.0,
+    "contrastive_loss": False, "ebt_act_func": "silu", "ebt_norm": "rms",
+    "langevin_dynamics_noise_learnable": False, "normalize_initial_condition": True,
+    "normalize_initial_condition_only_first_step": False, "num_modality_processing_mlp_layers": 1,
+    "randomize_mcmc_num_steps_final_landscape": False, "sharpen_predicted_distribution": 0.0,
+    "soften_target_prob_dist": 0.0, "vocab_to_embed_uses_prob_dist": False,
     "denoising_initial_condition": "random_noise",
 }
 
@@ -49,8 +53,9 @@ _SUPPORTED = {
 def _unsupported(hp: dict, model: str) -> dict:
     """The official settings of a checkpoint this library cannot reproduce, with their values."""
     bad = {k: hp[k] for k, v in _SUPPORTED.items() if model == "ebt" and k in hp and hp[k] != v}
-    mult, d = hp.get("ffn_dim_multiplier"), hp["embedding_dim"]
-    if mult is not None and int(d * mult) != d:  # official: None means a feed-forward width equal to D, as ours
+    mult, width = hp.get("ffn_dim_multiplier"), hp["embedding_dim"]
+    # official: None means a feed-forward width equal to D, as ours
+    if mult is not None and int(width * mult) != width:
         bad["ffn_dim_multiplier"] = mult
     return bad
 
@@ -59,7 +64,8 @@ def official_to_ours(name: str) -> str:
     for pattern, repl in _RULES:
         if re.match(pattern, name):
             return re.sub(pattern, repl, name)
-    raise CheckpointError(f"no mapping for official parameter {name!r}: is this an official EBT/Transformer++ checkpoint?")
+    raise CheckpointError(f"no mapping for official parameter {name!r}: "
+                          f"is this an official EBT/Transformer++ checkpoint?")
 
 
 def convert_state_dict(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -125,63 +131,66 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
 
 
-def check_reference(path: str | Path, methods=("full", "double", "jvp", "explicit", "official")) -> list[tuple[str, float]]:
+def check_reference(path: str | Path,
+                    methods=("full", "double", "jvp", "explicit", "official")) -> list[tuple[str, float]]:
     """Rebuild a reference case with our code in float64: same weights, same window, same starting
     candidate, the official validation settings with the training graph. Returns (tensor, relative
     error) rows for the logits (per step for an EBT), energies, losses and every parameter gradient.
 
     For an EBT the loss and every gradient are checked for each training path in `methods`
-    (EBT.train_step: "full" keeps the whole unroll's graph, "double", "jvp" and "explicit" one step at a
-    time;
-    "official": the official algorithm, ebt.compat.official_algorithm); rows other than "full" carry
-    the method in brackets, e.g. "grad.alpha [jvp]"."""
+    (ebt.objective.train_step: "full" keeps the whole unroll's graph, "double", "jvp" and "explicit" one
+    step at a time; "official": the official algorithm, ebt.compat.official_algorithm); rows other than
+    "full" carry the method in brackets, e.g. "grad.alpha [jvp]"."""
     from ebt.compat.official_algorithm import OfficialAlgorithmEBT
     from ebt.models import build_model
+    from ebt.objective import train_step
 
-    meta, t = load_reference(path)
+    meta, ref = load_reference(path)
     if meta.get("kind") == "trajectory":
-        return check_trajectory(meta, t)
+        return check_trajectory(meta, ref)
     cfg = config_from_meta(meta)
     model = build_model(cfg).double()
-    official = {k[len("param."):]: v for k, v in t.items() if k.startswith("param.")}
+    official = {k[len("param."):]: v for k, v in ref.items() if k.startswith("param.")}
     model.load_state_dict(convert_state_dict(official), strict=True)
     model.eval()  # the official validation phase: no random steps/alpha, no noise, no replay
-    window = t["input.tokens"]
+    window = ref["input.tokens"]
     rows = []
     if cfg.model == "transformer":
-        rows.append(("logits", rel_err(model.logits(window[:, :-1]), t["logits"])))
+        rows.append(("logits", rel_err(model.logits(window[:, :-1]), ref["logits"])))
         out = model(window)
         out["loss"].backward()
-        return rows + _loss_and_grads(model, out, t, "")
-    init = t["input.init_logits"]
-    logits, energies = model.unroll(window[:, :-1], init, cfg.ebt.eval_steps, stochastic=False, build_graph=False)
-    n_ref = sum(1 for k in t if k.endswith(".logits") and k.startswith("step"))
+        return rows + _loss_and_grads(model, out, ref, "")
+    init = ref["input.init_logits"]
+    logits, energies = unroll(model, window[:, :-1], init, cfg.ebt.eval_steps, stochastic=False,
+                              build_graph=False, step=resolve_plan(model).think_step(model))
+    n_ref = sum(1 for k in ref if k.endswith(".logits") and k.startswith("step"))
     if n_ref != len(logits):
         raise CheckpointError(f"reference has {n_ref} steps, our model ran {len(logits)}")
     for k, (z, e) in enumerate(zip(logits, energies)):
-        rows.append((f"step{k}.logits", rel_err(z, t[f"step{k}.logits"])))
-        rows.append((f"step{k}.energy", rel_err(e, t[f"step{k}.energy"])))
+        rows.append((f"step{k}.logits", rel_err(z, ref[f"step{k}.logits"])))
+        rows.append((f"step{k}.energy", rel_err(e, ref[f"step{k}.energy"])))
     for method in methods:
         model.zero_grad(set_to_none=True)
         m = OfficialAlgorithmEBT.from_model(model) if method == "official" else model
-        out = m.train_step(window, init=init, method="full" if method == "official" else method)
+        plan = resolve_plan(m, grad="full" if method == "official" else method)
+        out = train_step(m, window, init=init, plan=plan)
         tag = "" if method == "full" else f" [{method}]"
         if method == "full":
-            rows.append(("initial_loss", rel_err(out["ce_first"], t["initial_loss"])))
-            rows.append(("final_step_loss", rel_err(out["ce_last"], t["final_step_loss"])))
-        rows += _loss_and_grads(m, out, t, tag)
+            rows.append(("initial_loss", rel_err(out["ce_first"], ref["initial_loss"])))
+            rows.append(("final_step_loss", rel_err(out["ce_last"], ref["final_step_loss"])))
+        rows += _loss_and_grads(m, out, ref, tag)
     return rows
 
 
-def _loss_and_grads(model, out, t, tag: str) -> list[tuple[str, float]]:
-    rows = [("loss" + tag, rel_err(out["loss"], t["loss"]))]
+def _loss_and_grads(model, out, ref, tag: str) -> list[tuple[str, float]]:
+    rows = [("loss" + tag, rel_err(out["loss"], ref["loss"]))]
     params = dict(model.named_parameters())
-    for k in sorted(t):
+    for k in sorted(ref):
         if k.startswith("grad."):
             ours = params[official_to_ours(k[len("grad."):])].grad
-            rows.append((k + tag, rel_err(ours, t[k]) if ours is not None else float("inf")))
+            rows.append((k + tag, rel_err(ours, ref[k]) if ours is not None else float("inf")))
     missing = [n for n, p in params.items() if p.requires_grad and f"grad.{n}" not in
-               {f"grad.{official_to_ours(k[5:])}" for k in t if k.startswith("grad.")}]
+               {f"grad.{official_to_ours(k[5:])}" for k in ref if k.startswith("grad.")}]
     if missing:
         raise CheckpointError(f"reference lacks gradients for our parameters {missing}")
     return rows
@@ -204,7 +213,7 @@ def trainer_config(meta: dict):
         device="cpu", precision="fp64")
 
 
-def check_trajectory(meta: dict, t: dict[str, torch.Tensor]) -> list[tuple[str, float]]:
+def check_trajectory(meta: dict, ref: dict[str, torch.Tensor]) -> list[tuple[str, float]]:
     """Replay a trajectory file (meta kind "trajectory": N optimizer steps of the official trainer) through
     what `ebt train` runs: the model built from the hparams in float64, `make_optimizer` on a TrainConfig
     of the trainer's settings (`trainer_config`) and `optimizer_step` per step, with the file's batches and
@@ -212,31 +221,34 @@ def check_trajectory(meta: dict, t: dict[str, torch.Tensor]) -> list[tuple[str, 
     groups, the EBT's in the order [alpha, the rest]), the gradient norm before clipping and an EBT's
     last-step cross-entropy; then every final weight."""
     from ebt.models import build_model
+    from ebt.objective import train_step, trains_itself
     from ebt.train import make_optimizer, optimizer_step
 
     cfg, tcfg = config_from_meta(meta), trainer_config(meta)
     model = build_model(cfg).double()
-    official = {k[len("param."):]: v for k, v in t.items() if k.startswith("param.")}
+    official = {k[len("param."):]: v for k, v in ref.items() if k.startswith("param.")}
     model.load_state_dict(convert_state_dict(official), strict=True)
     model.eval()  # as the one-step cases: no random step count, step size or noise, no replay
     device = torch.device("cpu")
     optimizer, scheduler = make_optimizer(model, tcfg, tcfg.lr, device)
-    own_step = getattr(model, "train_step", None)
+    plan = resolve_plan(model)
+    model_train_step = partial(train_step, model, plan=plan) if trains_itself(model) else None
     rows = []
     for k in range(meta["steps"]):
         groups = sorted(optimizer.param_groups, key=lambda g: g.get("name") != "alpha")  # stable: alpha first
         lrs = torch.tensor([g["lr"] for g in groups], dtype=torch.float64)
-        loss, extras, gnorm = optimizer_step(model, own_step, model, t[f"step{k}.tokens"], optimizer,
-                                             scheduler, tcfg, device, init=t.get(f"step{k}.init_logits"))
-        rows += [(f"step{k}.loss", rel_err(loss, t[f"step{k}.loss"])),
-                 (f"step{k}.lr", _entrywise_err(lrs, t[f"step{k}.lr"])),
-                 (f"step{k}.grad_norm", rel_err(gnorm, t[f"step{k}.grad_norm"]))]
+        loss, extras, gnorm = optimizer_step(model, model_train_step, model, ref[f"step{k}.tokens"],
+                                             optimizer, scheduler, tcfg, device,
+                                             init=ref.get(f"step{k}.init_logits"))
+        rows += [(f"step{k}.loss", rel_err(loss, ref[f"step{k}.loss"])),
+                 (f"step{k}.lr", _entrywise_err(lrs, ref[f"step{k}.lr"])),
+                 (f"step{k}.grad_norm", rel_err(gnorm, ref[f"step{k}.grad_norm"]))]
         last = f"step{k}.final_step_loss"
-        if last in t:
-            rows.append((last, rel_err(extras["ce_last"], t[last])))
+        if last in ref:
+            rows.append((last, rel_err(extras["ce_last"], ref[last])))
     params = dict(model.named_parameters())
-    for name in sorted(k for k in t if k.startswith("final.") and k[len("final."):] not in _SETTINGS):
-        rows.append((name, rel_err(params[official_to_ours(name[len("final."):])], t[name])))
+    for name in sorted(k for k in ref if k.startswith("final.") and k[len("final."):] not in _SETTINGS):
+        rows.append((name, rel_err(params[official_to_ours(name[len("final."):])], ref[name])))
     return rows
 
 
@@ -273,13 +285,14 @@ def read_official(ckpt_path: str | Path, pad_token_id: int | None = 0, trust_pic
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{ckpt_path} holds pickled Python objects besides tensors and plain values, and "
-                              f"unpickling can run code: refused. If you trust the file, pass --trust-pickle") from e
+        raise CheckpointError(f"{ckpt_path} holds pickled Python objects besides tensors and plain values, "
+                              f"and unpickling can run code: refused. If you trust the file, pass "
+                              f"--trust-pickle") from e
     except Exception as e:
         raise CheckpointError(f"{ckpt_path} is not a readable PyTorch checkpoint ({first_line(e)})") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise CheckpointError(f"{ckpt_path} has no 'state_dict' and 'hyper_parameters': not a Lightning checkpoint "
-                              f"of the official code")
+        raise CheckpointError(f"{ckpt_path} has no 'state_dict' and 'hyper_parameters': not a Lightning "
+                              f"checkpoint of the official code")
     hp = ckpt["hyper_parameters"]
     if not isinstance(hp, dict) and not hasattr(hp, "__dict__"):
         raise CheckpointError(f"{ckpt_path}: 'hyper_parameters' is a {type(hp).__name__}, not the official "
@@ -295,13 +308,14 @@ def read_official(ckpt_path: str | Path, pad_token_id: int | None = 0, trust_pic
                 break
     model_type = "ebt" if "vocab_to_embed.weight" in state else "transformer"
     if "embeddings.weight" not in state:
-        raise CheckpointError(f"{ckpt_path} has no embeddings.weight: not an official EBT/Transformer++ text model")
+        raise CheckpointError(f"{ckpt_path} has no embeddings.weight: "
+                              f"not an official EBT/Transformer++ text model")
     needed = ["num_transformer_blocks", "embedding_dim", "multiheaded_attention_heads", "context_length"]
     if model_type == "ebt":
         needed += ["ebt_type", "mcmc_num_steps", "mcmc_step_size", "mcmc_step_size_learnable",
                    "mcmc_step_size_lr_multiplier", "randomize_mcmc_num_steps", "randomize_mcmc_num_steps_min",
-                   "no_mcmc_detach", "truncate_mcmc", "randomize_mcmc_step_size_scale", "langevin_dynamics_noise",
-                   "gaussian_random_noise_scaling"]
+                   "no_mcmc_detach", "truncate_mcmc", "randomize_mcmc_step_size_scale",
+                   "langevin_dynamics_noise", "gaussian_random_noise_scaling"]
     missing = [k for k in needed if k not in hp]
     if missing:
         raise CheckpointError(f"{ckpt_path} lacks the hyperparameters {missing}")
@@ -328,21 +342,21 @@ def check_checkpoint(ckpt_path: str | Path) -> list[tuple[str, float]]:
     if not exp.is_file():
         raise CheckpointError(f"{exp} not found: checking {ckpt_path} needs the official outputs beside it")
     cfg, model = read_official(ckpt_path)
-    t = load_file(str(exp))
+    expected = load_file(str(exp))
     model.eval()
-    tokens = t["input.tokens"][:, :-1]
+    tokens = expected["input.tokens"][:, :-1]
     if cfg.model == "transformer":
         with torch.no_grad():
-            return [("logits", rel_err(model.logits(tokens), t["logits"]))]
-    n_ref = sum(1 for k in t if k.startswith("step") and k.endswith(".logits"))
+            return [("logits", rel_err(model.logits(tokens), expected["logits"]))]
+    n_ref = sum(1 for k in expected if k.startswith("step") and k.endswith(".logits"))
     if n_ref != cfg.ebt.eval_steps:
         raise CheckpointError(f"{exp} has {n_ref} steps; the official validation of this model runs "
                               f"{cfg.ebt.eval_steps}")
     # its outputs were computed with the Langevin noise off, although its hparams train with std 3
-    logits, energies = model.unroll(tokens, t["input.init_logits"], n_ref, stochastic=False,
-                                    build_graph=False, noise=0.0)
+    logits, energies = unroll(model, tokens, expected["input.init_logits"], n_ref, stochastic=False,
+                              build_graph=False, noise=0.0, step=resolve_plan(model).think_step(model))
     rows = []
     for k, (z, e) in enumerate(zip(logits, energies)):
-        rows += [(f"step{k}.logits", rel_err(z, t[f"step{k}.logits"])),
-                 (f"step{k}.energy", rel_err(e, t[f"step{k}.energy"]))]
+        rows += [(f"step{k}.logits", rel_err(z, expected[f"step{k}.logits"])),
+                 (f"step{k}.energy", rel_err(e, expected[f"step{k}.energy"]))]
     return rows

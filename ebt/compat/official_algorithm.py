@@ -11,7 +11,7 @@ same gradients) the way the official code does:
 
 It exists so that the speed of our fast paths is measured against a straightforward path that
 provably computes the same thing (tests/test_speed_paths.py), not against a different model. No code
-comes from the official repository: this follows the algorithm described in ebt-method.md 2.2-2.3.
+comes from the official repository: this follows the algorithm described in docs/method.md 2.2-2.3.
 """
 
 from __future__ import annotations
@@ -25,14 +25,10 @@ from ebt.models.ebt import EBT
 class OfficialAlgorithmEBT(EBT):
     """An EBT whose energy recomputes the context inside the doubled, explicitly masked sequence."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.grad_method = "full"  # every step's graph kept, one backward at the end
-        self.explicit_grad = False  # dE/dp by autograd through the doubled sequence, as the official code
-
-    def energy_grad_embedding(self, ctx, y):  # EBT.energy_grad and the explicit training step come here
-        raise ConfigError("the official algorithm takes dE/dp by autograd through its doubled sequence: "
-                          "it has no written-out gradient (use ebt.models.EBT for that)")
+    # dE/dp by autograd through the doubled sequence, as the official code: no written-out gradient, so a
+    # plan (ebt.fast.plan.resolve_plan) keeps every step's graph until one backward ("full") by default
+    energy_grad = None
+    energy_grad_embedding = None
 
     @classmethod
     def from_model(cls, model: EBT) -> "OfficialAlgorithmEBT":
@@ -48,7 +44,7 @@ class OfficialAlgorithmEBT(EBT):
     def context(self, tokens: torch.Tensor, landscape: int, first_order: bool = False):
         return tokens, landscape  # nothing is computed ahead: the energy recomputes the context
 
-    def energy_from(self, ctx, p: torch.Tensor) -> torch.Tensor:
+    def energy_from(self, ctx, p: torch.Tensor, pad: bool | None = None) -> torch.Tensor:  # no V padding here
         tokens, landscape = ctx[0], ctx[1]
         if len(ctx) > 2 or tokens.shape[1] != p.shape[1]:
             raise ConfigError("the official algorithm scores a candidate for every context position "

@@ -15,6 +15,7 @@ PREPARE_EPILOG = """examples:
   ebt data prepare                                   # default corpus, 8192-token BPE, into data/default
   ebt data prepare --tokenizer neox --out data/neox  # the paper's GPT-NeoX tokenizer (50277 tokens)
   ebt data prepare --sources shakespeare,bible --ood-source austen
+  ebt data prepare --skip-source bible               # the default corpus without the King James Bible
   ebt data prepare --files my_texts/ notes.jsonl --text-field body --out data/mine
   ebt data prepare --hf HuggingFaceFW/fineweb --hf-config sample-10BT --limit 100000 --out data/fineweb
 """
@@ -33,7 +34,8 @@ def cmd_prepare(args):
                     sources=_names(args.sources), ood_source=ood, val_fraction=args.val_fraction,
                     seed=args.seed, user_paths=args.files, ood_paths=args.ood_files, hf_name=args.hf,
                     hf_split=args.hf_split, hf_config=args.hf_config, text_field=args.text_field,
-                    limit=args.limit, cache_dir=args.cache_dir, force=args.force)
+                    limit=args.limit, cache_dir=args.cache_dir, force=args.force,
+                    skip_sources=_names(args.skip_source))
     return 0
 
 
@@ -45,9 +47,9 @@ def _corpus_lines(corpus):
     for name, reason in corpus.get("sources_skipped", {}).items():
         lines.append(f"  skipped {name}: {reason}")
     lines.append("licences")
-    for name, lic in corpus.get("licenses", {}).items():
-        pkg = f" ({lic['package_license']})" if lic.get("package_license") else ""
-        lines.append(f"  {name:<12} text: {lic['text']}; from {lic['package']}{pkg}")
+    for name, licence in corpus.get("licenses", {}).items():
+        package = f" ({licence['package_license']})" if licence.get("package_license") else ""
+        lines.append(f"  {name:<12} text: {licence['text']}; from {licence['package']}{package}")
     return lines
 
 
@@ -111,6 +113,9 @@ def add_data_commands(subparsers):
                    help="BPE vocabulary size, 258..65535 (default 8192)")
     p.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES),
                    help=f"corpus sources (default: {','.join(DEFAULT_SOURCES)}; valid: {', '.join(SOURCES)})")
+    p.add_argument("--skip-source", action="append", default=[], metavar="NAME",
+                   help="leave this source out (repeatable); without it a source that fails to build "
+                        "stops the preparation")
     p.add_argument("--ood-source", default="wikipedia",
                    help="source kept whole as the out-of-distribution split, or 'none' (default wikipedia)")
     p.add_argument("--val-fraction", type=Bound(float, 0, 1, lo_open=True, hi_open=True), default=0.05,
@@ -119,7 +124,8 @@ def add_data_commands(subparsers):
     p.add_argument("--files", nargs="+", metavar="PATH",
                    help="your own .txt/.md/.jsonl/.json/.parquet files or folders instead of the corpus")
     p.add_argument("--ood-files", nargs="+", metavar="PATH", help="your own out-of-distribution files")
-    p.add_argument("--hf", metavar="NAME", help="a Hugging Face dataset instead of the corpus (needs ebt[hf])")
+    p.add_argument("--hf", metavar="NAME",
+                   help="a Hugging Face dataset instead of the corpus (needs ebt[hf])")
     p.add_argument("--hf-split", default="train", help="split of the HF dataset (default train)")
     p.add_argument("--hf-config", default=None, help="config (subset) of the HF dataset")
     p.add_argument("--text-field", default="text", help="JSON field / column holding the text (default text)")

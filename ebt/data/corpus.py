@@ -46,8 +46,8 @@ def write_jsonl(path, records):
     tmp = path.with_name(path.name + ".tmp")
     n = 0
     with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
             n += 1
     os.replace(tmp, path)
     return n
@@ -69,50 +69,65 @@ def iter_jsonl_texts(path, field="text"):
 
 
 def _stats(docs):
-    by = {}
-    for d in docs:
-        s = by.setdefault(d.source, {"documents": 0, "chars": 0})
-        s["documents"] += 1
-        s["chars"] += len(d.text)
-    return {"documents": len(docs), "chars": sum(len(d.text) for d in docs), "by_source": by}
+    by_source = {}
+    for doc in docs:
+        counts = by_source.setdefault(doc.source, {"documents": 0, "chars": 0})
+        counts["documents"] += 1
+        counts["chars"] += len(doc.text)
+    return {"documents": len(docs), "chars": sum(len(doc.text) for doc in docs), "by_source": by_source}
 
 
-def check_sources(sources, ood_source):
+def check_sources(sources, ood_source, skip=()):
     """The source names to load (ood last), or a ConfigError naming the unknown ones."""
     names = list(dict.fromkeys(list(sources) + ([ood_source] if ood_source else [])))
     unknown = [n for n in names if n not in src.SOURCES]
     if unknown:
         raise ConfigError(f"unknown source(s) {unknown}; valid: {sorted(src.SOURCES)}")
+    unknown = [n for n in skip if n not in src.SOURCES]
+    if unknown:
+        raise ConfigError(f"unknown --skip-source name(s) {unknown}; valid: {sorted(src.SOURCES)}")
     return names
 
 
+SKIPPED = "left out with --skip-source"
+
+
+def load_source(name, source, cache_dir):
+    """(documents, meta) of one source, or a DataError naming it, why it failed and what to do."""
+    meta, why = {}, None
+    if source.needs_apt and not have_apt():
+        why = "needs apt-get and dpkg-deb (Debian/Ubuntu), not found on this machine"
+    else:
+        try:
+            docs = source.load(cache_dir, meta=meta)
+            why = None if docs else "no documents found"
+        except DataError as e:  # SourceUnavailable and friends
+            why = " ".join(str(e).split())  # the error is one line, however the reason was laid out
+    if why:
+        fix = source.fix or f"make {source.package} available on this machine"
+        raise DataError(f"source {name!r} failed to build: {why}; to build it, {fix}; "
+                        f"or leave it out with --skip-source {name}")
+    return docs, meta
+
+
 def build_corpus(out_dir, sources=DEFAULT_SOURCES, ood_source="wikipedia", val_fraction=0.05,
-                 seed=0, cache_dir=None, log=print):
+                 seed=0, cache_dir=None, log=print, skip=()):
+    """A source that fails to build stops the build (DataError) unless it is named in skip."""
     out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "downloads"
     registry = src.SOURCES  # looked up at call time so tests can swap the registry
-    names = check_sources(sources, ood_source)
+    names = check_sources(sources, ood_source, skip)
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be between 0 and 1 (got {val_fraction}); try 0.05")
 
     loaded, skipped, licences = {}, {}, {}
     for name in names:
         s = registry[name]
-        if s.needs_apt and not have_apt():
-            skipped[name] = "needs apt-get and dpkg-deb (Debian/Ubuntu); not found on this machine"
-            log(f"[data] skipping {name}: {skipped[name]}")
+        if name in skip:
+            skipped[name] = SKIPPED
+            log(f"[data] skipping {name}: {SKIPPED}")
             continue
-        meta = {}
-        try:
-            docs = s.load(cache_dir, meta=meta)
-        except DataError as e:  # SourceUnavailable and friends: record why, keep going
-            skipped[name] = str(e)
-            log(f"[data] skipping {name}: {e}")
-            continue
-        if not docs:
-            skipped[name] = "no documents found"
-            log(f"[data] skipping {name}: no documents found")
-            continue
+        docs, meta = load_source(name, s, cache_dir)
         loaded[name] = docs
         licences[name] = {"text": s.license, "package": s.package,
                           "package_license": meta.get("package_license") or s.package_license,

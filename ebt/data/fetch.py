@@ -15,7 +15,7 @@ from ebt.errors import DataError
 
 
 class SourceUnavailable(DataError):
-    """A source cannot be obtained on this machine; build_corpus records the reason and skips it."""
+    """A source cannot be obtained on this machine; build_corpus stops, naming it and --skip-source."""
 
 
 def _cached(cache_dir, pattern):

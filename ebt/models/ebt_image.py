@@ -1,4 +1,4 @@
-"""Bidirectional EBT for images (ebt-method.md section 4) and the DiT denoiser wrapped for the trainer.
+"""Bidirectional EBT for images (docs/method.md section 4) and the DiT denoiser wrapped for the trainer.
 
 The EBT denoiser is the DiT's transformer (patchify, fixed 2-D sin-cos positions, adaLN-Zero blocks,
 bidirectional attention) conditioned on one learned embedding instead of a timestep, with one scalar
@@ -10,14 +10,13 @@ same thinking loop (ebt.think) as the text and video EBTs; the loss is Smooth L1
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ebt.config import ModelConfig
 from ebt.errors import ConfigError
-from ebt.models.dit import (DiT, DiTBlock, DiTConfig, FinalLayer, init_adaln_zero, level_schedule,
-                            noise_at_level, sincos_2d)
-from ebt.think import alpha_param_groups, draw_steps, recipe_alpha, unroll
+from ebt import objective
+from ebt.models.dit import DiT, DiTBlock, DiTConfig, FinalLayer, init_adaln_zero, level_schedule, sincos_2d
+from ebt.recipe import alpha_param_groups, recipe_alpha
 
 
 def dit_config(cfg: ModelConfig) -> DiTConfig:
@@ -25,16 +24,9 @@ def dit_config(cfg: ModelConfig) -> DiTConfig:
                      n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head, noise_level=cfg.noise_level)
 
 
-def image_loss(pred: torch.Tensor, clean: torch.Tensor) -> dict:
-    """Smooth L1 (beta 1) to the clean image: per image, then averaged; sums for image-weighted means."""
-    per_image = F.smooth_l1_loss(pred.float(), clean.float(), beta=1.0, reduction="none").flatten(1).mean(1)
-    return {"loss": per_image.mean(), "nll_sum": per_image.detach().sum(),
-            "n_tokens": torch.as_tensor(per_image.numel(), device=clean.device)}
-
-
 class EBTDenoiser(nn.Module):
-    nonfinite_hint = ("the image EBT diverges when alpha is too large for its energy gradients: lower --alpha "
-                      "or --alpha-lr-mult, or --lr")
+    nonfinite_hint = ("the image EBT diverges when alpha is too large for its energy gradients: lower "
+                      "--alpha or --alpha-lr-mult, or --lr")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -51,7 +43,6 @@ class EBTDenoiser(nn.Module):
             block.attn.fused = False  # the second-order graph needs attention with double backward
         self._init_weights()
         self.alpha = nn.Parameter(torch.tensor(float(e.alpha)), requires_grad=e.alpha_learnable)
-        self.measure_final_energy = True
 
     def _init_weights(self):
         init_adaln_zero(self)  # the energy head (final.linear) and every modulation start at zero
@@ -64,7 +55,8 @@ class EBTDenoiser(nn.Module):
         c, s = self.dcfg.channels, self.dcfg.image_size
         if x.dim() != 4 or tuple(x.shape[1:]) != (c, s, s):
             raise ConfigError(f"expected images of shape (batch, {c}, {s}, {s}), got {tuple(x.shape)}: a "
-                              f"{'grayscale' if c == 1 else f'{c}-channel'} {s}x{s} model needs matching data")
+                              f"{'grayscale' if c == 1 else f'{c}-channel'} {s}x{s} model needs matching "
+                              f"data")
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Final-block tokens (B, n_patches, D) of an image (also what the linear probe pools)."""
@@ -95,26 +87,10 @@ class EBTDenoiser(nn.Module):
     def init_candidate(self, noisy: torch.Tensor) -> torch.Tensor:
         return noisy.clone()  # prediction starts from the noisy image itself
 
-    def train_steps(self) -> int:
-        return draw_steps(self.cfg.ebt, self.training)
-
-    def forward(self, clean: torch.Tensor) -> dict:
-        """clean images (B, C, H, W) in [-1, 1] -> noised at the training level, denoised by the unroll,
-        Smooth L1 to the clean image."""
-        self.check(clean)
-        noisy, _ = noise_at_level(clean, self.cfg.noise_level, schedule=self.schedule)
-        n_steps = self.train_steps()
-        xs, energies = unroll(self, noisy, noisy, n_steps, self.training, torch.is_grad_enabled(), self.cfg.ebt)
-        first, last = image_loss(xs[0], clean), image_loss(xs[-1], clean)
-        steps = [image_loss(x, clean)["loss"] for x in xs]
-        loss = last["loss"] if self.cfg.ebt.loss_last_only else torch.stack(steps).mean()
-        out = {"loss": loss, "nll_sum": last["nll_sum"], "n_tokens": last["n_tokens"],
-               "ce_first": first["loss"].detach(), "ce_last": last["loss"].detach(),
-               "alpha": self.alpha.detach().clamp(min=self.cfg.ebt.alpha_min)}
-        if self.training and self.measure_final_energy:
-            with torch.no_grad():
-                out["energy_gap"] = (energies[0] - self.energy_from(None, xs[-1].detach())).mean()
-        return out
+    def forward(self, clean: torch.Tensor, n_steps=None, plan=None) -> dict:
+        """clean images (B, C, H, W) in [-1, 1] -> the training objective (ebt.objective.image_forward):
+        noised at the training level, denoised by the unroll, Smooth L1 to the clean image."""
+        return objective.image_forward(self, clean, n_steps, plan)
 
 
 class DiTDenoiser(nn.Module):

@@ -1,4 +1,4 @@
-"""Transformer++ baseline (ebt-method.md 2.1): token embedding -> Llama blocks -> norm -> untied head."""
+"""Transformer++ baseline (docs/method.md 2.1): token embedding -> Llama blocks -> norm -> untied head."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def check_window(tokens: torch.Tensor, cfg: ModelConfig, extra: int = 0) -> None
     if cfg.candidate == "frames":
         if tokens.dim() != 3 or tokens.shape[-1] != cfg.feature_dim:
             raise ConfigError(f"expected frame features of shape (batch, length, {cfg.feature_dim}), got "
-                              f"{tuple(tokens.shape)}: the data's feature size must match the model's feature_dim")
+                              f"{tuple(tokens.shape)}: the data's feature size must match the model's "
+                              f"feature_dim")
     elif tokens.dim() != 2:
         raise ConfigError(f"expected token ids of shape (batch, length), got {tuple(tokens.shape)}")
     if tokens.shape[1] - extra > cfg.context_length:
@@ -28,8 +29,9 @@ def check_window(tokens: torch.Tensor, cfg: ModelConfig, extra: int = 0) -> None
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | None) -> dict:
     """Mean cross-entropy over non-pad targets, plus the sum and the count for token-weighted averages."""
+    flat = logits.flatten(0, 1)
     nll = F.cross_entropy(
-        logits.flatten(0, 1).float() if logits.dtype in (torch.bfloat16, torch.float16) else logits.flatten(0, 1),
+        flat.float() if logits.dtype in (torch.bfloat16, torch.float16) else flat,
         targets.flatten(),
         ignore_index=-100 if pad_id is None else pad_id,
         reduction="sum",
@@ -52,7 +54,7 @@ def token_loss_grad(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | N
     gradient). grad_layout: (dtype, pad) to return the gradient in (ebt.nn.to_layout), as matrix products
     read it; compiled, the cast and the padding cost no extra pass. out: a tensor of the logits' shape
     to write the gradient into when its dtype is the one computed in (CPU: reused memory,
-    `ebt.think.Recycler`)."""
+    `ebt.fast.memory.Recycler`)."""
     lf = logits if logits.dtype not in (torch.bfloat16, torch.float16) else logits.float()
     t = targets.unsqueeze(-1)
     # the fused softmax kernel: a bare exp is slow on CPUs for the large negative values of optimised
@@ -83,7 +85,8 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | None) -
     where cross-entropy writes the (B, S, V) log-probabilities and reads them back: System 2 logs its
     first step's loss this way on CUDA."""
     lf = logits if logits.dtype not in (torch.bfloat16, torch.float16) else logits.float()
-    return _nll_result(torch.logsumexp(lf, -1) - lf.gather(-1, targets.unsqueeze(-1)).squeeze(-1), targets, pad_id)[0]
+    nll = torch.logsumexp(lf, -1) - lf.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return _nll_result(nll, targets, pad_id)[0]
 
 
 def compiled_token_nll():
@@ -107,7 +110,9 @@ def frame_loss(pred: torch.Tensor, target: torch.Tensor) -> dict:
 
 def prediction_loss(pred: torch.Tensor, target: torch.Tensor, cfg: ModelConfig) -> dict:
     """Cross-entropy for tokens, Smooth L1 for frames: the one place the candidate type decides the loss."""
-    return token_loss(pred, target, cfg.pad_token_id) if cfg.candidate == "tokens" else frame_loss(pred, target)
+    if cfg.candidate == "tokens":
+        return token_loss(pred, target, cfg.pad_token_id)
+    return frame_loss(pred, target)
 
 
 def make_input_embedding(cfg: ModelConfig) -> nn.Module:
@@ -125,17 +130,18 @@ class Transformer(nn.Module):
         self.backbone = Backbone(cfg)
         out = cfg.vocab_size if cfg.candidate == "tokens" else cfg.feature_dim
         self.head = nn.Linear(cfg.d_model, out, bias=False)
-        self.fused_attention = True  # SDPA kernels; False writes the score matrix (double-backward capable)
         init_weights(self)
 
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, S) -> next-token logits (B, S, V); frames (B, S, F) -> next-frame features (B, S, F)."""
+    def logits(self, tokens: torch.Tensor, fused: bool = True) -> torch.Tensor:
+        """tokens (B, S) -> next-token logits (B, S, V); frames (B, S, F) -> next-frame features (B, S, F).
+        fused: SDPA kernels; False writes the score matrix (double-backward capable, counted by FLOP
+        counters)."""
         check_window(tokens, self.cfg)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        h = self.backbone(self.tok_emb(tokens), positions, causal=True, fused=self.fused_attention)
+        h = self.backbone(self.tok_emb(tokens), positions, causal=True, fused=fused)
         return vocab_out(h, self.head.weight) if self.cfg.candidate == "tokens" else self.head(h)
 
-    def forward(self, window: torch.Tensor) -> dict:
+    def forward(self, window: torch.Tensor, fused: bool = True) -> dict:
         """window (B, S+1): reads window[:, :-1], predicts window[:, 1:]. Returns loss and counts."""
         check_window(window, self.cfg, extra=1)
-        return prediction_loss(self.logits(window[:, :-1]), window[:, 1:], self.cfg)
+        return prediction_loss(self.logits(window[:, :-1], fused), window[:, 1:], self.cfg)

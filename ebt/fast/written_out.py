@@ -7,9 +7,10 @@ function of the weights: a training step then needs only first-order autograd (t
 function), and both can be compiled, so inductor fuses the norms, RoPE, SwiGLU and softmax pieces.
 Inference uses it the same way: a thinking step is then one compilable forward function.
 
-Every line below mirrors a line of ebt.nn (Block.forward_candidates, candidate_attend, RMSNorm,
-apply_rope, SwiGLU) and its backward, dtype for dtype, so the two agree to rounding (to ~1e-15 in
-float64, tested against autograd and the official reference tensors).
+The forward is ebt.nn's own block function (`block_candidates`, which Block.forward_candidates runs
+too) on the same weights; the backward below is written by hand from the tensors that function saves,
+dtype for dtype, and agrees with autograd to rounding (to ~1e-15 in float64, tested against autograd and
+the official reference tensors).
 """
 
 from __future__ import annotations
@@ -19,16 +20,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ebt.nn import (KVCache, RopeTables, apply_rope, candidate_frame, candidate_probs_split, compute_dtype,
-                    rms_normalize)
 from ebt import nn as ebt_nn
+from ebt.nn import (KVCache, RopeTables, apply_rope, attention_inputs, block_candidates, block_output,
+                    candidate_frame, compute_dtype, merge_heads, rms_norm, split_heads, stacked)
 from ebt.nn import compiled as compile_fn
-
-
-def _rms(x, weight, eps):
-    """RMSNorm forward, returning what its backward needs."""
-    n, r = rms_normalize(x, eps)
-    return n.type_as(x) * weight, (n, r)
 
 
 def _rms_back(dout, weight, saved, dtype):
@@ -45,24 +40,8 @@ def _rope_back(dx, rope: RopeTables):
     return apply_rope(dx, RopeTables(None, rope.cos, -rope.sin))
 
 
-def _heads(t, n_head):
-    return t.unflatten(-1, (n_head, -1)).transpose(1, 2)
-
-
-def _merge(t):
-    return t.transpose(1, 2).flatten(-2)
-
-
-def _attend(q, k, v, kc, vc, allowed):
-    """candidate_attend's forward; returns the output and the float weights (context part, self part)
-    for the backward. The softmax is taken in its two parts (ebt.nn.candidate_probs_split), so the
-    products over the context keep an aligned width."""
-    pc, ps = candidate_probs_split(q, k, kc, allowed)
-    return pc.type_as(q) @ vc + ps.type_as(q) * v, (pc, ps)
-
-
 def _attend_back(do, q, k, v, kc, vc, probs):
-    """(dq, dk, dv) of candidate_attend given d(output); the context's keys and values are constants
+    """(dq, dk, dv) of candidate_attention given d(output); the context's keys and values are constants
     of the candidate (their gradient is not part of dE/dy)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     pc, ps = probs
@@ -76,43 +55,22 @@ def _attend_back(do, q, k, v, kc, vc, probs):
     return dq, dk, dv
 
 
-def _fuse(w):
-    """A block's weights with the query/key/value maps stacked, and the SwiGLU's two input maps: one
-    matrix product each instead of three and two, forward and backward (small decoding batches are
-    bound by the number of kernels)."""
-    attn_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3 = w
-    return attn_norm, torch.cat([wq, wk, wv]), wo, ffn_norm, torch.cat([w1, w3]), w2
-
-
-def _block(w, n_head, eps, y, rope, kc, vc, allowed):
-    """Block.forward_candidates, keeping its intermediates. w: the block's weights (_fuse(_weights))."""
-    attn_norm, wqkv, wo, ffn_norm, w13, w2 = w
-    a, sa = _rms(y, attn_norm, eps)
-    q, k, v = F.linear(a, wqkv).chunk(3, -1)
-    q, k, v = apply_rope(_heads(q, n_head), rope), apply_rope(_heads(k, n_head), rope), _heads(v, n_head)
-    o, probs = _attend(q, k, v, kc, vc, allowed)
-    y1 = y + F.linear(_merge(o), wo)
-    b, sb = _rms(y1, ffn_norm, eps)
-    g1, g3 = F.linear(b, w13).chunk(2, -1)
-    s1 = F.silu(g1)
-    y2 = y1 + F.linear(s1 * g3, w2)
-    return y2, (y.dtype, y1.dtype, sa, sb, q, k, v, probs, g1, g3, s1)
-
-
 def _block_back(w, n_head, dy2, saved, rope, kc, vc):
-    """d/dy of the block given d/dy2 (the residual passes dy2 straight through)."""
-    attn_norm, wqkv, wo, ffn_norm, w13, w2 = w
-    y_dtype, y1_dtype, sa, sb, q, k, v, probs, g1, g3, s1 = saved
+    """d/dy of ebt.nn.block_candidates given d/dy2 (the residual passes dy2 straight through), from
+    what it saved. w: the block's weights, stacked (ebt.nn.stacked): one product for the three maps'
+    transposes, one for the two."""
+    attn_norm, (wqkv,), wo, ffn_norm, (w13,), w2 = w
+    y_dtype, sa, q, k, v, probs, y1_dtype, sb, g1, g3, s1 = saved
     dm = F.linear(dy2, w2.t())
     dg3 = dm * s1
     sig = torch.sigmoid(g1)
     dg1 = dm * g3 * (sig * (1 + g1 * (1 - sig)))  # silu'(x) = sigma(x) (1 + x (1 - sigma(x)))
     db = F.linear(torch.cat([dg1, dg3], -1), w13.t())
     dy1 = (dy2 + _rms_back(db, ffn_norm, sb, y1_dtype)).to(y1_dtype)
-    do = _heads(F.linear(dy1, wo.t()), n_head)
+    do = split_heads(F.linear(dy1, wo.t()), n_head)
     dq, dk, dv = _attend_back(do, q, k, v, kc, vc, probs)
     dq, dk = _rope_back(dq, rope), _rope_back(dk, rope)
-    da = F.linear(torch.cat([_merge(dq), _merge(dk), _merge(dv)], -1), wqkv.t())
+    da = F.linear(torch.cat([merge_heads(dq), merge_heads(dk), merge_heads(dv)], -1), wqkv.t())
     return (dy1 + _rms_back(da, attn_norm, sa, y_dtype)).to(y_dtype)
 
 
@@ -120,12 +78,10 @@ def _weights(model):
     """The weights the candidate stream reads, as plain tensors: a compiled function then guards on
     their shapes only (not on the module), so every model of one shape shares one compilation."""
     bb = model.backbone
-    blocks = [(b.attn_norm.weight, b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight, b.attn.wo.weight,
-               b.ffn_norm.weight, b.ffn.w1.weight, b.ffn.w2.weight, b.ffn.w3.weight) for b in bb.blocks]
-    return blocks, bb.norm.weight, model.energy_head.weight
+    return [b.weights() for b in bb.blocks], bb.norm.weight, model.energy_head.weight
 
 
-def energy_grad(model, ctx, y, compiled: bool = False):
+def energy_grad(model, ctx, y, compiled: bool = False, pad_vocab: bool | None = None):
     """(E, dE/dy) for embedded candidates y (B, S, D): model.energy_from_embedding(ctx, y) and the
     gradient of its sum with respect to y, both by plain tensor operations (no autograd inside), so
     autograd can differentiate the gradient once more with an ordinary backward.
@@ -135,9 +91,9 @@ def energy_grad(model, ctx, y, compiled: bool = False):
     compiled too)."""
     cache, positions, allowed = candidate_frame(ctx, y.shape[1], y.device)
     ks, vs = cache.k, cache.v
-    pad = (-allowed.shape[-1]) % 8 if y.device.type in ebt_nn.PAD_VOCAB_DEVICES else 0
+    pad = (-allowed.shape[-1]) % 8 if ebt_nn.pads_vocab(y.device, pad_vocab) else 0  # per device if None
     if pad:  # context length to a multiple of 8, masked: aligned rows for the tensor-core products
-        # (on an H200 the bf16 products over 257 keys ran on fallback kernels, 9% of a training step)
+        # (unaligned ones run on fallback kernels: benchmarks/RESULTS.md)
         ks, vs = ([F.pad(t, (0, 0, 0, pad)) for t in ts] for ts in (ks, vs))
         allowed = F.pad(allowed, (0, pad), value=False)
     bb, cfg = model.backbone, model.cfg
@@ -148,11 +104,11 @@ def energy_grad(model, ctx, y, compiled: bool = False):
 
 
 def _energy_grad(blocks, norm, head, n_head, eps, y, rope, ks, vs, allowed):
-    h, saved, blocks = y, [], [_fuse(w) for w in blocks]
+    h, saved, blocks = y, [], [stacked(w) for w in blocks]
     for i, w in enumerate(blocks):
-        h, s = _block(w, n_head, eps, h, rope, ks[i], vs[i], allowed)
+        h, s = block_candidates(w, h, rope, n_head, eps, ks[i], vs[i], allowed)
         saved.append(s)
-    out, sn = _rms(h, norm, eps)
+    out, sn = rms_norm(h, norm, eps)
     E = F.linear(out, head).squeeze(-1)  # head: the energy head's (1, D) weight
     dh = _rms_back(head[0].expand_as(out).to(E.dtype), norm, sn, h.dtype)
     for i in reversed(range(len(blocks))):
@@ -181,7 +137,8 @@ def context_decode_step(model, cache: KVCache, h, pos, valid, compiled: bool = F
     rope = model.backbone.rope.tables(pos, compute_dtype(h.dtype), real=compiled)
     blocks, _, _ = _weights(model)
     fn = compile_fn(_context) if compiled else _context
-    fn(blocks, model.cfg.n_head, model.cfg.norm_eps, h, rope, (cache.k, cache.v, pos, valid.view(1, 1, 1, -1)))
+    static = (cache.k, cache.v, pos, valid.view(1, 1, 1, -1))
+    fn(blocks, model.cfg.n_head, model.cfg.norm_eps, h, rope, static)
 
 
 def _context(blocks, n_head, eps, h, rope, cache=None):
@@ -191,10 +148,8 @@ def _context(blocks, n_head, eps, h, rope, cache=None):
     attending over them under the mask."""
     ks, vs = [], []
     for i, w in enumerate(blocks):
-        attn_norm, wqkv, wo, ffn_norm, w13, w2 = _fuse(w)
-        a, _ = _rms(h, attn_norm, eps)
-        q, k, v = F.linear(a, wqkv).chunk(3, -1)
-        q, k, v = apply_rope(_heads(q, n_head), rope), apply_rope(_heads(k, n_head), rope), _heads(v, n_head)
+        w = stacked(w)
+        q, k, v, _ = attention_inputs(w, h, rope, n_head, eps)
         mask = None
         if cache is None:
             ks.append(k)
@@ -206,8 +161,5 @@ def _context(blocks, n_head, eps, h, rope, cache=None):
             k, v = kc[i], vc[i]
         if i == len(blocks) - 1:
             break
-        h = h + F.linear(_merge(ebt_nn.attend(q, k, v, mask, causal=mask is None)), wo)
-        b, _ = _rms(h, ffn_norm, eps)
-        g1, g3 = F.linear(b, w13).chunk(2, -1)
-        h = h + F.linear(F.silu(g1) * g3, w2)
+        h, _ = block_output(w, h, ebt_nn.attend(q, k, v, mask, causal=mask is None), eps)
     return ks, vs
