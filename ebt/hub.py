@@ -52,11 +52,8 @@ def load_tokenizer(path, data_dir=None):
     else the one beside `data_dir`."""
     from ebt.checkpoint import resolve
     from ebt.data.loader import tokenizer_for_checkpoint
-    from ebt.data.tokenizers import Tokenizer
 
-    if (Path(path) / "tokenizer.json").is_file():
-        return Tokenizer.load(path)
-    return tokenizer_for_checkpoint(resolve(path), data_dir)
+    return tokenizer_for_checkpoint(resolve(path), data_dir)  # it looks at an export's top level too
 
 
 def check_destination(out: Path) -> None:

@@ -18,7 +18,6 @@ writes with the same settings. A Transformer++ has no energy: its tokens come fr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import threading
@@ -63,16 +62,6 @@ def check_host(host: str) -> str:
     return HOST
 
 
-@contextlib.contextmanager
-def _seeded(seed: int, device):
-    """torch's global generator seeded for a request, the caller's stream restored after (as ebt.generate)."""
-    import torch
-
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
-
-
 def _ebt_next(model, seq, think_cfg, candidates: int, step) -> tuple:
     """Think about the position after seq (1, t), each candidate on its own (think_cfg: one candidate,
     traced): (the kept candidate's logits (1, V), its index, every candidate's final energy, the kept
@@ -102,16 +91,16 @@ def _ebt_tokens(model, ids: list[int], n: int, cfg: ServeConfig, eos_id: int | N
     import torch
 
     from ebt.generate import sample
-    from ebt.think import ThinkConfig
-
     from ebt.fast.plan import resolve_plan
+    from ebt.runtime import seeded
+    from ebt.think import ThinkConfig
 
     think_cfg = ThinkConfig(steps=cfg.think_steps, noise=cfg.noise, trace=True)  # per candidate
     step = resolve_plan(model).think_step(model, think_cfg)  # the run's fast path, as ebt generate's
     dev = model.tok_emb.weight.device
     seq = torch.tensor([ids], device=dev)
     out = []
-    with _seeded(cfg.seed, dev):
+    with seeded(cfg.seed, dev):
         gen = torch.Generator(device=dev).manual_seed(cfg.seed)
         for _ in range(n):
             logits, k, finals, trace = _ebt_next(model, seq, think_cfg, cfg.candidates, step)
@@ -299,20 +288,14 @@ def load(run, cfg: ServeConfig, data_dir=None, device="cpu") -> Served:
     return Served(model, tok, cfg, name=str(run))
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def cmd_serve(args) -> None:
+    from ebt.runtime import resolve_device
+
     host = check_host(args.host)  # before loading anything
     cfg = ServeConfig(port=args.port, think_steps=args.think_steps, candidates=args.candidates,
                       max_new_tokens=args.max_new_tokens, noise=args.noise, temperature=args.temperature,
                       seed=args.seed)
-    served = load(args.run, cfg, args.data, _device(args.device))
+    served = load(args.run, cfg, args.data, resolve_device(args.device))
     server = make_server(served, cfg.port, host, quiet=False)
     kind = "EBT" if served.is_ebt else "Transformer++ (no energies)"
     url = f"http://{HOST}:{server.server_address[1]}/"

@@ -28,7 +28,7 @@ from ebt.checkpoint import (NonFiniteWeights, find_checkpoint, load_pt, load_sta
 from ebt.config import RunConfig, to_dict
 from ebt.errors import CheckpointError, ConfigError, EBTError, first_line
 from ebt.evaluate import evaluate_lm, fmt_ppl
-from ebt.runtime import autocast
+from ebt.runtime import autocast, resolve_device
 from ebt.fast.plan import GRAD_METHODS, resolve_plan
 from ebt.objective import train_step, trains_itself
 from ebt.models import build_model
@@ -46,15 +46,7 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     NCCL on GPUs, gloo on CPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_pref == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_pref)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but this torch build sees no GPU; use --device "
-                              "cpu")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank)
+    device = resolve_device(device_pref, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():

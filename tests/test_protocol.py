@@ -16,7 +16,6 @@ from ebt.generate import GenerateConfig, generate
 from ebt.models import build_model
 from ebt.models.transformer import prediction_loss
 from ebt.fast.plan import resolve_plan
-from ebt.objective import train_step
 from ebt.recipe import draw_steps, inference_schedule, repeat_range, step_landscapes, step_range
 from ebt.think import ThinkConfig, think, unroll
 
@@ -263,26 +262,13 @@ def test_accept_lower_as_the_official_inference():
 def test_captured_steps_replay_each_drawn_schedule():
     """ebt.fast.cuda_graph.CapturedStep keeps one graph per value of step_range: with two landscapes a schedule
     (stand-in capture on CPU, as tests/test_speed_paths.py), the same losses and gradients as eager."""
-    import copy
+    from test_speed_paths import captured_pair, tiny as tiny_s, window
 
-    from functools import partial
-
-    from test_speed_paths import stand_in_capture, tiny as tiny_s, window
-    from ebt.fast.cuda_graph import CapturedStep
-
-    eager = tiny_s("s1", landscapes=2, rand_steps=1, rand_steps_min=1).train()
-    graphed = copy.deepcopy(eager)
-    plan_e, plan_g = resolve_plan(eager, grad="explicit"), resolve_plan(graphed, grad="explicit")
-    step = CapturedStep(graphed, partial(train_step, graphed, plan=plan_g), capture=stand_in_capture)
+    model = tiny_s("s1", landscapes=2, rand_steps=1, rand_steps_min=1).train()
+    eager, graphed, step, both = captured_pair(model)
     assert step.counts() == [(0, 1), (0, 1, 1), (0, 0, 1), (0, 0, 1, 1)]
     for i in range(4):
-        x = window(eager, B=3)
-        for m in (eager, graphed):
-            m.zero_grad(set_to_none=True)
-        torch.manual_seed(100 + i)
-        a = train_step(eager, x, plan=plan_e)
-        torch.manual_seed(100 + i)
-        b = step(x)
+        a, b = both(window(eager, B=3), seed=100 + i)
         assert float(a["loss"]) == float(b["loss"]) and float(a["steps"]) >= 2
         for p, q in zip(eager.parameters(), graphed.parameters()):
             assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))

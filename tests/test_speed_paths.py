@@ -379,23 +379,33 @@ def stand_in_capture(fns, warmup, warmup_fns=None, release=False):
     return [(g, g.static) for g in graphs]
 
 
+def captured_pair(eager):
+    """(eager, a copy stepped by CapturedStep under the stand-in capture, that step, both(x, seed)): both runs
+    train_step on eager and the captured step on the copy from the same seed, grads zeroed first, and
+    returns their metrics (a, b)."""
+    graphed = copy.deepcopy(eager)
+    plan_e, plan_g = resolve_plan(eager, grad="explicit"), resolve_plan(graphed, grad="explicit")
+    step = CapturedStep(graphed, partial(train_step, graphed, plan=plan_g), capture=stand_in_capture)
+
+    def both(x, seed):
+        for m in (eager, graphed):
+            m.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        a = train_step(eager, x, plan=plan_e)
+        torch.manual_seed(seed)
+        return a, step(x)
+
+    return eager, graphed, step, both
+
+
 def test_captured_s2_step_matches_eager_steps():
     """System 2 through CapturedStep (stand-in capture): the same step counts, replayed rows, buffer and
     gradients as eager train_step, step for step; none while the buffer fills, then one graph for every
     step count the recipe can draw."""
-    eager = tiny("s2", replay_buffer=6).train()
-    graphed = copy.deepcopy(eager)
-    plan_e, plan_g = resolve_plan(eager, grad="explicit"), resolve_plan(graphed, grad="explicit")
-    step = CapturedStep(graphed, partial(train_step, graphed, plan=plan_g), capture=stand_in_capture)
+    eager, graphed, step, both = captured_pair(tiny("s2", replay_buffer=6).train())
     counts, prev = [], None
     for i in range(8):
-        x = window(eager, B=4)
-        for m in (eager, graphed):
-            m.zero_grad(set_to_none=True)
-        torch.manual_seed(100 + i)
-        a = train_step(eager, x, plan=plan_e)
-        torch.manual_seed(100 + i)
-        b = step(x)
+        a, b = both(window(eager, B=4), seed=100 + i)
         counts.append((int(a["steps"]), int(b["steps"]), len(step.graphs)))
         if prev is not None and counts[-2][2] and counts[-2][1] != counts[-1][1]:
             assert prev["loss"].isnan()  # the graphs share a pool: a replay's outputs last until the next

@@ -43,23 +43,11 @@ from ebt.errors import ConfigError, EBTError
 from ebt.fast.plan import resolve_plan
 from ebt.generate import GenerateConfig, generate
 from ebt.hub import from_pretrained, load_tokenizer
-from ebt.runtime import seeded
+from ebt.runtime import resolve_device, seeded
 from ebt.think import ThinkConfig, think
 
 log = logging.getLogger(__name__)
 THINK_ARGS = ("think_steps", "candidates", "noise", "final_landscape")
-
-
-def _device(device) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"device={device!r} is not a device: use cpu, cuda, cuda:N or auto") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but torch sees no CUDA device: use device=cpu")
-    return dev
 
 
 def _number(name: str, value, kind):
@@ -104,7 +92,7 @@ class EBTLM(LM):
                         "noise": _number("noise", noise, float), "final_landscape": bool(final_landscape)}
         self.seed, self.max_gen_toks = _number("seed", seed, int), _number("max_gen_toks", max_gen_toks, int)
         self.batch_size = _batch_size(batch_size)
-        self._device = _device(device)
+        self._device = resolve_device(device)
         self.model = from_pretrained(pretrained, device=self._device).eval()
         cfg = self.model.cfg
         if cfg.candidate != "tokens" or cfg.model not in ("ebt", "transformer"):
