@@ -688,7 +688,7 @@ def cmd_scale(args):
 def cmd_demo(args):
     from ebt.demo import demo
 
-    demo(out=args.out, data_dir=args.data, steps=args.steps)
+    demo(out=args.out, data_dir=args.data, steps=args.steps, skip_sources=[n for v in args.skip_source for n in v.split(',') if n])
 
 
 def _train_parser(sub) -> None:
@@ -896,6 +896,8 @@ def _demo_parser(sub) -> None:
     mp.add_argument("--out", default="runs/demo")
     mp.add_argument("--data", default="data/default")
     mp.add_argument("--steps", type=AT_LEAST_1, default=300, help="training steps for each model")
+    mp.add_argument("--skip-source", action="append", default=[], metavar="NAME",
+                    help="leave a corpus source out when it cannot be built here (as in `ebt data prepare`)")
     mp.set_defaults(func=cmd_demo)
 
 
@@ -967,6 +969,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_command(sub, FMT)
     add_export_command(sub, FMT)  # `ebt export`: ebt/hub.py
+    from ebt.paper import add_reproduce_command
+
+    add_reproduce_command(sub, FMT)  # `ebt reproduce`: ebt/paper/
     return p
 
 

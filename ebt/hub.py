@@ -218,13 +218,15 @@ def _data_section(config: dict, run_dir: Path | None) -> str:
     if corpus and corpus.get("ood_source"):
         lines.append(f"  - held out as the out-of-distribution split: {corpus['ood_source']}")
     state = _read_json(run_dir / "checkpoint" / "trainer_state.json") if run_dir else None
+    row, unit = {"frames": ("clips", "frames"), "image": ("images", "images")}.get(
+        (config.get("model") or {}).get("candidate"), ("sequences", "tokens"))
     if train:
         lr = train["lr"] if train.get("lr") is not None else "the size's default"
-        lines.append(f"- training: {train['steps']} steps of {train['batch_size']} sequences, learning rate "
+        lines.append(f"- training: {train['steps']} steps of {train['batch_size']} {row}, learning rate "
                      f"{lr}, {train['warmup_steps']} warm-up steps, seed {train['seed']}, precision "
                      f"{train['precision']}")
     if state:
-        lines.append(f"- trained for {state['step']} steps, {state['tokens_seen']:,} tokens")
+        lines.append(f"- trained for {state['step']} steps, {state['tokens_seen']:,} {unit}")
     return "\n".join(lines) + "\n"
 
 

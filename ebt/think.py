@@ -273,6 +273,10 @@ def think(model, inputs, cfg: ThinkConfig | None = None, init: torch.Tensor | No
     generation passes its KV caches here and `inputs` then only shapes the candidates. step: how each
     step is taken (default: the reference `Step`; a run's plan hands out faster ones, Plan.think_step)."""
     cfg = cfg or ThinkConfig()
+    if contexts is None and inputs.shape[1] > model.cfg.context_length:
+        raise ConfigError(f"the input holds {inputs.shape[1]} positions but the model reads at most "
+                          f"{model.cfg.context_length} (its context_length): pass the last "
+                          f"{model.cfg.context_length} or split the input into windows")
     step = step or Step(model)
     landscapes = inference_schedule(model.cfg.ebt, cfg.steps, cfg.final_landscape)
     noise = model.cfg.ebt.langevin if cfg.noise is None else cfg.noise

@@ -563,7 +563,7 @@ class Trainer:
     def restart_clock(self) -> None:
         """Start a log interval: its time, tokens, summed loss and summed model metrics."""
         self.t0, self.tokens_at_t0 = time.perf_counter(), self.tokens_seen
-        self.loss_sum, self.extras = torch.zeros((), device=self.device), {}
+        self.loss_sum, self.extras, self.steps_summed = torch.zeros((), device=self.device), {}, 0
 
     def step(self, step: int) -> None:
         """One optimizer step; its figures stay on the device (no host sync) until the interval's report."""
@@ -581,6 +581,7 @@ class Trainer:
         self.bad_step = torch.where((bad < 0) & ~finite, torch.full_like(bad, step), bad)
         self.tokens_seen += cfg.batch_size * (1 if mcfg.candidate == "image" else mcfg.context_length)
         self.loss_sum += step_loss
+        self.steps_summed += 1
 
     def check_finite(self) -> None:
         """One host sync: a non-finite step stops the run before it is logged or saved."""
@@ -591,7 +592,7 @@ class Trainer:
         """Log the interval that ends after `done` steps (metrics file, progress bar or one plain line)."""
         cfg = self.cfg
         self.check_finite()  # one host sync per log interval, not per step
-        n = done % cfg.log_every or cfg.log_every
+        n = max(self.steps_summed, 1)  # a run resumed mid-interval has summed fewer than log_every steps
         dt = time.perf_counter() - self.t0
         train_loss = float(self.loss_sum) / n
         rec = {"loss": train_loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(self.gnorm),
@@ -688,6 +689,13 @@ class Trainer:
         return final
 
 
+def above_bar(log, tqdm):
+    def write(*args, **kwargs):
+        with tqdm.external_write_mode():
+            log(*args, **kwargs)
+    return write
+
+
 def train(run: RunConfig, resume: bool = False, log=print, force: bool = False) -> dict:
     """Train `run.model` on `run.data` as `run.train` says. Returns the final evaluation.
     resume: continue from the run's checkpoint; force: start anew over an existing checkpoint."""
@@ -700,7 +708,10 @@ def train(run: RunConfig, resume: bool = False, log=print, force: bool = False) 
     from tqdm.auto import tqdm
 
     # a live bar on a terminal; in logs (CI, cluster jobs) one plain line per log interval instead
-    bar = tqdm(total=cfg.steps, initial=t.start_step, disable=not t.use_bar, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=t.start_step, disable=not t.use_bar, dynamic_ncols=True,
+               desc=f"train {run.model.model}")
+    if t.use_bar:  # lines printed while the bar is live go above it instead of breaking it
+        t.log = above_bar(t.log, tqdm)
     t.model.train()
     t.restart_clock()
     last = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps

@@ -176,3 +176,16 @@ def test_export_help_has_an_example(capsys):
         build_parser().parse_args(["export", "--help"])
     assert e.value.code == 0
     assert "ebt export runs/demo/ebt --out exports/ebt_demo" in capsys.readouterr().out
+
+
+def test_model_card_names_images_and_frames_not_tokens(tmp_path):
+    from ebt.hub import _data_section
+
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "trainer_state.json").write_text('{"step": 5, "tokens_seen": 320}')
+    train = {"steps": 5, "batch_size": 64, "lr": None, "warmup_steps": 1, "seed": 0, "precision": "fp32"}
+    for candidate, row, unit in (("image", "images", "images"), ("frames", "clips", "frames"),
+                                 ("tokens", "sequences", "tokens")):
+        card = _data_section({"data": {"data_dir": str(tmp_path)}, "train": train,
+                              "model": {"candidate": candidate}}, tmp_path)
+        assert f"5 steps of 64 {row}," in card and f"trained for 5 steps, 320 {unit}" in card

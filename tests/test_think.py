@@ -129,3 +129,11 @@ def test_bad_thinking_configs():
         ThinkConfig(select="best")
     with pytest.raises(ConfigError, match="steps must be >= 1"):
         ThinkConfig(steps=0)
+
+
+def test_an_input_longer_than_the_context_is_refused_in_one_line():
+    m = build_model(ModelConfig(model="ebt", size="4xs", n_layer=1, d_model=32, n_head=2, vocab_size=50,
+                                context_length=8))
+    with pytest.raises(ConfigError, match=r"^the input holds 12 positions but the model reads at most 8 \(its "
+                                          r"context_length\): pass the last 8 or split the input into windows$"):
+        think(m, torch.zeros(1, 12, dtype=torch.long), ThinkConfig())

@@ -179,6 +179,22 @@ def test_resume_is_bit_for_bit(tiny_data, tmp_path):
     assert all(torch.equal(oa[i]["exp_avg_sq"], ob[i]["exp_avg_sq"]) for i in oa)
 
 
+def test_a_run_resumed_mid_interval_logs_the_mean_of_the_steps_it_took(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    quiet = lambda *a: None  # noqa: E731
+    train(run_config(data_dir, tmp_path / "each", log_every=1), log=quiet)
+    train(run_config(data_dir, tmp_path / "b", stop_at=3), log=quiet)  # log_every 2: pauses mid-interval
+    train(run_config(data_dir, tmp_path / "b"), resume=True, log=quiet)
+
+    def losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+    each, b = losses("each"), losses("b")
+    assert b[4] == pytest.approx(each[4], rel=1e-6)  # step 4 alone was summed after the resume at 3
+    assert b[6] == pytest.approx((each[5] + each[6]) / 2, rel=1e-6)
+
+
 def test_grad_accumulation_matches_full_batch(tiny_data, tmp_path):
     data_dir, _ = tiny_data
     train(run_config(data_dir, tmp_path / "a", precision="fp64"), log=lambda *a: None)

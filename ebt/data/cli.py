@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ebt.config import Bound
 from ebt.data.corpus import DEFAULT_SOURCES
-from ebt.data.sources import SOURCES
+from ebt.data.sources import EXTRA_SOURCES, SOURCES
 from ebt.errors import DataError
 
 RAW = argparse.RawDescriptionHelpFormatter
@@ -16,6 +16,8 @@ PREPARE_EPILOG = """examples:
   ebt data prepare --tokenizer neox --out data/neox  # the paper's GPT-NeoX tokenizer (50277 tokens)
   ebt data prepare --sources shakespeare,bible --ood-source austen
   ebt data prepare --skip-source bible               # the default corpus without the King James Bible
+  ebt data prepare --sources large --out data/large  # the default corpus + the Debian dictionaries
+  ebt data prepare --sources default,gcide --out data/gcide
   ebt data prepare --files my_texts/ notes.jsonl --text-field body --out data/mine
   ebt data prepare --hf HuggingFaceFW/fineweb --hf-config sample-10BT --limit 100000 --out data/fineweb
 """
@@ -26,12 +28,20 @@ def _names(values):
     return [n for v in values for n in v.split(",") if n]
 
 
+SOURCE_GROUPS = {"default": DEFAULT_SOURCES, "large": DEFAULT_SOURCES + EXTRA_SOURCES}
+
+
+def _source_names(values):
+    """--sources names with the groups written out, each source once, in the order given."""
+    return list(dict.fromkeys(n for v in _names(values) for n in SOURCE_GROUPS.get(v, (v,))))
+
+
 def cmd_prepare(args):
     from ebt.data.shards import prepare_dataset  # heavy imports only when preparing
 
     ood = None if args.ood_source in ("none", "") else args.ood_source
     prepare_dataset(args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                    sources=_names(args.sources), ood_source=ood, val_fraction=args.val_fraction,
+                    sources=_source_names(args.sources), ood_source=ood, val_fraction=args.val_fraction,
                     seed=args.seed, user_paths=args.files, ood_paths=args.ood_files, hf_name=args.hf,
                     hf_split=args.hf_split, hf_config=args.hf_config, text_field=args.text_field,
                     limit=args.limit, cache_dir=args.cache_dir, force=args.force,
@@ -112,7 +122,8 @@ def add_data_commands(subparsers):
     p.add_argument("--vocab-size", type=Bound(int, 258, 65535), default=8192,
                    help="BPE vocabulary size, 258..65535 (default 8192)")
     p.add_argument("--sources", nargs="+", default=list(DEFAULT_SOURCES),
-                   help=f"corpus sources (default: {','.join(DEFAULT_SOURCES)}; valid: {', '.join(SOURCES)})")
+                   help=f"corpus sources (default: {','.join(DEFAULT_SOURCES)}; valid: {', '.join(SOURCES)}) "
+                        f"or groups: 'default', 'large' (default + {','.join(EXTRA_SOURCES)})")
     p.add_argument("--skip-source", action="append", default=[], metavar="NAME",
                    help="leave this source out (repeatable); without it a source that fails to build "
                         "stops the preparation")

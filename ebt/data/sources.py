@@ -18,15 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ebt.data.document import Document  # noqa: F401  (re-exported: loaders and tests import it from here)
 from ebt.data.fetch import SourceUnavailable, apt_download, deb_extract, have_apt, pip_download
-
-
-@dataclass
-class Document:
-    text: str
-    source: str
-    doc_id: str
-    title: str = ""
 
 
 def _package_license(meta_text):
@@ -299,3 +292,40 @@ SOURCES = {
                      "Debian r-cran-janeaustenr", "MIT", needs_apt=True,
                      fix="install the Debian package (sudo apt-get install r-cran-janeaustenr)"),
 }
+
+
+# ---------------------------------------------------------------- optional (not in the default corpus)
+
+def _dictionary(name):
+    """A loader of ebt/data/dictionaries.py, imported only when its source is built."""
+    def load(cache_dir, meta=None):
+        from ebt.data import dictionaries
+        return getattr(dictionaries, f"load_{name}")(cache_dir, meta)
+    return load
+
+
+def _debian(name, package, text_licence, package_licence):
+    return Source(_dictionary(name), text_licence, f"Debian {package}", package_licence, needs_apt=True,
+                  fix=f"install the Debian package (sudo apt-get install {package})")
+
+
+# `ebt data prepare --sources large` is the default corpus plus these.
+EXTRA_SOURCES = ("gcide", "wordnet", "foldoc", "jargon", "devil")
+SOURCES.update({
+    "gcide": _debian("gcide", "dict-gcide",
+                     "GPL-2+ (GNU Collaborative International Dictionary of English 0.48: Webster's Revised "
+                     "Unabridged Dictionary of 1913 + WordNet 1.5, edited by Patrick Cassidy)",
+                     "GPL-2+"),
+    "wordnet": _debian("wordnet", "wordnet-base",
+                       "WordNet 3.0 licence (free use, copying and distribution; keep the notice "
+                       "'WordNet 3.0 Copyright 2006 by Princeton University. All rights reserved.')",
+                       "WordNet-3.0"),
+    "foldoc": _debian("foldoc", "dict-foldoc",
+                      "GFDL-1.1+ (Free On-line Dictionary of Computing, editor Denis Howe; its few Debian "
+                      "entries by Joey Hess and Robert D. Hilliard may be copied with their notice)",
+                      "GFDL-1.1+"),
+    "jargon": _debian("jargon", "dict-jargon", "public domain (The Jargon File 4.4.7; cite it as such)",
+                      "GPL-2+"),
+    "devil": _debian("devil", "dict-devil", "public domain (Ambrose Bierce, The Devil's Dictionary, 1911)",
+                     "public domain"),
+})
