@@ -73,7 +73,7 @@ def test_train_then_eval_from_the_command_line(tmp_path):
 
 @pytest.mark.slow
 def test_thinking_eval_generate_and_inspect(tmp_path):
-    tok = tiny_dataset(tmp_path)
+    tiny_dataset(tmp_path)
     run = tmp_path / "run"
     r = ebt("train", "--model", "ebt", "--recipe", "s2", "--replay-buffer", "4", "--data", tmp_path / "data",
             "--size", "4xs", "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--context-length", "16",

@@ -1,6 +1,5 @@
 """The autoregressive EBT: equality with the official code, no leakage, recipes, replay, conversion."""
 
-import json
 import subprocess
 import sys
 

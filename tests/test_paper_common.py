@@ -76,3 +76,38 @@ def test_the_report_is_markdown_json_and_the_first_row_is_the_claim(tmp_path):
     assert content["verdict"] == REPRODUCED and json.loads((tmp_path / "c.json").read_text()) == content
     md = (tmp_path / "c.md").read_text()
     assert "| the claim | -1 [-2, -0.5] | reproduced | 6 steps |" in md and "`ebt reproduce c`" in md
+
+
+def test_a_conjunction_is_reproduced_only_if_every_part_is_and_refuted_by_any_part():
+    from ebt.paper.common import pooled_verdict
+
+    assert pooled_verdict([REPRODUCED, REPRODUCED]) == REPRODUCED
+    assert pooled_verdict([REPRODUCED, INCONCLUSIVE]) == INCONCLUSIVE
+    assert pooled_verdict([INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED]) == NOT_REPRODUCED
+    assert pooled_verdict([]) == INCONCLUSIVE
+
+
+def test_the_cli_lists_every_claim_and_refuses_an_unknown_one_in_one_line(capsys):
+    from ebt.cli import main
+    from ebt.paper import CLAIMS
+
+    main(["reproduce", "--list"])
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+    assert listed == list(CLAIMS)
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "nonsense"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "invalid choice: 'nonsense'" in err[0]
+
+
+def test_the_summary_says_which_claims_have_not_run(tmp_path, capsys):
+    from ebt.paper import summary
+
+    ctx = Context(claim="video", scale="tiny", out=tmp_path / "video", runs=tmp_path / "runs", data_dir="",
+                  seeds=(0, 1))
+    ctx.out.mkdir(parents=True)
+    write_report(ctx, Claim("video", "A claim", "Fig. 9"), Result([Row("the claim", "+1 [0.5, 2]", REPRODUCED,
+                                                                       "4 steps")]), "ebt reproduce video")
+    text = summary(str(tmp_path))
+    assert "| video: A claim | Fig. 9 | +1 [0.5, 2] (tiny scale; 4 steps) | reproduced |" in text
+    assert "| thinking | Fig. 6a, 6b, 7 (S2 thinking, OOD) | not run | - | `ebt reproduce thinking` |" in text

@@ -41,7 +41,7 @@ def test_the_readme_has_commands_to_check():
 def test_every_readme_command_parses(argv, capsys):
     try:
         build_parser().parse_args(argv)
-    except SystemExit as e:  # argparse: an unknown flag, a bad value or a renamed command
+    except SystemExit:  # argparse: an unknown flag, a bad value or a renamed command
         pytest.fail(f"`ebt {' '.join(argv)}` no longer parses: {capsys.readouterr().err.strip()}")
 
 

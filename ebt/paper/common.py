@@ -142,12 +142,11 @@ def verdict(point: float, lo: float, hi: float, expect: str = "below") -> str:
 
 
 def pooled_verdict(verdicts: list[str]) -> str:
-    """One verdict from several (seeds, settings): reproduced only if every one is."""
+    """The verdict on a conjunction (every seed, setting or axis): reproduced if every part is, not
+    reproduced if any part is not, else inconclusive."""
     if verdicts and all(v == REPRODUCED for v in verdicts):
         return REPRODUCED
-    if verdicts and all(v == NOT_REPRODUCED for v in verdicts):
-        return NOT_REPRODUCED
-    return INCONCLUSIVE
+    return NOT_REPRODUCED if NOT_REPRODUCED in verdicts else INCONCLUSIVE
 
 
 def fmt_interval(point: float, lo: float, hi: float, fmt: str = "{:+.3g}") -> str:

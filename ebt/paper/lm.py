@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from ebt.config import DataConfig, ModelConfig, RunConfig, TrainConfig, recipe
-from ebt.paper.common import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Context, budget, fmt_interval, run_dir,
-                              seed_interval, train_cached, verdict)
+from ebt.paper.common import (Context, budget, fmt_interval, pooled_verdict, run_dir, seed_interval,
+                              train_cached, verdict)
 
 
 def text_data(ctx: Context) -> dict:
@@ -181,11 +181,7 @@ def lm_budget(ctx, s: dict) -> str:
             f"the Transformer++'s training FLOPs per token")
 
 
-def all_of(verdicts: list[str]) -> str:
-    """The verdict on a conjunction: reproduced if every part is, not reproduced if any part is not."""
-    if verdicts and all(v == REPRODUCED for v in verdicts):
-        return REPRODUCED
-    return NOT_REPRODUCED if NOT_REPRODUCED in verdicts else INCONCLUSIVE
+all_of = pooled_verdict  # the thinking claims' name for it
 
 
 def pct(point: float, lo: float, hi: float) -> str:
