@@ -32,7 +32,7 @@ from ebt.runtime import autocast, resolve_device
 from ebt.fast.plan import GRAD_METHODS, resolve_plan
 from ebt.objective import train_step, trains_itself
 from ebt.models import build_model
-from ebt.fast.cuda_graph import CapturedStep
+from ebt.fast.cuda_graph import UNPROVEN, CapturedStep, draws_in_step
 
 
 class TrainingError(EBTError):
@@ -469,6 +469,8 @@ def step_functions(model, cfg, world: int, device: torch.device, is_main: bool, 
             raise ConfigError("--cuda-graph applies to EBT training steps (Transformer++: use --compile)")
         if cfg.grad_accum != 1:
             raise ConfigError("--cuda-graph replays one whole micro-step: use --grad-accum 1")
+        if device.type == "cuda" and draws_in_step(getattr(model.cfg, "ebt", None)):
+            raise ConfigError(UNPROVEN)  # on the CPU the stand-in capture's bookkeeping stays testable
         own_step = CapturedStep(model, own_step)
     if world > 1 and own_step is not None:
         for p in model.parameters():  # what DDP's constructor does: every rank starts from rank 0's weights

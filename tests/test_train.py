@@ -530,3 +530,24 @@ def test_a_run_shorter_than_its_warmup_is_warned_about(tiny_data, tmp_path):
     lines.clear()
     train(run_config(data_dir, tmp_path / "q", steps=3, warmup_steps=1, eval_every=0), log=lines.append)
     assert not any("warm" in line for line in lines)
+
+
+@pytest.mark.parametrize("over", [{}, {"langevin": 0.0, "replay_buffer": 0, "alpha_rand_scale": 1.0},
+                                  {"rand_steps": 0, "rand_steps_min": 0, "langevin": 0.0,
+                                   "alpha_rand_scale": 1.0}])
+def test_s2_cuda_graph_is_refused_on_a_gpu_until_proven_there(over):
+    """System 2's capture failed on the H200 (issue 23): `--cuda-graph` with any of its random parts is
+    refused on CUDA in one line (checked before anything touches the device); S1 and the CPU stand-in
+    are not."""
+    from ebt.config import ModelConfig, TrainConfig, recipe
+    from ebt.fast.cuda_graph import UNPROVEN, draws_in_step
+    from ebt.models import build_model
+    from ebt.train import step_functions
+
+    e = recipe("s2", **over)
+    assert draws_in_step(e) and not draws_in_step(recipe("s1")) and not draws_in_step(None)
+    model = build_model(ModelConfig(model="ebt", size="4xs", n_layer=1, d_model=32, n_head=2, vocab_size=50,
+                                    context_length=8, ebt=e))
+    with pytest.raises(ConfigError) as err:
+        step_functions(model, TrainConfig(cuda_graph=True), 1, torch.device("cuda"), True, lambda *a: None)
+    assert str(err.value) == UNPROVEN and "\n" not in UNPROVEN

@@ -45,6 +45,19 @@ def capture_cuda_graphs(fns, warmup: int = 2, warmup_fns=None, release: bool = F
     return out
 
 
+def draws_in_step(ebt_cfg) -> bool:
+    """Whether a recipe's training step draws random numbers or reads the replay buffer (System 2's: random
+    step counts or step sizes, Langevin noise, replayed rows): what a capture has not yet been shown to
+    handle on a GPU (issue 23)."""
+    return ebt_cfg is not None and (ebt_cfg.rand_steps > 0 or ebt_cfg.alpha_rand_scale > 1
+                                    or ebt_cfg.langevin > 0 or ebt_cfg.replay_buffer > 0)
+
+
+UNPROVEN = ("--cuda-graph with this recipe (random step counts or step sizes, Langevin noise or a replay "
+            "buffer: System 2's) is not yet proven on a GPU, where its capture failed; train without "
+            "--cuda-graph (--compile still applies), or use a recipe without them (--recipe s1)")
+
+
 class CapturedStep:
     """One training micro-step (forward and backward, e.g. ebt.objective.train_step) captured as a CUDA
     graph and replayed. An EBT step launches thousands of small kernels (every layer, every unroll step, the

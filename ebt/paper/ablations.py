@@ -43,8 +43,8 @@ PAPER = {"full S2": (7.19, 18.7), "no random alpha": (-1.47, 0.19), "no random s
 
 # The shared text runs (lm.LM_SCALES) plus: at, the step every variant is compared at (one of the shared
 # snapshots); windows per split; factor, the longer thinking; candidates, best-of-N. cpu: 12 variant
-# trainings of 150 steps (of the shared 600-step schedule) and their evaluations, about 15 minutes of 2
-# idle cores beside the shared runs; "at": 300 compares better-trained models in about twice that.
+# trainings of 150 steps (of the shared 600-step schedule) and their evaluations, beside the shared runs
+# (times: benchmarks/RESULTS.md); "at": 300 compares better-trained models at about twice the cost.
 SCALES = {
     "tiny": {**LM_SCALES["tiny"], "at": 6, "windows": 8, "factor": 2, "candidates": 2},
     "cpu": {**LM_SCALES["cpu"], "at": 150, "windows": 64, "factor": 2, "candidates": 4},

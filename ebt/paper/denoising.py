@@ -38,7 +38,7 @@ SHORT = {"test": "Fashion", "ood": "MNIST"}
 # (validation, in-distribution test, out-of-distribution test); probe_images: Fashion-MNIST training images
 # the probe fits on; ebt_steps: the EBT's steps 1..N; ddim_steps x ddim_applications: the DiT's settings;
 # weight_decay per model. cpu: 10 trainings (3 learning rates + 2 more seeds per model) and their
-# evaluations in about 15 minutes of 2 cores. paper: the official job scripts' denoisers (alexiglad/EBT
+# evaluations (times: benchmarks/RESULTS.md). paper: the official job scripts' denoisers (alexiglad/EBT
 # job_scripts/img/pretrain_denoising: size large, batch 128, 100k steps, warm-up 10k, lr 1e-4, DiT weight
 # decay 0, 64 patches per image) on this library's images, not COCO; the paper's 300-pass DiT (100 x 3).
 SCALES = {

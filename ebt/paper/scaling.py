@@ -31,8 +31,8 @@ LABELS = {"transformer": "Transformer++", "ebt": "EBT (S1)"}
 
 # sizes: LAYERSxWIDTHxHEADS or a SIZES name, smallest first; the last is the data axis's model. eval_every:
 # the data axis's points; start: the fraction of the run the data-axis fit starts at (the EBT's transient).
-# cpu: 18 trainings (3 sizes x 2 models x 3 seeds) of 300 steps of 16 x 64 tokens, sized for about a quarter
-# of an hour of 2 idle cores; paper: the registry sizes 4xs..xs at the shared text runs' budget, for a GPU
+# cpu: 18 trainings (3 sizes x 2 models x 3 seeds) of 300 steps of 16 x 64 tokens (times:
+# benchmarks/RESULTS.md); paper: the registry sizes 4xs..xs at the shared text runs' budget, for a GPU
 # cluster.
 SCALES = {
     "tiny": dict(size="4xs", sizes=["1x16x2", "1x32x2"], context=16, batch=4, steps=8, warmup=2, eval_every=2,

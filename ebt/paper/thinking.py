@@ -26,7 +26,7 @@ CLAIM = Claim("thinking", "Thinking longer helps more out of distribution and mo
 
 # windows: evaluation windows per split; eval_batch: windows thought about at once (memory: eval_batch x S x
 # V logits); reasoning_n: documents per generated reasoning set. cpu: 4 splits x 3 snapshots x 3 seeds, one
-# 8-step run per window, sized for about 10 minutes of a 2-core CPU
+# 8-step run per window (times: benchmarks/RESULTS.md)
 EXTRA = {"tiny": dict(windows=8, eval_batch=8, reasoning_n=40),
          "cpu": dict(windows=96, eval_batch=16, reasoning_n=1000),
          "paper": dict(windows=1024, eval_batch=16, reasoning_n=2000)}

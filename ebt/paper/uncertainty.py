@@ -21,8 +21,8 @@ CLAIM = Claim("uncertainty", "Energy tracks uncertainty: per-token energy rises 
               "NLL; natural < shuffled < random text", "Fig. 8, B.2")
 
 # windows: validation windows; eval_batch: windows thought about at once; scatter: tokens kept for the figure.
-# cpu: natural, shuffled and random text at the default steps, 3 snapshots x 3 seeds, about 10 minutes of a
-# 2-core CPU
+# cpu: natural, shuffled and random text at the default steps, 3 snapshots x 3 seeds (times:
+# benchmarks/RESULTS.md)
 EXTRA = {"tiny": dict(windows=8, eval_batch=8, scatter=200),
          "cpu": dict(windows=128, eval_batch=16, scatter=1500),
          "paper": dict(windows=1024, eval_batch=16, scatter=3000)}

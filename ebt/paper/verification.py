@@ -24,7 +24,7 @@ CLAIM = Claim("verification", "Self-verification (best-of-N by minimum energy) h
               "training", "Fig. 6a (S2 self-verification)")
 
 # windows: evaluation windows per split; eval_batch: windows thought about at once. cpu: 4 candidates x 2
-# splits x 3 snapshots x 3 seeds at the default steps, sized for about 10 minutes of a 2-core CPU
+# splits x 3 snapshots x 3 seeds at the default steps (times: benchmarks/RESULTS.md)
 EXTRA = {"tiny": dict(windows=8, eval_batch=8),
          "cpu": dict(windows=96, eval_batch=16),
          "paper": dict(windows=1024, eval_batch=16)}

@@ -30,7 +30,7 @@ LABELS = {"transformer": "Transformer++", "ebt": "EBT"}
 # `frames` frames, `pixels` square; features: PCA components per frame; alpha, alpha_lr_mult: the library's
 # video EBT recipe (S1, benchmarks/RESULTS.md); ebt_lr: the EBT's learning rate as a fraction of the size's
 # (the paper's: 3x lower, docs/method.md 5). cpu: 18 trainings (3 widths x 2 models x 3 seeds) on the
-# `ebt data video` default clips, sized for about 15 minutes of 2 cores; paper: the xs depth over widths
+# `ebt data video` default clips (times: benchmarks/RESULTS.md); paper: the xs depth over widths
 # 384-1024 on more clips, for a GPU cluster (moving digits, not the paper's Something-Something V2).
 SCALES = {
     "tiny": dict(layers=1, widths=[16, 32], n_head=2, context=4, frames=6, pixels=32, clips=[16, 4, 4],
