@@ -13,14 +13,13 @@ variant is reported beside it (not in the paper's table).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from ebt.config import RunConfig, from_dict, recipe, to_dict
 from ebt.paper.common import (Claim, Context, Result, Row, budget, fmt_interval, pooled_verdict, run_dir,
-                              seed_interval, table, train_cached, verdict)
-from ebt.paper.lm import LM_SCALES, lm_run, snapshot, text_data, train_series
+                              seed_interval, table, verdict)
+from ebt.paper.lm import LM_SCALES, lm_run, text_data, train_series
 
 CLAIM = Claim("ablations", "Each of the S2 recipe's random step size, random step count, Langevin noise and "
                            "replay buffer adds to the System 2 gain (thinking longer + self-verification, "
@@ -65,22 +64,8 @@ def weights_at(ctx: Context, name: str, run: RunConfig, at: int, points=()) -> P
     """The weights at step `at` of `run` (its whole schedule, paused there), trained only that far (a later
     train_series continues the same folder), pausing for a snapshot at each of `points` before it too (the
     shared series', so that it finds them); a snapshot another claim left is reused."""
-    folder = run_dir(ctx.runs, name, run)
-    if (folder / f"step_{at}").exists():
-        return folder / f"step_{at}"
-    if at == run.train.steps:
-        return train_series(ctx, name, run, sorted(set(points) | {at}))[at]
-    state = folder / "checkpoint" / "trainer_state.json"
-    for k in sorted({p for p in points if p < at} | {at}):
-        if (folder / f"step_{k}").exists():
-            continue
-        if state.exists() and json.loads(state.read_text())["step"] > k:
-            raise RuntimeError(f"{folder} is already past step {k} without a snapshot there: remove the "
-                               f"folder to train it again")
-        train_cached(ctx, name, from_dict(RunConfig, {**to_dict(run),
-                                                      "train": {**to_dict(run.train), "stop_at": k}}))
-        snapshot(folder, k)
-    return folder / f"step_{at}"
+    done = run_dir(ctx.runs, name, run) / f"step_{at}"
+    return done if done.exists() else train_series(ctx, name, run, list(points), until=at)[at]
 
 
 # ------------------------------------------------------------------------------------------ evaluation

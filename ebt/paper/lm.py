@@ -57,15 +57,18 @@ def snapshot(run_folder: Path, step: int) -> Path:
     return dst
 
 
-def train_series(ctx: Context, name: str, run: RunConfig, points: list[int]) -> dict[int, Path]:
-    """Train `run`, stopping at each of `points` (ascending, the last its length) to snapshot the weights.
-    The schedule is the whole run's at every point: the snapshots are one run seen along the way."""
+def train_series(ctx: Context, name: str, run: RunConfig, points: list[int],
+                 until: int | None = None) -> dict[int, Path]:
+    """Train `run`, stopping at each of `points` to snapshot the weights, up to `until` (a snapshot too;
+    default: the run's end; a later call continues the same folder). The schedule is the whole run's at
+    every point: the snapshots are one run seen along the way."""
     from ebt.checkpoint import find_checkpoint
     from ebt.config import from_dict, to_dict
 
     folder = run_dir(ctx.runs, name, run)
+    end = run.train.steps if until is None else until
     out = {}
-    for k in sorted(set(points) | {run.train.steps}):
+    for k in sorted({p for p in points if p <= end} | {end}):
         if (folder / f"step_{k}").exists():
             out[k] = folder / f"step_{k}"
             continue
