@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ebt.config import DataConfig, ModelConfig, RunConfig, TrainConfig, recipe, to_dict
+from ebt.paper.common import bootstrap
 
 EBT_RECIPE = "s2"  # the thinking recipe (docs/method.md): trained on varying step counts, so more can help
 MODELS = {"transformer": "Transformer++", "ebt": f"EBT ({EBT_RECIPE.upper()})"}
@@ -141,14 +142,7 @@ def run_findings(run_dir: Path, data_dir: str, ood_source: str, windows: int, lo
 
 FACTORS = (1, 2, 4)  # thinking steps as multiples of the model's default (ebt.recipe.inference_steps)
 CAP = 700.0  # exp() of a larger mean NLL overflows: perplexities are capped there (ebt.evaluate)
-
-
-def interval(stat, *sizes: int, reps: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of stat(idx, ...): one index set per group of windows (sizes),
-    each resampled with replacement."""
-    g = torch.Generator().manual_seed(seed)
-    draws = sorted(stat(*(torch.randint(0, n, (n,), generator=g) for n in sizes)) for _ in range(reps))
-    return draws[int(0.025 * reps)], draws[int(0.975 * reps) - 1]
+interval = bootstrap  # 95% percentile bootstrap over windows (ebt.paper.common)
 
 
 def verdict(point: float, lo: float, hi: float) -> str:

@@ -110,19 +110,12 @@ def bootstrap(stat: Callable, *sizes: int, reps: int = 1000, seed: int = 0) -> t
     return draws[int(0.025 * reps)], draws[int(0.975 * reps) - 1]
 
 
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-       10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
-
-
 def seed_interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean over training seeds and its 95% Student-t interval (nan with one seed)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan"), float("nan")
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = T95.get(n - 1) or next((T95[d] for d in sorted(T95) if d >= n - 1), 1.96)
-    return mean, mean - t * std / math.sqrt(n), mean + t * std / math.sqrt(n)
+    """Mean over training seeds and its 95% Student-t interval (nan with one seed): ebt.scale.mean_ci."""
+    from ebt.scale import mean_ci
+
+    ci = mean_ci(values)
+    return ci["mean"], *ci["ci95"]
 
 
 def verdict(point: float, lo: float, hi: float, expect: str = "below") -> str:
