@@ -12,6 +12,21 @@ from ebt.paper.common import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Claim, C
 from test_train import run_config, tiny_data  # noqa: F401  (the fixture)
 
 
+def tiny_claim(name: str, out, data_dir) -> tuple[dict, dict]:
+    """Run a claim at tiny scale and check what every claim's report must be: its three files written, the
+    JSON the returned content, every verdict one of the three and the claim's its first row's. Returns the
+    content as returned and as saved."""
+    from ebt.paper import reproduce
+
+    first = reproduce(name, "tiny", out=str(out), data_dir=str(data_dir), log=lambda *a: None)
+    folder = out / name
+    assert all((folder / f"{name}.{ext}").stat().st_size > 0 for ext in ("md", "json", "png"))
+    saved = json.loads((folder / f"{name}.json").read_text())
+    assert saved == json.loads(json.dumps(first)) and saved["verdict"] == saved["rows"][0]["verdict"]
+    assert all(r["verdict"] in (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE) for r in saved["rows"])
+    return first, saved
+
+
 def test_verdict_comes_from_the_interval_on_the_papers_side():
     assert verdict(-0.2, -0.3, -0.1) == REPRODUCED
     assert verdict(0.2, 0.1, 0.3) == NOT_REPRODUCED

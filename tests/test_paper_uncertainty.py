@@ -1,12 +1,12 @@
 """`ebt reproduce uncertainty` (claim 4): the batched energies equal ebt.demo.energy_order's and
 thinking_runs'; the statistics by hand; the claim end to end at the tiny scale, then cached."""
 
-import json
 import math
 
 import pytest
 import torch
 from test_paper_thinking import VERDICTS, fail, tiny_ebt, windows
+from test_paper_common import tiny_claim
 from test_train import tiny_data  # noqa: F401 (a fixture)
 
 from ebt.demo import energy_order, thinking_runs
@@ -65,12 +65,9 @@ def test_uncertainty_claim_end_to_end_then_cached(tiny_data, tmp_path, monkeypat
 
     root, _ = tiny_data
     out = tmp_path / "reproduce"
-    first = reproduce("uncertainty", "tiny", out=str(out), data_dir=str(root), log=lambda *a: None)
-    folder = out / "uncertainty"
-    assert all((folder / f"uncertainty.{ext}").stat().st_size > 0 for ext in ("md", "json", "png"))
-    saved = json.loads((folder / "uncertainty.json").read_text())
+    first, saved = tiny_claim("uncertainty", out, root)
     rows = saved["rows"]
-    assert len(rows) == 5 and saved["verdict"] == rows[0]["verdict"]
+    assert len(rows) == 5
     assert all(r["verdict"] in VERDICTS and "FLOPs per token" in r["budget"] for r in rows)
     data = saved["data"]
     assert data["windows"] == 8 and data["snapshots"] == [3, 6] and set(data["per_seed"]) == {"0", "1"}

@@ -1,12 +1,12 @@
 """`ebt reproduce verification` (claim 3): the candidates and the lowest-energy pick equal ebt.think.think's
 with several candidates; the comparisons by hand; the claim end to end at the tiny scale, then cached."""
 
-import json
 import math
 
 import pytest
 import torch
 from test_paper_thinking import VERDICTS, fail, tiny_ebt, windows
+from test_paper_common import tiny_claim
 from test_train import tiny_data  # noqa: F401 (a fixture)
 
 from ebt.fast.plan import resolve_plan
@@ -47,12 +47,9 @@ def test_verification_claim_end_to_end_then_cached(tiny_data, tmp_path, monkeypa
 
     root, _ = tiny_data
     out = tmp_path / "reproduce"
-    first = reproduce("verification", "tiny", out=str(out), data_dir=str(root), log=lambda *a: None)
-    folder = out / "verification"
-    assert all((folder / f"verification.{ext}").stat().st_size > 0 for ext in ("md", "json", "png"))
-    saved = json.loads((folder / "verification.json").read_text())
+    first, saved = tiny_claim("verification", out, root)
     rows = saved["rows"]
-    assert len(rows) == 9 and saved["verdict"] == rows[0]["verdict"]
+    assert len(rows) == 9
     assert all(r["verdict"] in VERDICTS and "FLOPs per token" in r["budget"] for r in rows)
     data = saved["data"]
     assert data["candidates"] == list(CANDIDATES) and set(data["per_seed"]) == {"0", "1"}
