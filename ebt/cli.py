@@ -891,7 +891,8 @@ def _convert_official_parser(sub) -> None:
 
 def _demo_parser(sub) -> None:
     mp = sub.add_parser("demo", help="prepare data, train, evaluate: the README's main job",
-                        formatter_class=FMT, epilog="example:\n  ebt demo --steps 300\n",
+                        formatter_class=FMT, epilog="examples:\n  ebt demo --steps 300\n"
+                        "  ebt demo --skip-source bible   # where Debian's bible-kjv cannot be installed\n",
                         description="The main job on the embedded corpus, sized for a laptop's CPU.")
     mp.add_argument("--out", default="runs/demo")
     mp.add_argument("--data", default="data/default")

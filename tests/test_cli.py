@@ -28,7 +28,8 @@ def ebt(*args):
 
 
 @pytest.mark.parametrize("cmd", [["train"], ["eval"], ["data", "prepare"], ["data", "video"], ["data", "images"],
-                                 ["check-reference"], ["convert-official"], ["demo"], ["generate"], ["inspect"], ["scale"]])
+                                 ["check-reference"], ["convert-official"], ["demo"], ["generate"], ["inspect"], ["scale"],
+                                 ["reproduce"]])
 def test_every_command_has_help_with_an_example(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([*cmd, "--help"])
