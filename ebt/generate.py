@@ -21,6 +21,7 @@ from ebt.fast.written_out import context_decode_step
 from ebt.config import bounded, check_bounds
 from ebt.errors import ConfigError
 from ebt.fast.cuda_graph import capture_cuda_graph
+from ebt.fast.decode import TokenWeights, token_step, token_step_ok
 from ebt.fast.plan import Plan, resolve_plan
 from ebt.nn import KVCache
 from ebt.think import ThinkConfig, think
@@ -97,6 +98,9 @@ class Decoder:
         cfg = model.cfg
         self.think_cfg = think_cfg or ThinkConfig(score_final=False)
         self.step = plan.think_step(model, self.think_cfg) if self.is_ebt else None
+        # static decoding with the written-out gradient: each token one function (ebt.fast.decode)
+        one = self.static and plan.explicit and plan.token_fn and token_step_ok(model, self.think_cfg)
+        self.token_weights = TokenWeights(model, plan.pad_vocab) if one else None
         shape = dict(batch=batch, n_head=cfg.n_head, head_dim=cfg.head_dim, device=w.device, dtype=w.dtype)
         if self.is_ebt:
             self.prefix = 1 if model.step_emb is not None else 0
@@ -134,6 +138,8 @@ class Decoder:
         if self.is_ebt:
             self.ctx.length = 0
             m = self.model
+            if self.token_weights is not None:
+                self.token_weights.refresh(m)
             for k, cache in (self.ctx.caches.items() if self.prefix else ()):  # position 0 of each stream
                 h = m.step_emb.weight[k].expand(cache.k[0].shape[0], 1, -1)
                 m.backbone(h, torch.zeros(1, dtype=torch.long, device=h.device), cache=cache, pos=0)
@@ -141,6 +147,10 @@ class Decoder:
     def _static_step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token (B, 1) at index `pos` (a (1,) tensor): static shapes only, no host synchronisation."""
         m = self.model
+        if self.token_weights is not None:
+            caches = self.ctx.caches
+            return token_step(m, self.token_weights, list(caches.values()), list(caches), self.prefix, tok,
+                              pos, self.think_cfg, self.plan.compiled)
         cache = next(iter(self.ctx.caches.values()))
         cpos = pos + self.prefix
         valid = torch.arange(cache.k[0].shape[2], device=tok.device) <= cpos  # written context positions

@@ -337,6 +337,8 @@ class BlockWeights(NamedTuple):
 
 
 def stacked(w: BlockWeights) -> BlockWeights:
+    if len(w.qkv) == 1 and len(w.w13) == 1:  # stacked already (e.g. once per decoder): no copies per call
+        return w
     return BlockWeights(w.attn_norm, (torch.cat(w.qkv),), w.wo, w.ffn_norm, (torch.cat(w.w13),), w.w2)
 
 

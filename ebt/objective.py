@@ -17,10 +17,11 @@ import torch.nn.functional as F
 
 from ebt.fast.plan import Plan, resolve_plan
 from ebt.fast.stepwise import Losses, autograd_loss_grad
+from ebt.fast.vocab_side import _mapped_update
 from ebt.models.dit import noise_at_level
 from ebt.models.transformer import (check_window, compiled_token_loss_grad, compiled_token_nll,
-                                   prediction_loss, token_loss_grad)
-from ebt.nn import to_layout
+                                   prediction_loss, token_loss_grad, token_loss_grad_pointwise)
+from ebt.nn import compiled, to_layout
 from ebt.recipe import draw_steps, steps_of
 from ebt.think import unroll
 
@@ -136,6 +137,16 @@ def train_step(model, window: torch.Tensor, init: torch.Tensor | None = None, sc
     return out
 
 
+def update_and_token_grad(z, wtu, a, softmax: bool, targets, pad_id, scale, grad_layout):
+    """(z_next, the token loss at z_next, its gradient in grad_layout): the update
+    (vocab_side._mapped_update) and the loss gradient (token_loss_grad_pointwise) as one function, so
+    that compiled, the pass writing z_next also reduces its softmax statistics and the gradient pass
+    reads z_next once."""
+    z_next = _mapped_update(z, wtu, a, softmax)
+    res, v = token_loss_grad_pointwise(z_next, targets, pad_id, scale, grad_layout)
+    return z_next, res, v
+
+
 class StepLosses:
     """Each unroll step's loss and its gradient at the step's output (closed form for tokens), the loss
     dicts (cross-entropy or Smooth L1, with counts) kept in `ce` for the metrics."""
@@ -143,10 +154,19 @@ class StepLosses:
     def __init__(self, model, targets, weight: float, plan: Plan):
         self.cfg, self.targets, self.weight, self.plan, self.ce = model.cfg, targets, weight, plan, {}
 
-    def grad(self, k, z_k, s, grad_layout=None, out=None):
+    def grad(self, k, z_k, s, grad_layout=None, out=None, update=None):
         """(weight * loss_k, d(s * weight * loss_k)/dz_k): the gradient in grad_layout (dtype, pad) if
-        given, into out if given."""
+        given, into out if given. update (W^T u, alpha, softmax): z_k is the step's input and its update
+        is taken here first (vocab_side._mapped_update), for tokens in one compiled function with the
+        loss (`update_and_token_grad`); returns (loss, gradient, the updated candidate)."""
         w, cfg = self.weight, self.cfg
+        if update is not None:
+            if cfg.candidate == "tokens":
+                fn = compiled(update_and_token_grad) if self.plan.compiled else update_and_token_grad
+                z_next, self.ce[k], v = fn(z_k, *update, self.targets, cfg.pad_token_id, s * w, grad_layout)
+                return self.ce[k]["loss"] * w, v, z_next
+            z_next = (compiled(_mapped_update) if self.plan.compiled else _mapped_update)(z_k, *update)
+            return (*self.grad(k, z_next, s, grad_layout), z_next)
         if cfg.candidate == "tokens":
             if out is not None:  # eager into recycled memory (CPU): a compiled one would allocate
                 self.ce[k], v = token_loss_grad(z_k, self.targets, cfg.pad_token_id, s * w, out=out)

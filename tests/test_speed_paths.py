@@ -23,7 +23,7 @@ from ebt.fast.cuda_graph import CapturedStep
 from ebt.fast.memory import Recycler
 from ebt.fast.plan import resolve_plan
 from ebt.models import build_model
-from ebt.models.transformer import token_loss, token_loss_grad
+from ebt.models.transformer import token_loss, token_loss_grad, token_loss_grad_pointwise
 from ebt.objective import train_step
 from ebt.rand import randn_
 from ebt.think import ContextCache, ThinkConfig, energy_and_grad, think
@@ -115,7 +115,8 @@ def test_reference_cases_pass_for_every_training_path(reference_dir):
         assert max(grads.values()) < 1e-10 and rows[f"loss [{tag}]"] < 1e-12, tag
 
 
-def test_closed_form_cross_entropy_gradient():
+@pytest.mark.parametrize("fn", [token_loss_grad, token_loss_grad_pointwise])
+def test_closed_form_cross_entropy_gradient(fn):
     torch.manual_seed(0)
     z = (30 * torch.randn(4, 5, 11, dtype=torch.float64)).requires_grad_()  # large logits, as after EBT steps
     t = torch.randint(1, 11, (4, 5))
@@ -123,7 +124,7 @@ def test_closed_form_cross_entropy_gradient():
     for pad in (0, None):
         ref = token_loss(z, t, pad)
         (g_ref,) = torch.autograd.grad(ref["loss"] * 0.3, z)
-        out, g = token_loss_grad(z.detach(), t, pad, 0.3)
+        out, g = fn(z.detach(), t, pad, 0.3)
         assert float(out["loss"]) == pytest.approx(float(ref["loss"]), rel=1e-12)
         assert int(out["n_tokens"]) == int(ref["n_tokens"])
         assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-14)
@@ -151,14 +152,38 @@ def test_loss_only_cross_entropy_eager_and_compiled():
     assert float(token_nll(zb, t, 0)["loss"]) == pytest.approx(float(token_loss(zb, t, 0)["loss"]), rel=1e-6)
 
 
-def test_closed_form_loss_where_the_target_probability_underflows():
-    """-log p_t from max z - log(max p) - z_t: finite and equal to log-softmax's where p_t is 0 in floats."""
+@pytest.mark.parametrize("fn", [token_loss_grad, token_loss_grad_pointwise])
+def test_closed_form_loss_where_the_target_probability_underflows(fn):
+    """-log p_t from the log-sum-exp minus z_t: finite and equal to log-softmax's where p_t is 0 in floats."""
     z = torch.zeros(2, 3, 7, dtype=torch.float64)
     z[..., 0] = -1000.0  # exp(-1000) underflows to 0 in float64
     t = torch.zeros(2, 3, dtype=torch.long)
-    out, g = token_loss_grad(z, t, None)
+    out, g = fn(z, t, None)
     assert float(out["loss"]) == pytest.approx(float(token_loss(z, t, None)["loss"]), rel=1e-15)
     assert torch.isfinite(g).all()
+
+
+def test_update_and_token_grad_in_one_function_matches_the_two_steps():
+    """The compiled fused step's update and loss gradient as one function
+    (ebt.objective.update_and_token_grad): z_next, the loss and the gradient in a padded layout equal `_mapped_update` then `token_loss_grad`."""
+    from ebt.fast.vocab_side import _mapped_update
+    from ebt.objective import update_and_token_grad
+
+    torch.manual_seed(0)
+    z = 5 * torch.randn(3, 4, 11, dtype=torch.float64)
+    wtu = torch.randn(3, 4, 16, dtype=torch.float64)  # W^T u with 5 padding columns
+    a = torch.full((3, 4, 1), 0.7, dtype=torch.float64)
+    t = torch.randint(1, 11, (3, 4))
+    t[1, :2] = 0
+    for softmax in (True, False):
+        z_ref = _mapped_update(z, wtu, a, softmax)
+        out_ref, v_ref = token_loss_grad(z_ref, t, 0, 0.5, (torch.float64, 5))
+        z_next, out, v = update_and_token_grad(z, wtu, a, softmax, t, 0, 0.5, (torch.float64, 5))
+        assert torch.equal(z_next, z_ref)
+        assert v.shape == (3, 4, 16) and not v[..., 11:].any()
+        assert torch.allclose(v, v_ref, rtol=1e-12, atol=1e-15)
+        assert float(out["loss"]) == pytest.approx(float(out_ref["loss"]), rel=1e-13)
+        assert int(out["n_tokens"]) == int(out_ref["n_tokens"]) == 10
 
 
 class PoisonedRecycler(Recycler):

@@ -82,6 +82,7 @@ class Plan:
     cuda_graph: bool = False  # training steps captured as CUDA graphs (ebt.fast.cuda_graph.CapturedStep)
     recycle: bool = True  # CPU: reuse dead (B, S, V) tensors' memory (False: the same steps, fresh memory)
     fused: bool = True  # compiled: the (B, S, V) side as fused kernels where the layout differs (`fused_ok`)
+    token_fn: bool = True  # static decoding: a token's context write and thinking, one function (fast.decode)
     pad_vocab: bool | None = None  # pad V-sized products to an aligned width; None: per device (ebt.nn)
     energy_gap: bool = True  # training logs E(first) - E(final): one extra forward without a graph
     pool: Recycler | None = field(default=None, compare=False)  # None: a Recycler per `recycle`
@@ -129,7 +130,7 @@ def resolve_plan(model, device=None, compile: bool = False, cuda_graph: bool = F
     (`auto_grad_method`); "full" wherever stepping is not exact (`stepwise_ok`) or the model has no
     written-out gradient (the official algorithm). explicit None: `explicit_for`. compile: the
     written-out gradient and each step's (B, S, V) side through torch.compile (implies explicit).
-    options: the other Plan fields (recycle, fused, pad_vocab, energy_gap, pool)."""
+    options: the other Plan fields (recycle, fused, token_fn, pad_vocab, energy_gap, pool)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if grad not in ("auto", *GRAD_METHODS):
         raise ConfigError(f"unknown gradient method {grad!r}; choose one of {GRAD_METHODS}")

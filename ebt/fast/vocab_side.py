@@ -230,9 +230,8 @@ def _update_and_loss(run, z, p, u, loss_grad, layout):
         low = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else None
         if layout is not None:
             _, Wl, dt, width = layout
-            z_next = ebt_nn.compiled(_mapped_update)(z, F.linear(u.detach(), Wl.t()), a,
-                                                     run.model.candidate_softmax)
-            loss, v = loss_grad(z_next, grad_layout=(dt, width))
+            loss, v, z_next = loss_grad(z, grad_layout=(dt, width),
+                                        update=(F.linear(u.detach(), Wl.t()), a, run.model.candidate_softmax))
             wv = F.linear(v, Wl)
         else:
             if low is not None:  # keep z_next in float: a low-precision W^T u, then a float update

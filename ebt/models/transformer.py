@@ -69,6 +69,23 @@ def token_loss_grad(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | N
     return res, grad.to(logits.dtype) if grad_layout is None else to_layout(grad, *grad_layout)
 
 
+def token_loss_grad_pointwise(logits: torch.Tensor, targets: torch.Tensor, pad_id: int | None,
+                              scale: float = 1.0, grad_layout: tuple[torch.dtype, int] | None = None):
+    """`token_loss_grad` written for a compiler: the one-hot is a comparison with the column index, not a
+    scatter, so under torch.compile the softmax, the subtraction, the weights and the layout's cast and
+    padding are one pass that writes the gradient once (a scatter leaves a float gradient written, then
+    read back by a second pass). The same numbers to rounding."""
+    lf = logits if logits.dtype not in (torch.bfloat16, torch.float16) else logits.float()
+    t = targets.unsqueeze(-1)
+    m = lf.amax(-1, keepdim=True)
+    e = (lf - m).exp()
+    s = e.sum(-1, keepdim=True)
+    res, keep, n = _nll_result((m + s.log()).squeeze(-1) - lf.gather(-1, t).squeeze(-1), targets, pad_id)
+    hit = torch.arange(lf.shape[-1], device=lf.device) == t
+    grad = (e / s - hit.to(lf.dtype)) * (keep * (scale / n)).unsqueeze(-1)
+    return res, grad.to(logits.dtype) if grad_layout is None else to_layout(grad, *grad_layout)
+
+
 def _nll_result(nll, targets, pad_id) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """token_loss's dict from per-position negative log-likelihoods (pad targets left out), the 0/1
     weights that left them out, and their sum."""

@@ -1,0 +1,90 @@
+"""The compiled training step's update and token-loss gradient over the (B, S, V) candidates: as two compiled
+functions (`_mapped_update`, then `token_loss_grad`, whose one-hot scatter leaves a float gradient that a
+second pass casts and pads) against one (ebt.objective.update_and_token_grad, the one-hot as a comparison),
+in one run. Kernels per call (the lowest profiled operations that compute, as benchmarks/decode_kernels.py
+counts them) and time per call (median of --repeats).
+
+    python benchmarks/update_loss.py                                   # CPU: B 4, S 64, V 8003
+    python benchmarks/update_loss.py --device cuda --batch 32 --seq 256 --vocab 50277
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from decode_kernels import _sync, kernels  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=8003)
+    p.add_argument("--repeats", type=int, default=10)
+    a = p.parse_args(argv)
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ebt.fast.vocab_side import _mapped_update
+    from ebt.models.transformer import token_loss_grad
+    from ebt.nn import VOCAB_ALIGN, compiled
+    from ebt.objective import update_and_token_grad
+
+    torch._inductor.config.cpp.enable_kernel_profile = True
+    dev = torch.device(a.device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    B, S, V = a.batch, a.seq, a.vocab
+    width = (-V) % VOCAB_ALIGN
+    layout = (torch.bfloat16, width)  # the products' layout under autocast on a padding device
+    z = 5 * torch.randn(B, S, V, device=dev, generator=g)
+    wtu = torch.randn(B, S, V + width, device=dev, generator=g).to(torch.bfloat16)
+    alpha = torch.full((B, S, 1), 0.5, device=dev)
+    t = torch.randint(1, V, (B, S), device=dev, generator=g)
+
+    def two():
+        z_next = compiled(_mapped_update)(z, wtu, alpha, True)
+        return (z_next, *compiled(token_loss_grad)(z_next, t, 0, 0.5, layout))
+
+    def one():
+        return compiled(update_and_token_grad)(z, wtu, alpha, True, t, 0, 0.5, layout)
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    rows, outs = [], {}
+    for name, fn in (("two functions", two), ("one function", one)):
+        for _ in range(3):  # compiles, warms
+            outs[name] = fn()
+        times = []
+        for _ in range(a.repeats):
+            _sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+        with profile(activities=acts) as prof:
+            fn()
+            _sync(dev)
+        rows.append((name, kernels(prof, dev.type == "cuda"), statistics.median(times) * 1e3))
+    (z1, r1, v1), (z2, r2, v2) = outs["two functions"], outs["one function"]
+    same = (torch.equal(z1, z2), float((v1.float() - v2.float()).abs().max()),
+            abs(float(r1["loss"]) - float(r2["loss"])))
+    print(f"# update + loss gradient: {a.device}, B {B}, S {S}, V {V} (+{width} padding), gradient in bf16; "
+          f"torch {torch.__version__}; {platform.node()}; {time.strftime('%Y-%m-%d')}")
+    print(f"# same z_next: {same[0]}; gradient max |diff| {same[1]:.1e}; loss |diff| {same[2]:.1e}")
+    print("| path | kernels / call | ms / call | vs two functions |")
+    print("|---|---|---|---|")
+    for name, k, ms in rows:
+        print(f"| {name} | {k} | {ms:.2f} | {rows[0][2] / ms:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
