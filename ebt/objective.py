@@ -137,12 +137,12 @@ def train_step(model, window: torch.Tensor, init: torch.Tensor | None = None, sc
     return out
 
 
-def update_and_token_grad(z, wtu, a, softmax: bool, targets, pad_id, scale, grad_layout):
+def update_and_token_grad(z, wtu, a, softmax: bool, stats, targets, pad_id, scale, grad_layout):
     """(z_next, the token loss at z_next, its gradient in grad_layout): the update
-    (vocab_side._mapped_update) and the loss gradient (token_loss_grad_pointwise) as one function, so
-    that compiled, the pass writing z_next also reduces its softmax statistics and the gradient pass
-    reads z_next once."""
-    z_next = _mapped_update(z, wtu, a, softmax)
+    (vocab_side._mapped_update, p from z's softmax statistics `stats` when given) and the loss gradient
+    (token_loss_grad_pointwise) as one function, so that compiled, the pass writing z_next also reduces
+    its softmax statistics and the gradient pass reads z_next once."""
+    z_next = _mapped_update(z, wtu, a, softmax, stats)
     res, v = token_loss_grad_pointwise(z_next, targets, pad_id, scale, grad_layout)
     return z_next, res, v
 
@@ -156,9 +156,10 @@ class StepLosses:
 
     def grad(self, k, z_k, s, grad_layout=None, out=None, update=None):
         """(weight * loss_k, d(s * weight * loss_k)/dz_k): the gradient in grad_layout (dtype, pad) if
-        given, into out if given. update (W^T u, alpha, softmax): z_k is the step's input and its update
-        is taken here first (vocab_side._mapped_update), for tokens in one compiled function with the
-        loss (`update_and_token_grad`); returns (loss, gradient, the updated candidate)."""
+        given, into out if given. update (W^T u, alpha, softmax, z's softmax statistics or None): z_k is
+        the step's input and its update is taken here first (vocab_side._mapped_update), for tokens in
+        one compiled function with the loss (`update_and_token_grad`); returns (loss, gradient, the
+        updated candidate)."""
         w, cfg = self.weight, self.cfg
         if update is not None:
             if cfg.candidate == "tokens":

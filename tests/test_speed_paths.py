@@ -165,8 +165,9 @@ def test_closed_form_loss_where_the_target_probability_underflows(fn):
 
 def test_update_and_token_grad_in_one_function_matches_the_two_steps():
     """The compiled fused step's update and loss gradient as one function
-    (ebt.objective.update_and_token_grad): z_next, the loss and the gradient in a padded layout equal `_mapped_update` then `token_loss_grad`."""
-    from ebt.fast.vocab_side import _mapped_update
+    (ebt.objective.update_and_token_grad), p from `_probs_in`'s softmax statistics: z_next, the loss and
+    the gradient in a padded layout equal `_mapped_update` then `token_loss_grad`."""
+    from ebt.fast.vocab_side import _mapped_update, _probs_in
     from ebt.objective import update_and_token_grad
 
     torch.manual_seed(0)
@@ -178,8 +179,11 @@ def test_update_and_token_grad_in_one_function_matches_the_two_steps():
     for softmax in (True, False):
         z_ref = _mapped_update(z, wtu, a, softmax)
         out_ref, v_ref = token_loss_grad(z_ref, t, 0, 0.5, (torch.float64, 5))
-        z_next, out, v = update_and_token_grad(z, wtu, a, softmax, t, 0, 0.5, (torch.float64, 5))
-        assert torch.equal(z_next, z_ref)
+        p, stats = _probs_in(z, softmax, torch.float64, 5)  # p laid out, and z's softmax statistics
+        assert torch.allclose(p[..., :11], torch.softmax(z, -1) if softmax else z, rtol=1e-14, atol=1e-16)
+        assert not p[..., 11:].any() and (stats is None) == (not softmax)
+        z_next, out, v = update_and_token_grad(z, wtu, a, softmax, stats, t, 0, 0.5, (torch.float64, 5))
+        assert torch.allclose(z_next, z_ref, rtol=1e-14, atol=1e-15)
         assert v.shape == (3, 4, 16) and not v[..., 11:].any()
         assert torch.allclose(v, v_ref, rtol=1e-12, atol=1e-15)
         assert float(out["loss"]) == pytest.approx(float(out_ref["loss"]), rel=1e-13)

@@ -48,33 +48,45 @@ def update_in_product(p, ua, W, pool=None):
 
 
 def _probs_in(z, softmax: bool, dtype, width: int):
-    """The candidate's input p (softmax(z), or z) laid out as the candidate map's products read it."""
-    return to_layout(torch.softmax(z, -1) if softmax else z, dtype, width)
+    """(the candidate's input p (softmax(z), or z) laid out as the candidate map's products read it,
+    softmax's row statistics (max, sum of exponentials), kept for the update; None without softmax)."""
+    if not softmax:
+        return to_layout(z, dtype, width), None
+    m = z.amax(-1, keepdim=True)
+    s = (z - m).exp().sum(-1, keepdim=True)
+    return to_layout(softmax_with(z, (m, s)), dtype, width), (m, s)
 
 
-def _mapped_update(z, wtu, a, softmax: bool):
-    """z_next = p - alpha W^T u with p recomputed from z (a read of z instead of a float p kept alive);
-    wtu may carry padding columns."""
-    p = torch.softmax(z, -1) if softmax else z
+def softmax_with(z, stats):
+    """softmax(z) from its row statistics (max, sum of exp(z - max)): no pass to reduce them again."""
+    m, s = stats
+    return (z - m).exp() / s
+
+
+def _mapped_update(z, wtu, a, softmax: bool, stats=None):
+    """z_next = p - alpha W^T u with p recomputed from z (a read of z instead of a float p kept alive),
+    from `_probs_in`'s statistics when given; wtu may carry padding columns."""
+    p = (torch.softmax(z, -1) if stats is None else softmax_with(z, stats)) if softmax else z
     return p - a * wtu[..., : z.shape[-1]].to(p.dtype)
 
 
 def map_in(model, z, pad):
-    """(p in the products' layout, the map's weight in that layout (D, V + width), dtype, width)."""
+    """(p in the products' layout, the map's weight in that layout (D, V + width), dtype, width, the
+    softmax statistics of z or None)."""
     dt, width = vocab_layout(z, pad)
-    return (ebt_nn.compiled(_probs_in)(z, model.candidate_softmax, dt, width),
-            to_layout(model.vocab_to_embed.weight.detach(), dt, width), dt, width)
+    p, stats = ebt_nn.compiled(_probs_in)(z, model.candidate_softmax, dt, width)
+    return p, to_layout(model.vocab_to_embed.weight.detach(), dt, width), dt, width, stats
 
 
 def fused_step(model, ctx, z, alpha, pad=None):
     """One first-order step, (z_next, E): p = softmax(z), E and u = dE/dy at y = W p, z_next = p -
     alpha W^T u, with the (B, S, V) side as compiled kernels over tensors laid out once for the
     products (ebt.nn.vocab_layout): no float p is kept and nothing is cast or padded twice."""
-    p, Wl, _, _ = map_in(model, z, pad)
+    p, Wl, _, _, stats = map_in(model, z, pad)
     E, u = model.energy_grad_embedding(ctx, F.linear(p, Wl), compiled=True, pad=pad)
     del p
     a = alpha if torch.is_tensor(alpha) else torch.full((), float(alpha), device=z.device)  # no host copy
-    return ebt_nn.compiled(_mapped_update)(z, F.linear(u, Wl.t()), a, model.candidate_softmax), E
+    return ebt_nn.compiled(_mapped_update)(z, F.linear(u, Wl.t()), a, model.candidate_softmax, stats), E
 
 
 def recycled_step(model, ctx, z, alpha, pool, compiled=False, pad=None):
@@ -205,7 +217,7 @@ def _embed_and_grad(run, ctx, z):
         with phase("ebt.step.embed"):
             if run.fused:  # p and the map in the products' dtype and padded width, made once
                 layout = map_in(run.model, z, run.pad)
-                p, Wl, _, _ = layout
+                p, Wl, _, _, _ = layout
                 y = F.linear(p, Wl)
             else:
                 p = candidate_input(run.model, z, run.pool)
@@ -229,9 +241,9 @@ def _update_and_loss(run, z, p, u, loss_grad, layout):
         ua = u.detach() * a  # the step in the width: z_next = p - W^T (alpha u)
         low = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else None
         if layout is not None:
-            _, Wl, dt, width = layout
-            loss, v, z_next = loss_grad(z, grad_layout=(dt, width),
-                                        update=(F.linear(u.detach(), Wl.t()), a, run.model.candidate_softmax))
+            _, Wl, dt, width, stats = layout
+            update = (F.linear(u.detach(), Wl.t()), a, run.model.candidate_softmax, stats)
+            loss, v, z_next = loss_grad(z, grad_layout=(dt, width), update=update)
             wv = F.linear(v, Wl)
         else:
             if low is not None:  # keep z_next in float: a low-precision W^T u, then a float update
