@@ -4,7 +4,9 @@ out for the products (`_probs_in`), then the update and the token-loss gradient 
 scatter leaves a float gradient that a second pass casts and pads) against one
 (ebt.objective.update_and_token_grad: p from `_probs_in`'s statistics, the one-hot as a comparison).
 Kernels per call (the lowest profiled operations that compute, as benchmarks/decode_kernels.py counts
-them) and time per call (median of --repeats).
+them), time per call (median of --repeats) and the memory a call adds at its peak, outputs included (CUDA:
+the allocator's peak; CPU: the peak resident size, reset through /proc/self/clear_refs; large tensors are
+mapped and unmapped one by one there, so it follows the live tensors).
 
     python benchmarks/update_loss.py                                   # CPU: B 4, S 64, V 8003
     python benchmarks/update_loss.py --device cuda --batch 32 --seq 256 --vocab 50277
@@ -23,6 +25,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decode_kernels import _sync, kernels  # noqa: E402
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_gib(fn, dev) -> float:
+    """What one call of fn adds to memory at its peak (its outputs included)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        del out
+        return (torch.cuda.max_memory_allocated() - base) / 2**30
+    Path("/proc/self/clear_refs").write_text("5")  # the peak resident size starts again from now
+    base = _status_kib("VmRSS")
+    out = fn()
+    del out
+    return (_status_kib("VmHWM") - base) / 2**20
 
 
 def main(argv=None):
@@ -59,7 +90,8 @@ def main(argv=None):
         return (z_next, *compiled(token_loss_grad)(z_next, t, 0, 0.5, layout))
 
     def one():
-        _, stats = compiled(_probs_in)(z, True, *layout)
+        p, stats = compiled(_probs_in)(z, True, *layout)
+        del p  # (the step reads it in the products, then drops it, as two() does)
         return compiled(update_and_token_grad)(z, wtu, alpha, True, stats, t, 0, 0.5, layout)
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -77,17 +109,19 @@ def main(argv=None):
         with profile(activities=acts) as prof:
             fn()
             _sync(dev)
-        rows.append((name, kernels(prof, dev.type == "cuda"), statistics.median(times) * 1e3))
+        rows.append((name, kernels(prof, dev.type == "cuda"), statistics.median(times) * 1e3,
+                     peak_gib(fn, dev)))
     (z1, r1, v1), (z2, r2, v2) = outs["two functions"], outs["one function"]
     same = (float((z1 - z2).abs().max()), float((v1.float() - v2.float()).abs().max()),
             abs(float(r1["loss"]) - float(r2["loss"])))
     print(f"# update + loss gradient: {a.device}, B {B}, S {S}, V {V} (+{width} padding), gradient in bf16; "
           f"torch {torch.__version__}; {platform.node()}; {time.strftime('%Y-%m-%d')}")
     print(f"# z_next max |diff| {same[0]:.1e}; gradient max |diff| {same[1]:.1e}; loss |diff| {same[2]:.1e}")
-    print("| path | kernels / call | ms / call | vs two functions |")
-    print("|---|---|---|---|")
-    for name, k, ms in rows:
-        print(f"| {name} | {k} | {ms:.2f} | {rows[0][2] / ms:.2f}x |")
+    print(f"# (B, S, V) float32: {B * S * V * 4 / 2**30:.3f} GiB")
+    print("| path | kernels / call | ms / call | vs two functions | peak added GiB |")
+    print("|---|---|---|---|---|")
+    for name, k, ms, gib in rows:
+        print(f"| {name} | {k} | {ms:.2f} | {rows[0][2] / ms:.2f}x | {gib:.3f} |")
 
 
 if __name__ == "__main__":

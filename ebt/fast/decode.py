@@ -34,7 +34,9 @@ def token_step_ok(model, think_cfg) -> bool:
 class TokenWeights:
     """The weights a token step reads, laid out once: each block's maps stacked, the candidate map in
     the products' layout (ebt.nn.vocab_layout: autocast's dtype, an aligned width). `refresh` copies
-    new values into the same tensors (a captured graph holds their addresses)."""
+    new values into the same tensors (a captured graph holds their addresses). The cost: a copy of each
+    block's query/key/value and feed-forward input maps (and of the candidate map where its layout
+    differs) lives as long as the decoder (ebt.generate.release_static_decoder frees it)."""
 
     def __init__(self, model, pad=None):
         w = model.vocab_to_embed.weight
