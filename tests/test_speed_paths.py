@@ -530,3 +530,33 @@ def test_thinking_is_unchanged_by_the_fast_context():
     torch.manual_seed(3)
     b = think(official, x, ThinkConfig(steps=3))
     assert torch.allclose(a.z, b.z, rtol=1e-9, atol=1e-9) and torch.allclose(a.energy, b.energy, rtol=1e-9)
+
+
+@pytest.mark.parametrize("candidate", ["tokens", "frames"])
+def test_step_losses_take_the_update_first_when_given_one(candidate):
+    """StepLosses.grad(update=...) (the fused step's way in, ebt.fast.vocab_side._update_and_loss): the update
+    z_next = p - alpha W^T u, then the loss and its gradient at z_next, as the plain call at z_next; frames
+    (no softmax, Smooth L1 by autograd) as well as tokens."""
+    from ebt.fast.vocab_side import _mapped_update, _probs_in
+    from ebt.objective import StepLosses
+
+    model = tiny("s1", candidate=candidate)
+    x = window(model)
+    targets = x[:, 1:]
+    plan = resolve_plan(model)
+    torch.manual_seed(1)
+    C = model.candidate_size
+    z = torch.randn(3, 12, C, dtype=torch.float64)
+    wtu = torch.randn(3, 12, C + 3, dtype=torch.float64)
+    a = torch.full((3, 12, 1), 0.3, dtype=torch.float64)
+    softmax = model.candidate_softmax
+    _, stats = _probs_in(z, softmax, torch.float64, 3)
+    ref = StepLosses(model, targets, 0.5, plan)
+    z_ref = _mapped_update(z, wtu, a, softmax)
+    loss_ref, v_ref = ref.grad(0, z_ref, 2.0, grad_layout=(torch.float64, 3))
+    got = StepLosses(model, targets, 0.5, plan)
+    loss, v, z_next = got.grad(0, z, 2.0, grad_layout=(torch.float64, 3), update=(wtu, a, softmax, stats))
+    assert torch.allclose(z_next, z_ref, rtol=1e-13, atol=1e-14)
+    assert float(loss) == pytest.approx(float(loss_ref), rel=1e-12)
+    assert v.shape == (3, 12, C + 3) and torch.allclose(v, v_ref, rtol=1e-10, atol=1e-14)
+    assert float(got.ce[0]["loss"]) == pytest.approx(float(ref.ce[0]["loss"]), rel=1e-12)
