@@ -22,7 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# probe -> (recipe, its overrides); rand_steps=1 with rand_steps_min=2 draws 2 steps every time (one graph)
+# probe -> (recipe, its overrides[, capture_error_mode]); rand_steps=1 with rand_steps_min=2 draws 2 steps
+# every time (one graph); "thread_local": an unsafe call from another thread (autograd's) no longer
+# breaks the capture, which tells whether one does
 PROBES = {
     "s1 (captures on the device so far)": ("s1", {}),
     "s2, fixed count, no noise, no replay": ("s2", dict(rand_steps=1, rand_steps_min=2, langevin=0.0,
@@ -34,6 +36,8 @@ PROBES = {
     "s2 + replay buffer": ("s2", dict(rand_steps=1, rand_steps_min=2, langevin=0.0, alpha_rand_scale=1.0,
                                       replay_buffer=4, replay_fraction=1.0)),
     "s2, the whole recipe": ("s2", dict(replay_buffer=4, replay_fraction=1.0)),
+    "s2, the whole recipe, thread-local capture": ("s2", dict(replay_buffer=4, replay_fraction=1.0),
+                                                   "thread_local"),
 }
 DEVICE, CAPTURE = "cuda", None  # a dry run of the probes' own code: "cpu" and a stand-in capture (tests)
 RAW = ("raw: rand + normal_ in two graphs, one pool", "raw: replay buffer sample + push in a graph")
@@ -85,12 +89,12 @@ def step_probe(name: str) -> str:
     import torch
 
     from ebt.config import ModelConfig, recipe
-    from ebt.fast.cuda_graph import CapturedStep
+    from ebt.fast.cuda_graph import CapturedStep, capture_cuda_graphs
     from ebt.fast.plan import resolve_plan
     from ebt.models import build_model
     from ebt.objective import train_step
 
-    base, kw = PROBES[name]
+    base, kw, *mode = PROBES[name]
     dev = torch.device(DEVICE)
     torch.manual_seed(0)
     e = recipe(base, init_scale=0.0, **kw)
@@ -110,7 +114,8 @@ def step_probe(name: str) -> str:
     finally:
         sync_debug("default")
     exact = e.langevin == 0 and e.alpha_rand_scale == 1
-    step = CapturedStep(mg, partial(train_step, mg, plan=plan_g), **({"capture": CAPTURE} if CAPTURE else {}))
+    capture = CAPTURE or (partial(capture_cuda_graphs, error_mode=mode[0]) if mode else None)
+    step = CapturedStep(mg, partial(train_step, mg, plan=plan_g), **({"capture": capture} if capture else {}))
     worst = 0.0
     for rep in range(6):
         x = torch.randint(0, 500, (4, 33), device=dev)

@@ -15,7 +15,8 @@ def capture_cuda_graph(fn, warmup: int = 2):
     return capture_cuda_graphs([fn], warmup)[0]
 
 
-def capture_cuda_graphs(fns, warmup: int = 2, warmup_fns=None, release: bool = False) -> list:
+def capture_cuda_graphs(fns, warmup: int = 2, warmup_fns=None, release: bool = False,
+                        error_mode: str = "global") -> list:
     """Graphs that never run at the same time (e.g. one per step count), each replay's outputs used before
     the next replay (a replay may overwrite the other graphs' outputs): each of `warmup_fns` (default
     fns) run `warmup` times on a side stream, then each of fns captured, all into one memory pool.
@@ -23,7 +24,8 @@ def capture_cuda_graphs(fns, warmup: int = 2, warmup_fns=None, release: bool = F
     beside an earlier graph's memory; with `release` the allocator's cache is emptied in between, so the
     warm-ups' memory is not held beside the graphs' pool either (a training step's: gigabytes; a decode
     step's is not worth the synchronisation). autocast's weight-cast cache stays off meanwhile (its
-    copies would be freed under the graph)."""
+    copies would be freed under the graph). error_mode: torch.cuda.graph's capture_error_mode ("global":
+    an unsafe CUDA call from any thread breaks the capture; "thread_local": from this thread only)."""
     cast = lambda: torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),  # noqa: E731
                                   enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
     side = torch.cuda.Stream()
@@ -39,7 +41,7 @@ def capture_cuda_graphs(fns, warmup: int = 2, warmup_fns=None, release: bool = F
     out, pool = [], None
     for fn in fns:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool), cast():
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode=error_mode), cast():
             out.append((graph, fn()))
         pool = pool if pool is not None else graph.pool()
     return out
