@@ -52,7 +52,7 @@ def _probs_in(z, softmax: bool, dtype, width: int):
     softmax's row statistics (max, sum of exponentials), kept for the update; None without softmax)."""
     if not softmax:
         return to_layout(z, dtype, width), None
-    m = z.amax(-1, keepdim=True)
+    m = z.amax(-1, keepdim=True)  # amax, x - max, exp, sum: what inductor makes one online-softmax pass
     s = (z - m).exp().sum(-1, keepdim=True)
     return to_layout(softmax_with(z, (m, s)), dtype, width), (m, s)
 

@@ -77,7 +77,7 @@ def token_loss_grad_pointwise(logits: torch.Tensor, targets: torch.Tensor, pad_i
     read back by a second pass). The same numbers to rounding."""
     lf = logits if logits.dtype not in (torch.bfloat16, torch.float16) else logits.float()
     t = targets.unsqueeze(-1)
-    m = lf.amax(-1, keepdim=True)
+    m = lf.amax(-1, keepdim=True)  # amax, x - max, exp, sum: what inductor makes one online-softmax pass
     e = (lf - m).exp()
     s = e.sum(-1, keepdim=True)
     res, keep, n = _nll_result((m + s.log()).squeeze(-1) - lf.gather(-1, t).squeeze(-1), targets, pad_id)
