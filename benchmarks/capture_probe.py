@@ -22,9 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# probe -> (recipe, its overrides[, capture_error_mode]); rand_steps=1 with rand_steps_min=2 draws 2 steps
-# every time (one graph); "thread_local": an unsafe call from another thread (autograd's) no longer
-# breaks the capture, which tells whether one does
+# probe -> (recipe, overrides[, capture error mode]); rand_steps=1, rand_steps_min=2: 2 steps, one graph
 PROBES = {
     "s1 (captures on the device so far)": ("s1", {}),
     "s2, fixed count, no noise, no replay": ("s2", dict(rand_steps=1, rand_steps_min=2, langevin=0.0,
@@ -36,6 +34,7 @@ PROBES = {
     "s2 + replay buffer": ("s2", dict(rand_steps=1, rand_steps_min=2, langevin=0.0, alpha_rand_scale=1.0,
                                       replay_buffer=4, replay_fraction=1.0)),
     "s2, the whole recipe": ("s2", dict(replay_buffer=4, replay_fraction=1.0)),
+    # "thread_local": another thread's unsafe call (autograd's) no longer breaks it: tells whether one does
     "s2, the whole recipe, thread-local capture": ("s2", dict(replay_buffer=4, replay_fraction=1.0),
                                                    "thread_local"),
 }

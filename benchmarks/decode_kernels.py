@@ -134,15 +134,16 @@ def main(argv=None):
             same = res["per-step"]["first_tokens"] == res["token function"]["first_tokens"]
             rows[-1]["same_tokens"] = same
     print(head)
-    print(f"| batch | mode | path | kernels / token | ms / token | vs per-step (time) | tokens/s ({a.long}) |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| batch | mode | path | kernels / token | ms / token | vs per-step (time) | tokens/s ({a.long}) "
+          "| same tokens |")
+    print("|---|---|---|---|---|---|---|---|")
     base = {}
     for r in rows:
         key = (r["batch"], r["mode"])
         base.setdefault(key, r["ms_per_token"])
         print(f"| {r['batch']} | {r['mode']} | {r['path']} | {r['kernels_per_token']:.0f} "
-              f"| {r['ms_per_token']:.2f} "
-              f"| {base[key] / r['ms_per_token']:.2f}x | {r['tokens_per_s']:.0f} |")
+              f"| {r['ms_per_token']:.2f} | {base[key] / r['ms_per_token']:.2f}x | {r['tokens_per_s']:.0f} "
+              f"| {r.get('same_tokens', '')} |")
     if a.json:
         Path(a.json).write_text(json.dumps({"head": head, "rows": rows}, indent=1))
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check of issue 23 in one call on a fresh GPU machine, at most 9 minutes of wall time with
-# cold compilation (the parts' limits add up to 535 s), five parts, each under its own time limit (and speed.py's parts under a time budget),
-# so a hang or a failure in one leaves the others' figures:
+# cold compilation (the parts' limits add up to 540 s), five parts, each under its own time limit (and
+# speed.py's parts under a time budget), so a hang or a failure in one leaves the others' figures:
 #   0 capture: where System 2's step fails under a CUDA graph (benchmarks/capture_probe.py: one process
 #     per ingredient, all at once);
 #   1 check: the float64 check (every fast path's gradients against the full graph, S1 and S2 CUDA graphs

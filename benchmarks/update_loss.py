@@ -1,6 +1,6 @@
 """The compiled training step's (B, S, V) side without its matrix products, in one run: p = softmax(z) laid
 out for the products (`_probs_in`), then the update and the token-loss gradient as two compiled functions
-(`_mapped_update`, which reduces z's softmax statistics again, then `token_loss_grad`, whose one-hot
+(`mapped_update`, which reduces z's softmax statistics again, then `token_loss_grad`, whose one-hot
 scatter leaves a float gradient that a second pass casts and pads) against one
 (ebt.objective.update_and_token_grad: p from `_probs_in`'s statistics, the one-hot as a comparison).
 Kernels per call (the lowest profiled operations that compute, as benchmarks/decode_kernels.py counts
@@ -68,7 +68,7 @@ def main(argv=None):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ebt.fast.vocab_side import _mapped_update, _probs_in
+    from ebt.fast.vocab_side import mapped_update, _probs_in
     from ebt.models.transformer import token_loss_grad
     from ebt.nn import VOCAB_ALIGN, compiled
     from ebt.objective import update_and_token_grad
@@ -84,15 +84,15 @@ def main(argv=None):
     alpha = torch.full((B, S, 1), 0.5, device=dev)
     t = torch.randint(1, V, (B, S), device=dev, generator=g)
 
+    # p stays alive through both, as in the step (its weight gradient reads it after the update)
     def two():
-        compiled(_probs_in)(z, True, *layout)
-        z_next = compiled(_mapped_update)(z, wtu, alpha, True)
-        return (z_next, *compiled(token_loss_grad)(z_next, t, 0, 0.5, layout))
+        p, _ = compiled(_probs_in)(z, True, *layout)
+        z_next = compiled(mapped_update)(z, wtu, alpha, True)
+        return (z_next, *compiled(token_loss_grad)(z_next, t, 0, 0.5, layout), p)
 
     def one():
         p, stats = compiled(_probs_in)(z, True, *layout)
-        del p  # (the step reads it in the products, then drops it, as two() does)
-        return compiled(update_and_token_grad)(z, wtu, alpha, True, stats, t, 0, 0.5, layout)
+        return (*compiled(update_and_token_grad)(z, wtu, alpha, True, stats, t, 0, 0.5, layout), p)
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     rows, outs = [], {}
@@ -111,7 +111,7 @@ def main(argv=None):
             _sync(dev)
         rows.append((name, kernels(prof, dev.type == "cuda"), statistics.median(times) * 1e3,
                      peak_gib(fn, dev)))
-    (z1, r1, v1), (z2, r2, v2) = outs["two functions"], outs["one function"]
+    (z1, r1, v1, _), (z2, r2, v2, _) = outs["two functions"], outs["one function"]
     same = (float((z1 - z2).abs().max()), float((v1.float() - v2.float()).abs().max()),
             abs(float(r1["loss"]) - float(r2["loss"])))
     print(f"# update + loss gradient: {a.device}, B {B}, S {S}, V {V} (+{width} padding), gradient in bf16; "

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ebt.fast.plan import Plan, resolve_plan
 from ebt.fast.stepwise import Losses, autograd_loss_grad
-from ebt.fast.vocab_side import _mapped_update
+from ebt.fast.vocab_side import mapped_update
 from ebt.models.dit import noise_at_level
 from ebt.models.transformer import (check_window, compiled_token_loss_grad, compiled_token_nll,
                                    prediction_loss, token_loss_grad, token_loss_grad_pointwise)
@@ -137,12 +137,13 @@ def train_step(model, window: torch.Tensor, init: torch.Tensor | None = None, sc
     return out
 
 
+# here beside StepLosses, not in ebt.fast.vocab_side: that module cannot import the models (a cycle)
 def update_and_token_grad(z, wtu, a, softmax: bool, stats, targets, pad_id, scale, grad_layout):
     """(z_next, the token loss at z_next, its gradient in grad_layout): the update
-    (vocab_side._mapped_update, p from z's softmax statistics `stats` when given) and the loss gradient
+    (vocab_side.mapped_update, p from z's softmax statistics `stats` when given) and the loss gradient
     (token_loss_grad_pointwise) as one function, so that compiled, the pass writing z_next also reduces
     its softmax statistics and the gradient pass reads z_next once."""
-    z_next = _mapped_update(z, wtu, a, softmax, stats)
+    z_next = mapped_update(z, wtu, a, softmax, stats)
     res, v = token_loss_grad_pointwise(z_next, targets, pad_id, scale, grad_layout)
     return z_next, res, v
 
@@ -157,16 +158,16 @@ class StepLosses:
     def grad(self, k, z_k, s, grad_layout=None, out=None, update=None):
         """(weight * loss_k, d(s * weight * loss_k)/dz_k): the gradient in grad_layout (dtype, pad) if
         given, into out if given. update (W^T u, alpha, softmax, z's softmax statistics or None): z_k is
-        the step's input and its update is taken here first (vocab_side._mapped_update), for tokens in
-        one compiled function with the loss (`update_and_token_grad`); returns (loss, gradient, the
-        updated candidate)."""
+        the step's input and its update is taken here first (vocab_side.mapped_update), for tokens in
+        one compiled function with the loss (`update_and_token_grad`); returns (loss, the gradient with
+        respect to the updated candidate, the updated candidate)."""
         w, cfg = self.weight, self.cfg
         if update is not None:
             if cfg.candidate == "tokens":
                 fn = compiled(update_and_token_grad) if self.plan.compiled else update_and_token_grad
                 z_next, self.ce[k], v = fn(z_k, *update, self.targets, cfg.pad_token_id, s * w, grad_layout)
                 return self.ce[k]["loss"] * w, v, z_next
-            z_next = (compiled(_mapped_update) if self.plan.compiled else _mapped_update)(z_k, *update)
+            z_next = (compiled(mapped_update) if self.plan.compiled else mapped_update)(z_k, *update)
             return (*self.grad(k, z_next, s, grad_layout), z_next)
         if cfg.candidate == "tokens":
             if out is not None:  # eager into recycled memory (CPU): a compiled one would allocate

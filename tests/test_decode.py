@@ -7,7 +7,7 @@ import torch
 
 from ebt.config import ModelConfig, recipe
 from ebt.fast.plan import resolve_plan
-from ebt.generate import _STATIC, Decoder, GenerateConfig, generate, release_static_decoder
+from ebt.generate import _STATIC, GenerateConfig, generate, release_static_decoder
 from ebt.models import build_model
 from ebt.think import ThinkConfig
 
@@ -68,18 +68,59 @@ def test_plan_can_turn_the_token_function_off():
 
 def test_token_weights_are_laid_out_once_and_refreshed_in_place():
     """A kept decoder (and on CUDA its captured graph) reads the stacked maps and the laid-out candidate
-    map at fixed addresses: a new call copies the weights' new values into them."""
+    map at fixed addresses: a new call copies the weights' new values into them, and decodes as the
+    reference loop does with the new weights."""
     model = tiny("s2")
     plan = resolve_plan(model, cuda_graph=True, pad_vocab=True)
-    dec = Decoder(model, 2, 24, None, plan)
+    cfg = dict(max_new_tokens=6, think=ThinkConfig(steps=2, noise=0.0))
+    generate(model, PROMPTS, GenerateConfig(**cfg, cuda_graph=True), plan=plan)
+    dec = _STATIC[model][1]
     tw = dec.token_weights
-    ptrs = [tw.map.data_ptr()] + [t.data_ptr() for b in tw.blocks for t in (b.qkv[0], b.w13[0])]
+
+    def ptrs():
+        return [tw.map.data_ptr()] + [t.data_ptr() for b in tw.blocks for t in (b.qkv[0], b.w13[0])]
+
+    before = ptrs()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)
-    dec.reset()
-    assert [tw.map.data_ptr()] + [t.data_ptr() for b in tw.blocks for t in (b.qkv[0], b.w13[0])] == ptrs
+    b, lb = generate(model, PROMPTS, GenerateConfig(**cfg, cuda_graph=True), return_logits=True, plan=plan)
+    assert _STATIC[model][1] is dec and ptrs() == before  # the same decoder, the same tensors
     W = model.vocab_to_embed.weight
     assert torch.equal(tw.map[:, :97], W) and not tw.map[:, 97:].any()
-    a = model.backbone.blocks[0].attn
-    assert torch.equal(tw.blocks[0].qkv[0], torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]))
+    for blk, w in zip(model.backbone.blocks, tw.blocks):
+        a, f = blk.attn, blk.ffn
+        assert torch.equal(w.qkv[0], torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]))
+        assert torch.equal(w.w13[0], torch.cat([f.w1.weight, f.w3.weight]))
+    a, la = generate(model, PROMPTS, GenerateConfig(**cfg), return_logits=True,
+                     plan=resolve_plan(model, explicit=False))
+    assert a == b and torch.allclose(la, lb, rtol=1e-9, atol=1e-9)
+    release_static_decoder(model)
+
+
+def test_token_function_under_autocast_matches_the_per_step_path():
+    """Under bf16 autocast the candidate map is a bf16 copy, padded here: the token function decodes as
+    the per-step path does (the same products in the same dtypes). After a weight change (outside the
+    autocast region: autocast keeps its casts of the parameters until the region ends) the kept decoder
+    copies the new weights into that bf16 map and decodes as a decoder built afresh."""
+    model = tiny("s2").float()
+    cfg = GenerateConfig(max_new_tokens=6, think=ThinkConfig(steps=2, noise=0.0, alpha=0.3), cuda_graph=True)
+    plans = {t: resolve_plan(model, cuda_graph=True, pad_vocab=True, token_fn=t) for t in (False, True)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, la = generate(model, PROMPTS, cfg, return_logits=True, plan=plans[False])
+        b, lb = generate(model, PROMPTS, cfg, return_logits=True, plan=plans[True])
+    assert a == b and torch.allclose(la.float(), lb.float(), rtol=1e-5, atol=1e-5)
+    dec = _STATIC[model][1]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = generate(model, PROMPTS, cfg, return_logits=True, plan=plans[True])
+    tw = _STATIC[model][1].token_weights
+    assert _STATIC[model][1] is dec and tw.map.dtype == torch.bfloat16 and tw.width == 31
+    assert torch.equal(tw.map[:, :97], model.vocab_to_embed.weight.to(torch.bfloat16))
+    release_static_decoder(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = generate(model, PROMPTS, cfg, return_logits=True, plan=plans[True])
+    assert kept[0] == fresh[0] and torch.equal(kept[1], fresh[1])
+    release_static_decoder(model)

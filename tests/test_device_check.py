@@ -15,6 +15,7 @@ def test_parts_time_limits_fit_nine_minutes():
     limits += [int(n) for n in re.findall(r"^run_part \w+ (\d+) ", text, re.M)]
     assert len(limits) == 5
     assert sum(limits) <= 540
+    assert f"the parts' limits add up to {sum(limits)} s" in text  # what the header says is the sum
 
 
 def test_every_part_runs_and_writes_under_out(tmp_path):

@@ -166,8 +166,8 @@ def test_closed_form_loss_where_the_target_probability_underflows(fn):
 def test_update_and_token_grad_in_one_function_matches_the_two_steps():
     """The compiled fused step's update and loss gradient as one function
     (ebt.objective.update_and_token_grad), p from `_probs_in`'s softmax statistics: z_next, the loss and
-    the gradient in a padded layout equal `_mapped_update` then `token_loss_grad`."""
-    from ebt.fast.vocab_side import _mapped_update, _probs_in
+    the gradient in a padded layout equal `mapped_update` then `token_loss_grad`."""
+    from ebt.fast.vocab_side import mapped_update, _probs_in
     from ebt.objective import update_and_token_grad
 
     torch.manual_seed(0)
@@ -177,7 +177,7 @@ def test_update_and_token_grad_in_one_function_matches_the_two_steps():
     t = torch.randint(1, 11, (3, 4))
     t[1, :2] = 0
     for softmax in (True, False):
-        z_ref = _mapped_update(z, wtu, a, softmax)
+        z_ref = mapped_update(z, wtu, a, softmax)
         out_ref, v_ref = token_loss_grad(z_ref, t, 0, 0.5, (torch.float64, 5))
         p, stats = _probs_in(z, softmax, torch.float64, 5)  # p laid out, and z's softmax statistics
         assert torch.allclose(p[..., :11], torch.softmax(z, -1) if softmax else z, rtol=1e-14, atol=1e-16)
@@ -537,7 +537,7 @@ def test_step_losses_take_the_update_first_when_given_one(candidate):
     """StepLosses.grad(update=...) (the fused step's way in, ebt.fast.vocab_side._update_and_loss): the update
     z_next = p - alpha W^T u, then the loss and its gradient at z_next, as the plain call at z_next; frames
     (no softmax, Smooth L1 by autograd) as well as tokens."""
-    from ebt.fast.vocab_side import _mapped_update, _probs_in
+    from ebt.fast.vocab_side import mapped_update, _probs_in
     from ebt.objective import StepLosses
 
     model = tiny("s1", candidate=candidate)
@@ -552,7 +552,7 @@ def test_step_losses_take_the_update_first_when_given_one(candidate):
     softmax = model.candidate_softmax
     _, stats = _probs_in(z, softmax, torch.float64, 3)
     ref = StepLosses(model, targets, 0.5, plan)
-    z_ref = _mapped_update(z, wtu, a, softmax)
+    z_ref = mapped_update(z, wtu, a, softmax)
     loss_ref, v_ref = ref.grad(0, z_ref, 2.0, grad_layout=(torch.float64, 3))
     got = StepLosses(model, targets, 0.5, plan)
     loss, v, z_next = got.grad(0, z, 2.0, grad_layout=(torch.float64, 3), update=(wtu, a, softmax, stats))

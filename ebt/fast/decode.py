@@ -8,7 +8,7 @@ block weights out again on every step; here they are laid out once per decoder (
 the token is one function, which torch.compile fuses across the steps and the context write. Random
 draws (the start, the Langevin noise) are made outside it by `draws`, in the reference loop's order, so
 the numbers are those of ebt.think to rounding (tested in float64). Chosen once, by `token_step_ok`
-(ebt.generate's static decoder); nothing here looks at a device.
+(ebt.generate's static decoder); the layout of the candidate map follows ebt.nn.vocab_layout.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ebt.fast.plan import has_linear_map
 from ebt.fast.written_out import _context, _energy_grad, _weights
 from ebt.nn import compiled as compile_fn
 from ebt.nn import compute_dtype, stacked, to_layout, vocab_layout
@@ -27,8 +28,7 @@ def token_step_ok(model, think_cfg) -> bool:
     """Whether `token_step` serves: one candidate that takes every step (no acceptance, no adaptive
     stop; the decoder reads only the final candidate, so scoring and traces change nothing), and a
     candidate that enters through a bias-free linear map (the vocabulary side in closed form)."""
-    return (think_cfg.candidates == 1 and not think_cfg.masked
-            and isinstance(getattr(model, "vocab_to_embed", None), torch.nn.Linear))
+    return think_cfg.candidates == 1 and not think_cfg.masked and has_linear_map(model)
 
 
 class TokenWeights:
@@ -36,27 +36,27 @@ class TokenWeights:
     the products' layout (ebt.nn.vocab_layout: autocast's dtype, an aligned width). `refresh` copies
     new values into the same tensors (a captured graph holds their addresses). The cost: a copy of each
     block's query/key/value and feed-forward input maps (and of the candidate map where its layout
-    differs) lives as long as the decoder (ebt.generate.release_static_decoder frees it)."""
+    differs) lives as long as the decoder (ebt.generate.release_static_decoder frees it). Laid out at
+    the first `refresh` (the decoder's first reset)."""
 
     def __init__(self, model, pad=None):
         w = model.vocab_to_embed.weight
         self.dtype, self.width = vocab_layout(torch.empty(0, w.shape[1], dtype=w.dtype, device=w.device), pad)
-        self.blocks, self.norm, self.head = None, None, None
-        self.map = None
-        self.refresh(model)
+        self.blocks, self.norm, self.head, self.map = None, None, None, None
 
     @torch.no_grad()
     def refresh(self, model) -> None:
         blocks, norm, head = _weights(model)
-        blocks = [stacked(b) for b in blocks]
-        W = to_layout(model.vocab_to_embed.weight.detach(), self.dtype, self.width)
+        W = model.vocab_to_embed.weight.detach()
         if self.map is None:
-            self.blocks, self.norm, self.head, self.map = blocks, norm, head, W
+            self.blocks, self.norm, self.head = [stacked(b) for b in blocks], norm, head
+            self.map = to_layout(W, self.dtype, self.width)  # W itself where the layout is its own
             return
-        for old, new in zip(self.blocks, blocks):
-            for a, b in zip((old.qkv[0], old.w13[0]), (new.qkv[0], new.w13[0])):
-                a.copy_(b)
-        self.map.copy_(W)
+        for old, new in zip(self.blocks, blocks):  # into the same tensors, no temporaries
+            torch.cat(new.qkv, out=old.qkv[0])
+            torch.cat(new.w13, out=old.w13[0])
+        if self.map.data_ptr() != W.data_ptr():  # a copy in another layout (else W itself)
+            self.map[:, : W.shape[1]].copy_(W)  # the padding columns stay zero
 
 
 def draws(model, tok: torch.Tensor, n_steps: int, noise: float) -> tuple[torch.Tensor, list]:
@@ -66,6 +66,7 @@ def draws(model, tok: torch.Tensor, n_steps: int, noise: float) -> tuple[torch.T
     return z, [randn_(torch.empty_like(z)) for _ in range(n_steps)] if noise > 0 else []
 
 
+@torch.no_grad()
 def token_step(model, tw: TokenWeights, caches: list, keys: list, prefix: int, tok, pos, think_cfg,
                compiled: bool = False) -> torch.Tensor:
     """Next-token logits (B, V) for tokens tok (B, 1) at index pos (a (1,) tensor): their keys and values

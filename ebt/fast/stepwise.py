@@ -50,7 +50,10 @@ class Losses:
     """The loss on the unroll: sum over k in `steps` of loss_k(z_k), z_k the output of step k, each
     scaled by `scale`. grad(k, z_k, scale, grad_layout=None, out=None) returns (loss_k, d(scale *
     loss_k)/dz_k) without a graph, the gradient in grad_layout (dtype, pad) when given one (ebt.nn.
-    to_layout), written into out (a tensor of z_k's shape and dtype) when it can."""
+    to_layout), written into out (a tensor of z_k's shape and dtype) when it can. The fused path
+    (vocab_side._update_and_loss) also passes update=(W^T u, alpha, softmax, statistics): z_k is then
+    the step's input, updated first, and grad returns (loss_k, the gradient at the updated candidate,
+    the updated candidate)."""
     grad: Callable
     steps: list
     scale: float = 1.0

@@ -63,7 +63,7 @@ def softmax_with(z, stats):
     return (z - m).exp() / s
 
 
-def _mapped_update(z, wtu, a, softmax: bool, stats=None):
+def mapped_update(z, wtu, a, softmax: bool, stats=None):
     """z_next = p - alpha W^T u with p recomputed from z (a read of z instead of a float p kept alive),
     from `_probs_in`'s statistics when given; wtu may carry padding columns."""
     p = (torch.softmax(z, -1) if stats is None else softmax_with(z, stats)) if softmax else z
@@ -86,7 +86,7 @@ def fused_step(model, ctx, z, alpha, pad=None):
     E, u = model.energy_grad_embedding(ctx, F.linear(p, Wl), compiled=True, pad=pad)
     del p
     a = alpha if torch.is_tensor(alpha) else torch.full((), float(alpha), device=z.device)  # no host copy
-    return ebt_nn.compiled(_mapped_update)(z, F.linear(u, Wl.t()), a, model.candidate_softmax, stats), E
+    return ebt_nn.compiled(mapped_update)(z, F.linear(u, Wl.t()), a, model.candidate_softmax, stats), E
 
 
 def recycled_step(model, ctx, z, alpha, pool, compiled=False, pad=None):
