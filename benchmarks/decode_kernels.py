@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from speed import _sync, build  # noqa: E402
+from speed import build, timed  # noqa: E402
 
 # profiled operations that launch no computation of their own: views, metadata, allocations, no-op casts
 NOT_KERNELS = {
@@ -67,12 +67,9 @@ def measure(model, prompts, think_cfg, plan, dev, short: int, long: int, repeats
     from ebt.runtime import autocast
 
     def run(n):
-        _sync(dev)
-        t = time.perf_counter()
-        out = generate(model, prompts, GenerateConfig(max_new_tokens=n, think=think_cfg, cuda_graph=True,
-                                                      compile=plan.compiled), plan=plan)
-        _sync(dev)
-        return time.perf_counter() - t, out
+        return timed(lambda: generate(model, prompts, GenerateConfig(max_new_tokens=n, think=think_cfg,
+                                                                     cuda_graph=True, compile=plan.compiled),
+                                      plan=plan), dev)
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with autocast(dev, precision):

@@ -42,6 +42,15 @@ def _sync(dev):
         torch.cuda.synchronize()
 
 
+def timed(fn, dev):
+    """(seconds fn() took, its output), the device synchronised before and after."""
+    _sync(dev)
+    t = time.perf_counter()
+    out = fn()
+    _sync(dev)
+    return time.perf_counter() - t, out
+
+
 def _reset(dev):
     import gc
 
@@ -190,13 +199,7 @@ def think_item(it, a, dev):
     with autocast(dev, a.precision):
         run()  # warm-up
         base = _reset(dev)
-        times = []
-        for _ in range(a.think_reps):
-            _sync(dev)
-            t = time.perf_counter()
-            run()
-            _sync(dev)
-            times.append(time.perf_counter() - t)
+        times = [timed(run, dev)[0] for _ in range(a.think_reps)]
     med = sorted(times)[len(times) // 2]
     return {"tokens_per_s": a.batch * a.context / med, "ms": med * 1e3, "peak_gib": _peak_gib(dev, base),
             "reserved_gib": _reserved_gib(dev)}
@@ -219,21 +222,18 @@ def gen_item(it, a, dev):
     think_cfg = ThinkConfig(steps=2, score_final=False, noise=0.0)
     graphs = it["path"] in ("cuda_graph", "graph_compiled")
     comp = it["path"] in ("compiled", "graph_compiled")  # the written-out gradient, compiled
-    def timed(n):
-        _sync(dev)
-        t = time.perf_counter()
-        out = fn(model, prompts, GenerateConfig(max_new_tokens=n, think=think_cfg, cuda_graph=graphs, compile=comp))
-        _sync(dev)
-        return time.perf_counter() - t, out
+    def call(n):
+        return timed(lambda: fn(model, prompts, GenerateConfig(max_new_tokens=n, think=think_cfg,
+                                                                cuda_graph=graphs, compile=comp)), dev)
 
     with autocast(dev, a.precision):
         fn(model, prompts, GenerateConfig(max_new_tokens=4, think=think_cfg, cuda_graph=graphs, compile=comp))
         base = _reset(dev)
-        dt, out = timed(new)
+        dt, out = call(new)
         # a shorter call splits the whole call's time into a per-token rate and a fixed part (set-up, the
         # prefill, a graph's capture): what a longer generation approaches, and what each call pays once
         short = max(4, new // 8)  # not for the straightforward path: re-running the prefix has no constant rate
-        dt_short = timed(short)[0] if it["path"] != "official" else None
+        dt_short = call(short)[0] if it["path"] != "official" else None
     res = {"tokens_per_s": it["batch"] * new / dt, "new_tokens": new, "peak_gib": _peak_gib(dev, base),
            "reserved_gib": _reserved_gib(dev), "first_tokens": out[0][:8]}
     if dt_short is not None and dt > dt_short:

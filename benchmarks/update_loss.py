@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from decode_kernels import _sync, kernels  # noqa: E402
+from decode_kernels import kernels  # noqa: E402
+from speed import _sync, timed  # noqa: E402
 
 
 def _status_kib(field: str) -> int:
@@ -99,13 +100,7 @@ def main(argv=None):
     for name, fn in (("two functions", two), ("one function", one)):
         for _ in range(3):  # compiles, warms
             outs[name] = fn()
-        times = []
-        for _ in range(a.repeats):
-            _sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            _sync(dev)
-            times.append(time.perf_counter() - t0)
+        times = [timed(fn, dev)[0] for _ in range(a.repeats)]
         with profile(activities=acts) as prof:
             fn()
             _sync(dev)

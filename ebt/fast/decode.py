@@ -77,15 +77,14 @@ def token_step(model, tw: TokenWeights, caches: list, keys: list, prefix: int, t
     schedule = inference_schedule(e, think_cfg.steps, think_cfg.final_landscape)
     noise = e.langevin if think_cfg.noise is None else think_cfg.noise
     h = model.tok_emb(tok)
+    dt = compute_dtype(h.dtype)
     if think_cfg.alpha is None:
         alpha = model.step_alpha((1,), False) * think_cfg.alpha_factor
     else:  # a fill, as ebt.think.update's: no host-to-device copy (a captured graph allows none)
-        alpha = torch.full((), think_cfg.alpha * think_cfg.alpha_factor, dtype=compute_dtype(h.dtype),
-                           device=tok.device)
+        alpha = torch.full((), think_cfg.alpha * think_cfg.alpha_factor, dtype=dt, device=tok.device)
     cpos = pos + prefix
     valid = torch.arange(caches[0].k[0].shape[2], device=tok.device) <= cpos  # written context positions
     rope = model.backbone.rope.tables
-    dt = compute_dtype(h.dtype)
     ropes = (rope(cpos, dt, real=compiled), rope(cpos + 1, dt, real=compiled))
     z, noises = draws(model, tok, len(schedule), noise)
     order = tuple(keys.index(model.landscape_key(k)) for k in schedule)
